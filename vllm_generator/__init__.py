@@ -1,0 +1,31 @@
+"""Generate text for every row of a Hugging Face dataset with one or more vLLM servers."""
+
+from .errors import (
+    GenerationError,
+    MergeError,
+    ModelSelectionError,
+    RecipeError,
+    ServerStartError,
+    ServerUnavailableError,
+    VllmGeneratorError,
+)
+from .recipe import GenerateConfig, Recipe, load_recipe
+from .transform import VllmGenerate, vllm_generate
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "vllm_generate",
+    "VllmGenerate",
+    "GenerateConfig",
+    "Recipe",
+    "load_recipe",
+    "VllmGeneratorError",
+    "RecipeError",
+    "ServerUnavailableError",
+    "ModelSelectionError",
+    "GenerationError",
+    "ServerStartError",
+    "MergeError",
+    "__version__",
+]

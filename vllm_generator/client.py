@@ -1,0 +1,489 @@
+"""The OpenAI-wire HTTP client: routing over servers, retries, response parsing.
+
+The hot path is raw aiohttp (one session per event loop, keep-alive, one semaphore) because the
+openai SDK costs 5 to 20 times more client CPU per request (README, design notes). All coroutines
+run on one persistent event loop per process, in a daemon thread, so synchronous callers (a
+``Dataset.map`` function, a Jupyter cell with its own running loop) hand work over with
+``asyncio.run_coroutine_threadsafe`` and never touch the loop themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import email.utils
+import json
+import logging
+import os
+import random
+import threading
+import time
+import weakref
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import aiohttp
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
+
+from .errors import ModelSelectionError, ServerUnavailableError
+from .recipe import RetryConfig
+
+__all__ = ["Result", "Stats", "Client", "parse_choice", "run_on_loop"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# A server refusing this many connections in a row leaves the rotation for _DOWN_SECONDS.
+_FAILURES_BEFORE_DOWN = 3
+_DOWN_SECONDS = 30.0
+_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
+
+
+# --------------------------------------------------------------------------- the event loop
+
+
+class _LoopThread:
+    """One event loop per process, running forever in a daemon thread."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="vllm-generator-loop", daemon=True)
+        self.thread.start()
+
+
+_loop_thread: _LoopThread | None = None
+_loop_lock = threading.Lock()
+_clients: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_sessions() -> None:
+    """Close open HTTP sessions at exit, so aiohttp does not warn about unclosed connectors."""
+    if _loop_thread is None or _loop_thread.pid != os.getpid() or not _loop_thread.thread.is_alive():
+        return
+    open_clients = [c for c in list(_clients) if c._session is not None and not c._session.closed]
+    if open_clients:
+        async def close_all() -> None:
+            await asyncio.gather(*(c.aclose() for c in open_clients), return_exceptions=True)
+
+        try:
+            asyncio.run_coroutine_threadsafe(close_all(), _loop_thread.loop).result(timeout=5)
+        except (concurrent.futures.TimeoutError, RuntimeError):
+            pass  # exiting anyway
+
+
+def _get_loop() -> asyncio.AbstractEventLoop:
+    global _loop_thread
+    with _loop_lock:
+        # after fork (Dataset.map with num_proc>1) the parent's thread does not exist here
+        if _loop_thread is None or _loop_thread.pid != os.getpid() or not _loop_thread.thread.is_alive():
+            _loop_thread = _LoopThread()
+        return _loop_thread.loop
+
+
+def run_on_loop(coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+    """Schedule ``coro`` on the process's background loop; returns a thread-safe future."""
+    return asyncio.run_coroutine_threadsafe(coro, _get_loop())
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(slots=True)
+class Result:
+    """One row's outcome. ``error`` is None on success; n>1 makes the text fields lists."""
+
+    response: str | list[str] | None = None
+    reasoning: str | None | list[str | None] = None
+    finish_reason: str | list[str | None] | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    error: str | None = None
+    error_type: str | None = None  # for metrics: "http_400", "timeout", ...
+    logprobs: str | None = None
+    attempts: int = 0
+    latency: float = 0.0
+
+
+@dataclass
+class Stats:
+    """Counters for progress and the metrics file (updated on the loop thread only)."""
+
+    requests: int = 0  # HTTP attempts, retries included
+    retries: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    failed_by_type: dict[str, int] = field(default_factory=dict)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latencies: list[float] = field(default_factory=list)
+    in_flight: int = 0
+
+    def add(self, result: Result) -> None:
+        if result.error is None:
+            self.succeeded += 1
+            self.latencies.append(result.latency)
+        else:
+            self.failed += 1
+            key = result.error_type or "error"
+            self.failed_by_type[key] = self.failed_by_type.get(key, 0) + 1
+        self.retries += max(0, result.attempts - 1)
+        self.prompt_tokens += result.prompt_tokens or 0
+        self.completion_tokens += result.completion_tokens or 0
+
+
+def _split_reasoning(text: str | None) -> tuple[str | None, str]:
+    """Separate inline ``<think>`` text from the answer: (reasoning, answer)."""
+    if not text:
+        return None, text or ""
+    head = text.lstrip()
+    close = head.find(_THINK_CLOSE)
+    if close >= 0:
+        # "<think>r</think>a", or "r</think>a" when the chat template put <think> in the prompt
+        reasoning = head[:close].removeprefix(_THINK_OPEN)
+        return reasoning.strip(), head[close + len(_THINK_CLOSE) :].lstrip()
+    if head.startswith(_THINK_OPEN):
+        # cut off (max_tokens) before </think>: everything is reasoning, there is no answer
+        return head[len(_THINK_OPEN) :].strip(), ""
+    return None, text
+
+
+def parse_choice(choice: dict[str, Any], chat: bool, parse_reasoning: bool) -> tuple[str, str | None]:
+    """(answer, reasoning) from one vLLM choice, whichever of the three shapes it uses."""
+    if chat:
+        message = choice.get("message") or {}
+        content = message.get("content")
+        # vLLM >= 0.10 says "reasoning"; older servers "reasoning_content"
+        reasoning = message.get("reasoning") or message.get("reasoning_content")
+    else:
+        content, reasoning = choice.get("text"), None
+    if reasoning is not None:
+        return content or "", reasoning
+    if parse_reasoning:
+        inline, answer = _split_reasoning(content)
+        return answer, inline
+    return content or "", None
+
+
+def _parse_body(data: Any, chat: bool, n: int, parse_reasoning: bool, want_logprobs: bool) -> Result:
+    choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
+    if len(choices) != n:
+        raise ValueError(f"expected {n} choices, got {len(choices)}")
+    usage = data.get("usage") or {}
+    parsed = [parse_choice(c, chat, parse_reasoning) for c in choices]
+    result = Result(prompt_tokens=usage.get("prompt_tokens"), completion_tokens=usage.get("completion_tokens"))
+    if n == 1:
+        result.response, result.reasoning = parsed[0]
+        result.finish_reason = choices[0].get("finish_reason")
+    else:
+        result.response = [p[0] for p in parsed]
+        result.reasoning = [p[1] for p in parsed]
+        result.finish_reason = [c.get("finish_reason") for c in choices]
+    if want_logprobs:
+        result.logprobs = json.dumps([c.get("logprobs") for c in choices])
+    return result
+
+
+# --------------------------------------------------------------------------- errors inside the client
+
+
+class _RetryableError(Exception):
+    """An attempt failed in a way that another attempt may fix."""
+
+    def __init__(self, message: str, kind: str, retry_after: float | None = None, refused: bool = False):
+        super().__init__(message)
+        self.kind = kind
+        self.retry_after = retry_after
+        self.refused = refused
+
+
+class _FinalError(Exception):
+    """An attempt failed in a way that retrying cannot fix (a 4xx other than 408/429)."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value) if value else None
+        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
+
+
+def _server_message(body: bytes) -> str:
+    try:
+        error = json.loads(body)["error"]
+        return str(error.get("message") if isinstance(error, dict) else error)
+    except (ValueError, KeyError, TypeError):
+        return body[:300].decode(errors="replace").strip() or "(empty body)"
+
+
+# --------------------------------------------------------------------------- servers and the client
+
+
+@dataclass
+class _Server:
+    url: str  # root, without /v1
+    in_flight: int = 0
+    failures: int = 0  # consecutive refused connections
+    down_until: float = 0.0
+    completed: int = 0
+
+
+class Client:
+    """Sends OpenAI-wire requests to one or more servers from the background loop.
+
+    Create it anywhere; it does no I/O until the first request. Its coroutines must run on the
+    loop from ``run_on_loop``; ``submit`` does that for a whole batch.
+    """
+
+    def __init__(
+        self,
+        base_urls: Sequence[str],
+        *,
+        api_key: str | None = None,
+        model: str | None = None,
+        timeout: float = 600,
+        max_concurrency: int = 256,
+        retry: RetryConfig | None = None,
+    ) -> None:
+        if not base_urls:
+            raise ValueError("Client needs at least one base URL")
+        self.servers = [_Server(u) for u in base_urls]
+        self.model = model
+        self.retry = retry or RetryConfig()
+        self.max_concurrency = max_concurrency
+        self.stats = Stats()
+        self.on_result: Callable[[Result], None] | None = None
+        self._headers = {"Content-Type": "application/json"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._timeout_seconds = timeout
+        self._session: aiohttp.ClientSession | None = None
+        self._semaphore: asyncio.Semaphore | None = None
+        self._model_lock: asyncio.Lock | None = None
+        self._model_checked = False
+        _clients.add(self)
+
+    def __repr__(self) -> str:  # never shows the key
+        return f"Client({[s.url for s in self.servers]}, model={self.model!r})"
+
+    # -- lifecycle (on the loop)
+
+    def _ensure_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            total = self.max_concurrency * len(self.servers)
+            connector = aiohttp.TCPConnector(limit=total + len(self.servers), ttl_dns_cache=300)
+            self._session = aiohttp.ClientSession(connector=connector, headers=self._headers, raise_for_status=False)
+            self._semaphore = asyncio.Semaphore(total)
+            self._model_lock = asyncio.Lock()
+        return self._session
+
+    async def aclose(self) -> None:
+        if self._session is not None and not self._session.closed:
+            await self._session.close()
+
+    def close(self) -> None:
+        """Close the HTTP session (a new one opens on the next request)."""
+        if self._session is not None and not self._session.closed:
+            run_on_loop(self.aclose()).result(timeout=10)
+
+    # -- model
+
+    async def list_models(self, server: str | None = None) -> list[dict[str, Any]]:
+        """``GET /v1/models`` of one server (the first by default)."""
+        session = self._ensure_session()
+        url = f"{server or self.servers[0].url}/v1/models"
+        try:
+            async with session.get(url, timeout=aiohttp.ClientTimeout(total=min(30.0, self._timeout_seconds))) as resp:
+                body = await resp.read()
+                if resp.status != 200:
+                    raise ServerUnavailableError(f"GET {url} answered {resp.status}: {_server_message(body)}")
+                return list(json.loads(body)["data"])
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError) as err:
+            raise ServerUnavailableError(
+                f"cannot list models at {url} ({type(err).__name__}: {err}): is the vLLM server running? "
+                f"try `vllm-generator list-models -m {server or self.servers[0].url}`"
+            ) from err
+
+    async def resolve_model(self) -> str:
+        """The model to request: the configured one (checked to exist) or the server's only one."""
+        self._ensure_session()
+        assert self._model_lock is not None
+        async with self._model_lock:
+            if self._model_checked:
+                assert self.model is not None
+                return self.model
+            server = self._pick_server()
+            ids = [m["id"] for m in await self.list_models(server.url)]
+            if self.model is None:
+                if len(ids) != 1:
+                    raise ModelSelectionError(
+                        f"{server.url} serves {len(ids)} models ({', '.join(ids) or 'none'}): choose one with model=..."
+                    )
+                self.model = ids[0]
+            elif self.model not in ids:
+                raise ModelSelectionError(
+                    f"{server.url} does not serve model {self.model!r}; it serves: {', '.join(ids) or 'nothing'}"
+                )
+            self._model_checked = True
+            return self.model
+
+    # -- routing
+
+    def _pick_server(self) -> _Server:
+        now = time.monotonic()
+        healthy = [s for s in self.servers if s.down_until <= now]
+        if not healthy:
+            names = ", ".join(s.url for s in self.servers)
+            raise ServerUnavailableError(
+                f"no server is reachable ({names} all refused connections): is `vllm serve` running? "
+                f"try `vllm-generator list-models -m {self.servers[0].url}`"
+            )
+        if len(healthy) == 1:
+            return healthy[0]
+        return min(healthy, key=lambda s: s.in_flight)
+
+    def _server_refused(self, server: _Server) -> None:
+        server.failures += 1
+        if server.failures >= _FAILURES_BEFORE_DOWN and server.down_until <= time.monotonic():
+            server.down_until = time.monotonic() + _DOWN_SECONDS
+            others = [s.url for s in self.servers if s is not server and s.down_until <= time.monotonic()]
+            logger.warning(
+                "%s refused %d connections in a row: out of rotation for %.0fs%s",
+                server.url, server.failures, _DOWN_SECONDS,
+                f"; its requests go to {', '.join(others)}" if others else "",
+            )
+
+    # -- one attempt
+
+    async def _attempt(self, path: str, payload: bytes, parse: Callable[[Any], Result]) -> Result:
+        assert self._semaphore is not None and self._session is not None
+        async with self._semaphore:
+            server = self._pick_server()
+            url = server.url + path
+            server.in_flight += 1
+            self.stats.in_flight += 1
+            self.stats.requests += 1
+            try:
+                async with self._session.post(url, data=payload, timeout=self._timeout) as resp:
+                    body = await resp.read()
+                    status = resp.status
+                    retry_after = resp.headers.get("Retry-After")
+            except aiohttp.ClientConnectorError as err:
+                self._server_refused(server)
+                raise _RetryableError(f"cannot connect to {server.url} ({err.os_error or err})", "connection", refused=True) from err
+            except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as err:
+                raise _RetryableError(f"connection to {server.url} dropped ({type(err).__name__})", "dropped") from err
+            except asyncio.TimeoutError as err:
+                raise _RetryableError(f"no answer from {server.url} within {self._timeout_seconds:g}s", "timeout") from err
+            except aiohttp.ClientError as err:
+                raise _RetryableError(f"request to {server.url} failed ({type(err).__name__}: {err})", "client_error") from err
+            finally:
+                server.in_flight -= 1
+                self.stats.in_flight -= 1
+            server.failures = 0
+        if status == 200:
+            try:
+                result = parse(json.loads(body))
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
+                raise _RetryableError(f"{server.url} sent a broken response body ({err})", "bad_body") from err
+            server.completed += 1
+            return result
+        message = f"{status} from {url}: {_server_message(body)}"
+        if status in (408, 429) or status >= 500:
+            raise _RetryableError(message, f"http_{status}", retry_after=_retry_after(retry_after))
+        raise _FinalError(message, f"http_{status}")
+
+    # -- one request, with retries
+
+    def _backoff(self, err: BaseException | None, attempt: int) -> float:
+        """Seconds to wait after failed attempt number ``attempt``."""
+        if isinstance(err, _RetryableError) and err.retry_after is not None:
+            return err.retry_after  # the server said when; sooner would be refused again
+        # "full jitter" exponential backoff spreads a burst of retries from many rows
+        ceiling = min(self.retry.max_wait, self.retry.initial_wait * 2 ** (attempt - 1))
+        return random.uniform(0, ceiling) if ceiling > 0 else 0.0
+
+    def _log_retry(self, err: BaseException | None, attempt: int, wait: float) -> None:
+        logger.warning("retrying in %.1fs [%d/%d]: %s", wait, attempt + 1, self.retry.attempts, err)
+
+    async def _retry(self, first: _RetryableError, path: str, payload: bytes, parse: Callable[[Any], Result]) -> tuple[Result, int]:
+        """Attempts 2..N after ``first`` failed; returns the result and the attempts made."""
+        wait = self._backoff(first, 1)
+        self._log_retry(first, 1, wait)
+        await asyncio.sleep(wait)
+        attempts = 1
+
+        def wait_next(state: RetryCallState) -> float:
+            seconds = self._backoff(state.outcome.exception() if state.outcome else None, attempts)
+            self._log_retry(state.outcome.exception() if state.outcome else None, attempts, seconds)
+            return seconds
+
+        # a fresh AsyncRetrying per failing request: tenacity keeps its state per thread, not per task
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.retry.attempts - 1),
+            wait=wait_next,
+            retry=retry_if_exception_type(_RetryableError),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                attempts += 1
+                result = await self._attempt(path, payload, parse)
+        return result, attempts
+
+    async def request(self, path: str, body: dict[str, Any], parse: Callable[[Any], Result]) -> Result:
+        """Send one request with retries. Failures become ``Result.error``, except that
+        ``ServerUnavailableError`` (no server reachable) and ``ModelSelectionError`` propagate."""
+        start = time.monotonic()
+        self._ensure_session()
+        if not self._model_checked:
+            await self.resolve_model()
+        payload = json.dumps({"model": self.model, **body}).encode()
+        attempts = 1
+        try:
+            try:
+                result = await self._attempt(path, payload, parse)
+            except _RetryableError as first:
+                if self.retry.attempts == 1:
+                    raise
+                result, attempts = await self._retry(first, path, payload, parse)
+        except _RetryableError as err:
+            attempts = self.retry.attempts
+            if err.refused and all(s.failures for s in self.servers):
+                raise ServerUnavailableError(
+                    f"cannot reach {', '.join(s.url for s in self.servers)} after {attempts} attempts "
+                    f"({err}): is `vllm serve` running? try `vllm-generator list-models -m {self.servers[0].url}`"
+                ) from None
+            result = Result(error=f"gave up after {attempts} attempts: {err}", error_type=err.kind)
+        except _FinalError as err:
+            result = Result(error=str(err), error_type=err.kind)
+        result.attempts = attempts
+        result.latency = time.monotonic() - start
+        self.stats.add(result)
+        if self.on_result is not None:
+            self.on_result(result)
+        return result
+
+    # -- batches, from any thread
+
+    def submit(
+        self, path: str, bodies: Sequence[dict[str, Any]], parse: Callable[[Any], Result]
+    ) -> concurrent.futures.Future[list[Result]]:
+        """Send every body concurrently; the future resolves to results in the same order."""
+
+        async def run() -> list[Result]:
+            return list(await asyncio.gather(*(self.request(path, b, parse) for b in bodies)))
+
+        return run_on_loop(run())

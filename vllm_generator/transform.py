@@ -1,0 +1,329 @@
+"""``vllm_generate``: the ``Dataset.map`` transform."""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import json
+import logging
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+
+from .client import Client, Result, _parse_body
+from .errors import GenerationError, RecipeError
+from .recipe import GenerateConfig, ServeConfig, format_validation_error
+
+__all__ = ["vllm_generate", "VllmGenerate"]
+
+logger = logging.getLogger(__name__)
+
+# Explicit api_key arguments, kept out of the pickled state (and so out of datasets' fingerprint).
+# A worker forked by map(num_proc=N) inherits this dict; elsewhere the key comes from the environment.
+_API_KEYS: dict[str, str] = {}
+# numpy's variable-width string dtype keeps None as a null of type string (numpy >= 2)
+_TEXT = np.dtypes.StringDType(na_object=None)
+
+
+@dataclass
+class _Pending:
+    """A batch handed to the client: the exact request bodies and the future of their results."""
+
+    bodies: list[dict[str, Any]]
+    future: concurrent.futures.Future[list[Result]]
+
+
+class VllmGenerate:
+    """A batched ``Dataset.map`` function that generates a response for every row.
+
+    Build it with :func:`vllm_generate`. It holds only its frozen config when pickled, so
+    ``datasets`` gives it the same fingerprint in every process and run, and a worker process
+    (``num_proc>1``) gets its own event loop and HTTP session.
+    """
+
+    def __init__(self, config: GenerateConfig, api_key: str | None = None) -> None:
+        self.config = config
+        self._api_key = api_key
+        self._state = json.dumps(config.model_dump(mode="json"), sort_keys=True)
+        if api_key:
+            _API_KEYS[self._state] = api_key
+        self._client: Client | None = None
+        self._client_pid = 0
+        self._lock = threading.Lock()
+        # batches submitted ahead of map (see run.py); consumed in order, checked body by body
+        self._ahead: collections.deque[_Pending] = collections.deque()
+        gen = config.generation
+        self._path = "/v1/chat/completions" if gen.mode == "chat" else "/v1/completions"
+        want_logprobs = bool(gen.logprobs) or bool(gen.extra_body.get("logprobs"))
+        self._want_logprobs = want_logprobs
+        self._parse = partial(
+            _parse_body, chat=gen.mode == "chat", n=gen.n, parse_reasoning=gen.parse_reasoning, want_logprobs=want_logprobs
+        )
+        self._fields = gen.request_fields()
+        self._checked_columns = False
+
+    # -- pickling: configuration only
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_restore, (self._state,))
+
+    def __repr__(self) -> str:
+        m = self.config.model
+        return f"vllm_generate(base_url={m.base_url}, model={m.model!r}, mode={self.config.generation.mode!r})"
+
+    # -- the client, one per process
+
+    @property
+    def client(self) -> Client:
+        with self._lock:
+            if self._client is None or self._client_pid != os.getpid():
+                m = self.config.model
+                if not m.base_url:
+                    raise RecipeError("this transform has a serve section: start the servers with vllm_generator.run_recipe or serve_models first")
+                self._client = Client(
+                    m.base_url,
+                    api_key=self._api_key or m.api_key(),
+                    model=m.model,
+                    timeout=m.timeout,
+                    max_concurrency=self.config.max_concurrency,
+                    retry=self.config.retry,
+                )
+                self._client_pid = os.getpid()
+            return self._client
+
+    def close(self) -> None:
+        """Close the HTTP session. The transform stays usable (it reopens one)."""
+        if self._client is not None and self._client_pid == os.getpid():
+            self._client.close()
+
+    # -- building requests
+
+    def _check_columns(self, columns: Sequence[str]) -> None:
+        missing = [c for c in self.config.prompt.required_columns() if c not in columns]
+        if missing:
+            what = "template" if self.config.prompt.template else "prompt"
+            raise RecipeError(
+                f"the {what} reads column(s) {', '.join(repr(c) for c in missing)} that the dataset does not have; "
+                f"its columns are: {', '.join(columns)}"
+            )
+        self._checked_columns = True
+
+    def build_bodies(self, batch: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+        """The JSON request bodies (without ``model``) for every row of a batch.
+
+        Raises:
+            RecipeError: a column the prompt needs is missing, or a row's value has the wrong type.
+        """
+        if not self._checked_columns:
+            self._check_columns(list(batch.keys()))
+        prompt = self.config.prompt
+        fields = self._fields
+        chat = self.config.generation.mode == "chat"
+        if prompt.source == "template":
+            assert prompt.template is not None
+            names = prompt.required_columns()
+            columns = {n: batch[n] for n in names}
+            size = len(columns[names[0]])
+            texts = [prompt.template.format(**{n: columns[n][i] for n in names}) for i in range(size)]
+        else:
+            texts = list(batch[prompt.column])
+        bodies: list[dict[str, Any]] = []
+        if chat and prompt.source == "messages":
+            for i, messages in enumerate(texts):
+                if not isinstance(messages, list) or not all(isinstance(m, Mapping) and "role" in m for m in messages):
+                    raise RecipeError(
+                        f"row {i} of the batch: column {prompt.column!r} must hold a list of {{role, content}} messages, "
+                        f"got {type(messages).__name__}"
+                    )
+                msgs = list(messages)
+                if prompt.system_prompt and not any(m["role"] == "system" for m in msgs):
+                    msgs.insert(0, {"role": "system", "content": prompt.system_prompt})
+                bodies.append({"messages": msgs, **fields})
+            return bodies
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise RecipeError(
+                    f"row {i} of the batch: column {prompt.column!r} must hold text, got {type(text).__name__} "
+                    f"({'use messages_column for chat messages' if isinstance(text, list) else 'fix or filter that row'})"
+                )
+            if not chat:
+                bodies.append({"prompt": text, **fields})
+            elif prompt.system_prompt:
+                bodies.append({"messages": [{"role": "system", "content": prompt.system_prompt}, {"role": "user", "content": text}], **fields})
+            else:
+                bodies.append({"messages": [{"role": "user", "content": text}], **fields})
+        return bodies
+
+    # -- submitting and collecting
+
+    def submit(self, bodies: list[dict[str, Any]]) -> _Pending:
+        """Hand a batch to the background loop now; collect its results later."""
+        return _Pending(bodies, self.client.submit(self._path, bodies, self._parse))
+
+    def submit_ahead(self, bodies: list[dict[str, Any]]) -> None:
+        """Submit a batch that a later ``__call__`` will receive (pipelining across map batches)."""
+        self._ahead.append(self.submit(bodies))
+
+    def cancel_ahead(self) -> None:
+        while self._ahead:
+            self._ahead.popleft().future.cancel()
+
+    def _take(self, bodies: list[dict[str, Any]]) -> _Pending:
+        if self._ahead:
+            pending = self._ahead.popleft()
+            # Rows must get their own responses: use the pre-sent batch only if it is this batch.
+            if pending.bodies == bodies:
+                return pending
+            logger.warning("a pre-sent batch does not match the batch map gave; sending this batch again")
+            pending.future.cancel()
+            self.cancel_ahead()
+        return self.submit(bodies)
+
+    def __call__(self, batch: Mapping[str, Sequence[Any]], indices: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+        bodies = self.build_bodies(batch)
+        pending = self._take(bodies)
+        try:
+            results = pending.future.result()
+        except BaseException:
+            pending.future.cancel()
+            self.cancel_ahead()
+            raise
+        return self.columns(results, bodies, indices)
+
+    def columns(self, results: list[Result], bodies: list[dict[str, Any]], indices: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+        """Arrow columns with fixed types, so batches of all-null values never change the schema."""
+        cols = self.config.columns
+        if self.config.retry.on_error == "raise":
+            for i, r in enumerate(results):
+                if r.error is not None:
+                    where = f"row {indices[i]}" if indices is not None else f"row {i} of the batch"
+                    prompt = json.dumps(bodies[i].get("messages", bodies[i].get("prompt")))[:120]
+                    raise GenerationError(f"{where} failed: {r.error} (prompt: {prompt})")
+        n = self.config.generation.n
+
+        def text(values: list[Any]) -> np.ndarray:
+            if n > 1:  # a failed row gets n nulls, so the column is always list<string> of length n
+                values = [v if v is not None else [None] * n for v in values]
+            return np.array(values, dtype=_TEXT).reshape(len(values), n) if n > 1 else np.array(values, dtype=_TEXT)
+
+        # Typed numpy arrays, not lists: datasets fixes a column's Arrow type from the first batch
+        # written, and a batch whose values are all None would make it a null column that later
+        # batches cannot fill. Token counts are 0 on failed rows (nothing was generated).
+        out = {
+            cols.response: text([r.response for r in results]),
+            cols.reasoning: text([r.reasoning for r in results]),
+            cols.finish_reason: text([r.finish_reason for r in results]),
+            cols.prompt_tokens: np.array([r.prompt_tokens or 0 for r in results], dtype=np.int64),
+            cols.completion_tokens: np.array([r.completion_tokens or 0 for r in results], dtype=np.int64),
+            cols.error: np.array([r.error for r in results], dtype=_TEXT),
+        }
+        if self._want_logprobs:
+            out[cols.logprobs] = np.array([r.logprobs for r in results], dtype=_TEXT)
+        return out
+
+
+def _restore(state: str) -> VllmGenerate:
+    return VllmGenerate(GenerateConfig.model_validate_json(state), api_key=_API_KEYS.get(state))
+
+
+def vllm_generate(
+    base_url: str | Sequence[str] | None = None,
+    *,
+    model: str | None = None,
+    api_key: str | None = None,
+    prompt_column: str | None = None,
+    messages_column: str | None = None,
+    template: str | None = None,
+    system_prompt: str | None = None,
+    mode: str = "chat",
+    thinking: bool | None = None,
+    max_concurrency: int | None = None,
+    timeout: float | None = None,
+    max_attempts: int | None = None,
+    on_error: str | None = None,
+    columns: Mapping[str, str] | None = None,
+    serve: Mapping[str, Any] | ServeConfig | None = None,
+    **generation: Any,
+) -> VllmGenerate:
+    """Make a batched ``Dataset.map`` function that generates text for every row with vLLM.
+
+    Args:
+        base_url: one server URL or a list of them (``/v1`` optional). Requests go to the server
+            with the fewest in flight; a server that keeps refusing connections leaves the rotation.
+        model: the served model name; None asks ``/v1/models`` and uses its only model.
+        api_key: sent as a Bearer token; None reads ``VLLM_API_KEY`` then ``OPENAI_API_KEY``.
+        prompt_column: a text column sent as the user message (the default, "prompt").
+        messages_column: a column of chat messages ``[{"role", "content"}, ...]``.
+        template: a ``str.format`` template over row columns, e.g. ``"Q: {question}"``.
+        system_prompt: prepended as a system message (chat mode).
+        mode: "chat" (``/v1/chat/completions``) or "completion" (``/v1/completions``, raw prompt).
+        thinking: True/False set ``chat_template_kwargs.enable_thinking``; None keeps the default.
+        max_concurrency: requests in flight per server (default 256).
+        timeout: seconds per request (default 600).
+        max_attempts: attempts per request, including the first (default 5).
+        on_error: "record" (default) puts a failed row's message in the ``error`` column;
+            "raise" stops the map with ``GenerationError`` naming the row.
+        columns: new names for output columns, e.g. ``{"response": "answer"}``.
+        **generation: sampling parameters (``temperature``, ``max_tokens``, ``n``, ``seed``,
+            ``stop``, ``top_p``, ``top_k``, ``min_p``, ``logprobs``, ``response_format``,
+            ``structured_outputs``, ``chat_template_kwargs``, ...) and ``extra_body`` for any
+            other field of vLLM's request.
+
+    Returns:
+        A picklable callable for ``ds.map(..., batched=True)`` that adds the columns
+        ``response``, ``reasoning``, ``finish_reason``, ``prompt_tokens``, ``completion_tokens``
+        and ``error`` (null when the row succeeded).
+
+    Raises:
+        RecipeError: an unknown or invalid argument (nothing is sent).
+
+    Example:
+        >>> from datasets import Dataset
+        >>> from vllm_generator import vllm_generate
+        >>> ds = Dataset.from_dict({"prompt": ["What is 2+2?", "Name a colour."]})
+        >>> ds = ds.map(vllm_generate("http://localhost:8000", temperature=0, max_tokens=64), batched=True)  # doctest: +SKIP
+        >>> ds[0]["response"]  # doctest: +SKIP
+    """
+    model_fields: dict[str, Any] = {"model": model}
+    if base_url is not None:
+        model_fields["base_url"] = base_url
+    if serve is not None:
+        model_fields["serve"] = serve
+    if timeout is not None:
+        model_fields["timeout"] = timeout
+    retry: dict[str, Any] = {}
+    if max_attempts is not None:
+        retry["attempts"] = max_attempts
+    if on_error is not None:
+        retry["on_error"] = on_error
+    if thinking is not None:
+        generation["thinking"] = thinking
+    raw: dict[str, Any] = {
+        "prompt": {
+            "prompt_column": prompt_column,
+            "messages_column": messages_column,
+            "template": template,
+            "system_prompt": system_prompt,
+        },
+        "model": model_fields,
+        "generation": {"mode": mode, **generation},
+        "retry": retry,
+        "columns": dict(columns or {}),
+    }
+    if max_concurrency is not None:
+        raw["max_concurrency"] = max_concurrency
+    try:
+        config = GenerateConfig.model_validate(raw)
+    except ValidationError as err:
+        message = format_validation_error(err, "vllm_generate")
+        # name the keyword the user typed, not the internal section
+        for section in ("prompt.", "model.", "generation.", "retry.", "columns."):
+            message = message.replace(f"vllm_generate: {section}", "vllm_generate: ")
+        raise RecipeError(message) from None
+    return VllmGenerate(config, api_key=api_key)
