@@ -106,7 +106,7 @@ class Result:
     error_type: str | None = None  # for metrics: "http_400", "timeout", ...
     logprobs: str | None = None
     attempts: int = 0
-    latency: float = 0.0
+    latency: float = 0.0  # seconds the successful attempt took
 
 
 @dataclass
@@ -375,6 +375,7 @@ class Client:
             server.in_flight += 1
             self.stats.in_flight += 1
             self.stats.requests += 1
+            sent = time.monotonic()
             try:
                 async with self._session.post(url, data=payload, timeout=self._timeout) as resp:
                     body = await resp.read()
@@ -399,6 +400,7 @@ class Client:
             except (ValueError, KeyError, TypeError, AttributeError) as err:
                 raise _RetryableError(f"{server.url} sent a broken response body ({err})", "bad_body") from err
             server.completed += 1
+            result.latency = time.monotonic() - sent  # the server's time, not our queueing
             return result
         message = f"{status} from {url}: {_server_message(body)}"
         if status in (408, 429) or status >= 500:
@@ -446,7 +448,6 @@ class Client:
     async def request(self, path: str, body: dict[str, Any], parse: Callable[[Any], Result]) -> Result:
         """Send one request with retries. Failures become ``Result.error``, except that
         ``ServerUnavailableError`` (no server reachable) and ``ModelSelectionError`` propagate."""
-        start = time.monotonic()
         self._ensure_session()
         if not self._model_checked:
             await self.resolve_model()
@@ -470,7 +471,6 @@ class Client:
         except _FinalError as err:
             result = Result(error=str(err), error_type=err.kind)
         result.attempts = attempts
-        result.latency = time.monotonic() - start
         self.stats.add(result)
         if self.on_result is not None:
             self.on_result(result)

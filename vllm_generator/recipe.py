@@ -364,6 +364,9 @@ class ProcessingConfig(_Config):
     # Rows per checkpoint: a crash loses at most one chunk's work. Each chunk costs a cache file.
     chunk_size: int = Field(10_000, ge=1)
     num_proc: int = Field(1, ge=1)
+    # Rows sent ahead of map's current batch so servers never drain at batch and chunk
+    # boundaries; None: 16 x max_concurrency x servers. A crash loses these too.
+    lookahead: int | None = Field(None, ge=0)
     # Where chunk caches live; None: "<output path>.work" (or ./.vllm_generator_work for Hub-only)
     work_dir: str | None = None
 

@@ -58,6 +58,7 @@ class VllmGenerate:
         self._lock = threading.Lock()
         # batches submitted ahead of map (see run.py); consumed in order, checked body by body
         self._ahead: collections.deque[_Pending] = collections.deque()
+        self._ahead_changed = threading.Condition()
         gen = config.generation
         self._path = "/v1/chat/completions" if gen.mode == "chat" else "/v1/completions"
         want_logprobs = bool(gen.logprobs) or bool(gen.extra_body.get("logprobs"))
@@ -166,26 +167,43 @@ class VllmGenerate:
         """Hand a batch to the background loop now; collect its results later."""
         return _Pending(bodies, self.client.submit(self._path, bodies, self._parse))
 
-    def submit_ahead(self, bodies: list[dict[str, Any]]) -> None:
-        """Submit a batch that a later ``__call__`` will receive (pipelining across map batches)."""
-        self._ahead.append(self.submit(bodies))
+    def submit_ahead(self, bodies: list[dict[str, Any]], max_ahead: int, stopped: threading.Event) -> bool:
+        """Submit a batch that a later ``__call__`` will receive (pipelining across map batches).
+
+        Blocks while ``max_ahead`` batches wait to be taken; returns False once ``stopped`` is set.
+        """
+        with self._ahead_changed:
+            while len(self._ahead) >= max_ahead:
+                if stopped.is_set():
+                    return False
+                self._ahead_changed.wait(0.2)
+            if stopped.is_set():
+                return False
+            self._ahead.append(self.submit(bodies))
+            return True
 
     def cancel_ahead(self) -> None:
-        while self._ahead:
-            self._ahead.popleft().future.cancel()
+        with self._ahead_changed:
+            while self._ahead:
+                self._ahead.popleft().future.cancel()
+            self._ahead_changed.notify_all()
 
     def _take(self, bodies: list[dict[str, Any]]) -> _Pending:
-        if self._ahead:
-            pending = self._ahead.popleft()
+        with self._ahead_changed:
+            pending = self._ahead.popleft() if self._ahead else None
+            self._ahead_changed.notify_all()
+        if pending is not None:
             # Rows must get their own responses: use the pre-sent batch only if it is this batch.
             if pending.bodies == bodies:
                 return pending
-            logger.warning("a pre-sent batch does not match the batch map gave; sending this batch again")
+            logger.warning("a batch sent ahead does not match the batch map gave; sending this batch again")
             pending.future.cancel()
             self.cancel_ahead()
         return self.submit(bodies)
 
-    def __call__(self, batch: Mapping[str, Sequence[Any]], indices: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+    def __call__(
+        self, batch: Mapping[str, Sequence[Any]], indices: Sequence[int] | None = None, offset: int = 0
+    ) -> dict[str, np.ndarray]:
         bodies = self.build_bodies(batch)
         pending = self._take(bodies)
         try:
@@ -194,6 +212,8 @@ class VllmGenerate:
             pending.future.cancel()
             self.cancel_ahead()
             raise
+        if indices is not None and offset:
+            indices = [i + offset for i in indices]
         return self.columns(results, bodies, indices)
 
     def columns(self, results: list[Result], bodies: list[dict[str, Any]], indices: Sequence[int] | None = None) -> dict[str, np.ndarray]:

@@ -1,0 +1,530 @@
+"""Running a recipe: load, split, chunk, generate with look-ahead, write, record metrics.
+
+Resume is ``datasets``' own cache: each chunk of the split is mapped to its own cache file, whose
+name hashes the input, the chunk's rows and what decides the generated text. ``map`` writes a
+temp file and renames it when the chunk is done, so a killed run leaves only finished chunks, and
+running it again loads them instead of sending their rows.
+
+Throughput: ``map`` waits for a whole batch before it asks for the next one, and a chunk ends
+before the next starts. A feeder thread builds the requests of the batches ``map`` will ask for
+next and hands them to the client ahead of time, so the servers stay full across batch and chunk
+boundaries. Each batch that ``map`` gives is checked against the one sent ahead, body by body.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from datasets import Dataset
+
+from .client import Result
+from .errors import MergeError, RecipeError
+from .recipe import InputConfig, Recipe
+from .transform import VllmGenerate
+
+__all__ = ["RunSummary", "run_recipe", "load_input", "split_output_path", "merge_outputs", "write_parquet"]
+
+logger = logging.getLogger(__name__)
+
+_META_KEY = b"vllm_generator"
+
+
+# --------------------------------------------------------------------------- input
+
+
+def load_input(cfg: InputConfig) -> Dataset:
+    """Load the recipe's input as a file-backed ``Dataset`` (so that ``map`` can cache)."""
+    if cfg.hub_id:
+        try:
+            ds = datasets.load_dataset(cfg.hub_id, cfg.config, split=cfg.split)
+        except Exception as err:  # datasets raises many types here; all mean "cannot load"
+            raise RecipeError(f"data.input.hub_id: cannot load {cfg.hub_id!r} split {cfg.split!r}: {err}") from err
+    else:
+        assert cfg.path is not None
+        path = cfg.path
+        if os.path.isdir(path):
+            if not os.path.exists(os.path.join(path, "state.json")) and not os.path.exists(os.path.join(path, "dataset_dict.json")):
+                raise RecipeError(f"data.input.path: {path} is a folder but not a save_to_disk dataset (no state.json)")
+            loaded = datasets.load_from_disk(path)
+            if isinstance(loaded, datasets.DatasetDict):
+                if cfg.split not in loaded:
+                    raise RecipeError(f"data.input.path: {path} has splits {list(loaded)}, not {cfg.split!r} (set data.input.split)")
+                loaded = loaded[cfg.split]
+            ds = loaded
+        else:
+            files = sorted(glob.glob(path)) if glob.has_magic(path) else ([path] if os.path.exists(path) else [])
+            if not files:
+                raise RecipeError(f"data.input.path: no file matches {path}")
+            kinds = {_file_kind(f) for f in files}
+            if len(kinds) != 1 or None in kinds:
+                raise RecipeError(f"data.input.path: {path} must name .parquet, .jsonl/.json or .csv files (found {', '.join(files[:3])})")
+            try:
+                ds = datasets.load_dataset(kinds.pop(), data_files=files, split="train")
+            except Exception as err:  # a malformed file: name it, keep the cause
+                raise RecipeError(f"data.input.path: cannot read {path}: {err}") from err
+    if not isinstance(ds, Dataset):
+        raise RecipeError(f"data.input: expected one split, got {type(ds).__name__}")
+    if cfg.limit is not None and cfg.limit < len(ds):
+        ds = ds.select(range(cfg.limit))
+    return ds
+
+
+def _file_kind(path: str) -> str | None:
+    name = path.lower().removesuffix(".gz").removesuffix(".zst")
+    for suffix, kind in ((".parquet", "parquet"), (".jsonl", "json"), (".json", "json"), (".csv", "csv")):
+        if name.endswith(suffix):
+            return kind
+    return None
+
+
+def split_bounds(num_rows: int, num_splits: int, split_id: int) -> tuple[int, int]:
+    """Row range of ``Dataset.shard(num_splits, split_id, contiguous=True)``."""
+    div, mod = divmod(num_rows, num_splits)
+    start = div * split_id + min(split_id, mod)
+    return start, start + div + (1 if split_id < mod else 0)
+
+
+def split_output_path(path: str, num_splits: int, split_id: int) -> str:
+    """``out.parquet`` for a single split; ``out.split-00001-of-00004.parquet`` for split 1 of 4."""
+    if num_splits == 1:
+        return path
+    return f"{path.removesuffix('.parquet')}.split-{split_id:05d}-of-{num_splits:05d}.parquet"
+
+
+# --------------------------------------------------------------------------- output
+
+
+def write_parquet(ds: Dataset, path: str, metadata: dict[str, Any]) -> None:
+    """Write ``ds`` to ``path`` atomically (temp file, fsync, rename) with our metadata."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    table_schema = ds.data.table.schema
+    schema = table_schema.with_metadata({**(table_schema.metadata or {}), _META_KEY: json.dumps(metadata).encode()})
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for batch in ds.data.table.to_batches(max_chunksize=10_000):
+                writer.write_table(pa.Table.from_batches([batch], schema=table_schema).replace_schema_metadata(schema.metadata))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def _write_json(path: str, data: dict[str, Any]) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_output_metadata(path: str) -> dict[str, Any]:
+    meta = pq.read_schema(path).metadata or {}
+    if _META_KEY not in meta:
+        raise MergeError(f"{path} was not written by vllm-generator (no metadata): rerun its split")
+    return dict(json.loads(meta[_META_KEY]))
+
+
+def push_to_hub(local_path: str, repo_id: str, path_in_repo: str, private: bool, api: Any = None, delete_patterns: list[str] | None = None) -> None:
+    """Upload one Parquet file to a Hub dataset repo, creating the repo if needed.
+
+    Each split uploads its own file name (``data/<split>-<i>-of-<n>.parquet``), so splits pushing
+    to one repo never delete each other's files, which ``Dataset.push_to_hub`` would do.
+    The token comes from ``HF_TOKEN`` or the saved login (huggingface_hub reads them).
+    """
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+
+    api = api or HfApi()
+    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+    operations: list[Any] = [CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=local_path)]
+    if delete_patterns:
+        existing = api.list_repo_files(repo_id, repo_type="dataset")
+        operations += [
+            CommitOperationDelete(path_in_repo=f)
+            for f in existing
+            if f != path_in_repo and any(Path(f).match(p) for p in delete_patterns)
+        ]
+    api.create_commit(repo_id, operations=operations, repo_type="dataset", commit_message=f"vllm-generator: upload {path_in_repo}")
+    logger.info("pushed %s to https://huggingface.co/datasets/%s (%s)", local_path, repo_id, path_in_repo)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class RunSummary:
+    """What a run did; also the content of the metrics file."""
+
+    rows: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    failed_by_type: dict[str, int] = field(default_factory=dict)
+    reused_rows: int = 0  # rows loaded from finished chunks of an earlier run
+    generated_rows: int = 0  # rows sent this run
+    requests: int = 0  # HTTP attempts, retries included
+    retries: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    wall_time_s: float = 0.0
+    requests_per_s: float = 0.0
+    tokens_per_s: float = 0.0
+    latency_s: dict[str, float] = field(default_factory=dict)
+    split_id: int = 0
+    num_splits: int = 1
+    output_path: str | None = None
+    metrics_path: str | None = None
+    hub_repo_id: str | None = None
+    work_dir: str = ""
+    recipe_hash: str = ""
+    version: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Chunk:
+    index: int
+    start: int  # rows of the split
+    stop: int
+    path: str
+
+    @property
+    def cached(self) -> bool:
+        return os.path.exists(self.path)
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    arr = np.asarray(values)
+    return {f"p{q}": round(float(np.percentile(arr, q)), 4) for q in (50, 90, 99)} | {"max": round(float(arr.max()), 4)}
+
+
+class _Feeder(threading.Thread):
+    """Builds and submits the batches ``map`` will ask for next, at most ``max_ahead`` of them."""
+
+    def __init__(self, transform: VllmGenerate, source: Dataset, ranges: list[tuple[int, int]], max_ahead: int) -> None:
+        super().__init__(name="vllm-generator-feeder", daemon=True)
+        self.transform = transform
+        self.source = source.select_columns(transform.config.prompt.required_columns())
+        self.ranges = ranges
+        self.max_ahead = max_ahead
+        self.stopped = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            for start, stop in self.ranges:
+                bodies = self.transform.build_bodies(self.source[start:stop])
+                if not self.transform.submit_ahead(bodies, self.max_ahead, self.stopped):
+                    return
+        except BaseException as err:  # reported by map itself when it builds the same batch
+            self.error = err
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.transform.cancel_ahead()
+        self.join(timeout=10)
+
+
+class _Progress:
+    """One progress bar for the split: rows/s, tokens/s, in flight, errors, ETA."""
+
+    def __init__(self, total: int, initial: int, transform: VllmGenerate, enabled: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.client = transform.client
+        self.bar = tqdm(total=total, initial=initial, unit="row", desc="generate", disable=not enabled, dynamic_ncols=True)
+        self.start = time.monotonic()
+        self.last = 0.0
+        self.lock = threading.Lock()
+
+    def __call__(self, result: Result) -> None:  # on the loop thread, once per row
+        with self.lock:
+            self.bar.update(1)
+            now = time.monotonic()
+            if now - self.last > 0.5:
+                self.last = now
+                stats = self.client.stats
+                tok_s = stats.completion_tokens / max(now - self.start, 1e-9)
+                self.bar.set_postfix_str(f"{tok_s:,.0f} tok/s, {stats.in_flight} in flight, {stats.failed} errors", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _map_chunk(
+    transform: VllmGenerate, ds: Dataset, path: str, fingerprint: str, batch_size: int, num_proc: int, offset: int
+) -> Dataset:
+    return ds.map(
+        transform,
+        batched=True,
+        batch_size=batch_size,
+        with_indices=True,
+        fn_kwargs={"offset": offset},
+        cache_file_name=path,
+        new_fingerprint=fingerprint,
+        num_proc=num_proc if num_proc > 1 else None,
+        load_from_cache_file=True,
+        desc="generate",
+    )
+
+
+def _retry_failed(transform: VllmGenerate, chunk: _Chunk, done: Dataset, batch_size: int, offset: int) -> Dataset:
+    """Send again the rows of a finished chunk whose ``error`` is set; rewrite the chunk's cache."""
+    errors = done.data.table.column(transform.config.columns.error)
+    failed = np.flatnonzero(errors.is_valid().to_numpy(zero_copy_only=False))
+    if failed.size == 0:
+        return done
+    logger.info("chunk %d: sending %d failed rows again (retry_failed)", chunk.index, failed.size)
+    key = hashlib.sha256(failed.tobytes()).hexdigest()[:12]
+    retry_path = chunk.path.removesuffix(".arrow") + f".retry-{key}.arrow"
+    retried = _map_chunk(transform, done.select(failed), retry_path, f"retry-{key}", batch_size, 1, offset)
+    ok = np.flatnonzero(~errors.is_valid().to_numpy(zero_copy_only=False))
+    table = done.data.table
+    combined = pa.concat_tables([table.take(ok), retried.data.table.select(table.column_names).cast(table.schema)])
+    order = np.empty(len(done), dtype=np.int64)
+    order[ok] = np.arange(ok.size)
+    order[failed] = ok.size + np.arange(failed.size)
+    merged = combined.take(order)
+    # replace the chunk's cache atomically: the next run sees only rows that still fail
+    tmp = chunk.path + f".tmp-{os.getpid()}"
+    with datasets.arrow_writer.ArrowWriter(path=tmp) as writer:
+        writer.write_table(merged)
+        writer.finalize()
+    os.replace(tmp, chunk.path)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(retry_path)
+    return Dataset.from_file(chunk.path)
+
+
+def _lookahead_batches(recipe: Recipe, num_servers: int) -> int:
+    p = recipe.processing
+    # Enough rows ahead to keep every slot busy while the oldest batch waits for its slowest row
+    # (heavy-tailed latencies: a reasoning trace can take 25x the median).
+    rows = p.lookahead if p.lookahead is not None else 16 * p.max_concurrency * num_servers
+    return max(2, -(-rows // p.batch_size))
+
+
+def run_recipe(recipe: Recipe, *, progress: bool = True, base_url: list[str] | None = None) -> RunSummary:
+    """Run a recipe's split end to end; returns what it did (also written as the metrics file).
+
+    ``base_url`` replaces the recipe's servers (used with managed servers).
+
+    Raises:
+        RecipeError: bad input (before any request). ServerUnavailableError, GenerationError:
+        the run stopped; finished chunks are kept and the next run resumes from them.
+    """
+    from . import __version__
+
+    started = time.monotonic()
+    if recipe.model.serve is not None and base_url is None:
+        from .serve import serve_models
+
+        with serve_models(recipe.model.serve) as urls:
+            return run_recipe(recipe, progress=progress, base_url=urls)
+
+    num_splits, split_id = recipe.processing.resolved_split()
+    config = recipe.generate_config(base_url)
+    transform = VllmGenerate(config)
+    data = recipe.data
+
+    ds = load_input(data.input)
+    where = data.input.path or data.input.hub_id
+    missing = [c for c in config.prompt.required_columns() if c not in ds.column_names]
+    if missing:
+        what = "data.template" if config.prompt.template else f"data.{'messages_column' if config.prompt.messages_column else 'prompt_column'}"
+        raise RecipeError(f"{what}: column(s) {', '.join(map(repr, missing))} not in {where} (columns: {', '.join(ds.column_names)})")
+    total_rows = len(ds)
+    split_start, split_stop = split_bounds(total_rows, num_splits, split_id)
+    split = ds.shard(num_splits, split_id, contiguous=True)
+    assert len(split) == split_stop - split_start
+
+    out_path = split_output_path(data.output.path, num_splits, split_id) if data.output.path else None
+    work_dir = recipe.processing.work_dir or (f"{data.output.path}.work" if data.output.path else ".vllm_generator_work")
+    split_dir = os.path.join(work_dir, f"split-{split_id:05d}-of-{num_splits:05d}")
+    os.makedirs(split_dir, exist_ok=True)
+
+    size = recipe.processing.chunk_size
+    gen_key = config.fingerprint()
+    chunks = []
+    for index, start in enumerate(range(0, len(split), size)):
+        stop = min(start + size, len(split))
+        key = hashlib.sha256(f"{split._fingerprint}|{start}|{stop}|{gen_key}".encode()).hexdigest()[:16]
+        chunks.append(_Chunk(index, start, stop, os.path.join(split_dir, f"chunk-{index:06d}-{key}.arrow")))
+    cached = [c for c in chunks if c.cached]
+    reused = sum(c.stop - c.start for c in cached)
+    if cached:
+        logger.info("resuming: %d of %d chunks (%d rows) are done and will not be sent again", len(cached), len(chunks), reused)
+    logger.info(
+        "split %d of %d: rows %d to %d of %s, %d chunks of %d rows",
+        split_id, num_splits, split_start, split_stop, where, len(chunks), size,
+    )
+
+    batch_size = recipe.processing.batch_size
+    num_proc = recipe.processing.num_proc
+    todo = [c for c in chunks if not c.cached]
+    ranges = [(s, min(s + batch_size, c.stop)) for c in todo for s in range(c.start, c.stop, batch_size)]
+    bar = _Progress(len(split), reused, transform, progress)
+    transform.client.on_result = bar
+    feeder = None
+    if num_proc == 1 and ranges:
+        feeder = _Feeder(transform, split, ranges, _lookahead_batches(recipe, len(config.model.base_url)))
+        feeder.start()
+    parts: list[Dataset] = []
+    progress_bars = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # ours covers the whole split
+    try:
+        for chunk in chunks:
+            was_cached = chunk.cached
+            piece = split.select(range(chunk.start, chunk.stop))
+            done = _map_chunk(transform, piece, chunk.path, chunk.path[-24:-6], batch_size, num_proc, split_start + chunk.start)
+            if was_cached and recipe.retry.retry_failed:
+                done = _retry_failed(transform, chunk, done, batch_size, split_start + chunk.start)
+            parts.append(done)
+            if not was_cached:
+                logger.info("chunk %d/%d done (%d rows)", chunk.index + 1, len(chunks), chunk.stop - chunk.start)
+    finally:
+        if feeder is not None:
+            feeder.stop()
+        transform.client.on_result = None
+        transform.close()
+        bar.close()
+        if progress_bars:
+            datasets.enable_progress_bars()
+
+    result = datasets.concatenate_datasets(parts) if parts else split
+    wall = time.monotonic() - started
+    stats = transform.client.stats
+    errors = result.data.table.column(config.columns.error) if len(result) else pa.chunked_array([], pa.string())
+    failed = int(errors.is_valid().to_numpy(zero_copy_only=False).sum()) if len(result) else 0
+    generated = stats.succeeded + stats.failed
+    summary = RunSummary(
+        rows=len(result),
+        succeeded=len(result) - failed,
+        failed=failed,
+        failed_by_type=dict(stats.failed_by_type),
+        reused_rows=reused,
+        generated_rows=generated,
+        requests=stats.requests,
+        retries=stats.retries,
+        prompt_tokens=int(pa.compute.sum(result.data.table.column(config.columns.prompt_tokens)).as_py() or 0) if len(result) else 0,
+        completion_tokens=int(pa.compute.sum(result.data.table.column(config.columns.completion_tokens)).as_py() or 0) if len(result) else 0,
+        wall_time_s=round(wall, 3),
+        requests_per_s=round(generated / wall, 2) if wall else 0.0,
+        tokens_per_s=round(stats.completion_tokens / wall, 2) if wall else 0.0,
+        latency_s=_percentiles(stats.latencies),
+        split_id=split_id,
+        num_splits=num_splits,
+        work_dir=work_dir,
+        recipe_hash=recipe.hash(),
+        version=__version__,
+    )
+    metadata = {
+        "split_id": split_id,
+        "num_splits": num_splits,
+        "rows": len(result),
+        "split_start": split_start,
+        "input_rows": total_rows,
+        "recipe_hash": summary.recipe_hash,
+        "generation_fingerprint": gen_key,
+        "version": __version__,
+    }
+    local = out_path
+    if local is None:  # Hub only: stage the file in the work dir
+        local = os.path.join(work_dir, f"split-{split_id:05d}-of-{num_splits:05d}.parquet")
+    write_parquet(result, local, metadata)
+    summary.output_path = out_path
+    if data.output.hub_repo_id:
+        path_in_repo = f"data/{data.output.hub_split}-{split_id:05d}-of-{num_splits:05d}.parquet"
+        push_to_hub(local, data.output.hub_repo_id, path_in_repo, data.output.private)
+        summary.hub_repo_id = data.output.hub_repo_id
+    summary.metrics_path = local.removesuffix(".parquet") + ".metrics.json"
+    _write_json(summary.metrics_path, summary.to_dict())
+    _remove_stale_chunks(split_dir, {c.path for c in chunks})
+    return summary
+
+
+def _remove_stale_chunks(split_dir: str, keep: set[str]) -> None:
+    """Delete chunk caches of earlier configurations (another generation fingerprint)."""
+    for path in glob.glob(os.path.join(split_dir, "chunk-*.arrow")):
+        if path not in keep and ".retry-" not in path:
+            logger.debug("removing stale chunk cache %s", path)
+            os.remove(path)
+
+
+# --------------------------------------------------------------------------- merge
+
+
+def _split_files(path: str) -> Iterator[tuple[int, int, str]]:
+    stem = path.removesuffix(".parquet")
+    for f in sorted(glob.glob(f"{glob.escape(stem)}.split-*-of-*.parquet")):
+        parts = f[len(stem) + len(".split-") : -len(".parquet")].split("-of-")
+        if len(parts) == 2 and all(p.isdigit() for p in parts):
+            yield int(parts[0]), int(parts[1]), f
+
+
+def merge_outputs(path: str, *, hub_repo_id: str | None = None, hub_split: str = "train", private: bool = True, api: Any = None) -> dict[str, Any]:
+    """Join ``<path stem>.split-*-of-N.parquet`` into ``path`` (and optionally one Hub split).
+
+    Raises:
+        MergeError: a split is missing, from another recipe, or has the wrong number of rows.
+    """
+    found = list(_split_files(path))
+    if not found:
+        raise MergeError(f"no split outputs next to {path} (expected files like {split_output_path(path, 2, 0)})")
+    counts = {n for _, n, _ in found}
+    if len(counts) != 1:
+        raise MergeError(f"split outputs of {path} disagree on the number of splits ({sorted(counts)}): remove the stale ones")
+    num_splits = counts.pop()
+    by_id = {i: f for i, _, f in found}
+    missing = [i for i in range(num_splits) if i not in by_id]
+    if missing:
+        raise MergeError(
+            f"cannot merge {path}: split(s) {', '.join(map(str, missing))} of {num_splits} have no output yet; "
+            f"run them with --split-id I --num-splits {num_splits} (finished splits are kept)"
+        )
+    metas = [read_output_metadata(by_id[i]) for i in range(num_splits)]
+    hashes = {m["generation_fingerprint"] for m in metas}
+    if len(hashes) != 1:
+        raise MergeError(f"cannot merge {path}: the splits were generated with different settings; rerun the odd ones")
+    input_rows = metas[0]["input_rows"]
+    for i, m in enumerate(metas):
+        expected = split_bounds(input_rows, num_splits, i)
+        actual = pq.ParquetFile(by_id[i]).metadata.num_rows
+        if m["input_rows"] != input_rows or actual != expected[1] - expected[0] or m["rows"] != actual:
+            raise MergeError(
+                f"cannot merge {path}: split {i} ({by_id[i]}) is incomplete: {actual} rows, expected {expected[1] - expected[0]}; rerun it"
+            )
+    files = [by_id[i] for i in range(num_splits)]
+    merged = Dataset.from_parquet(files) if len(files) > 1 else Dataset.from_parquet(files[0])
+    assert isinstance(merged, Dataset)
+    meta = {**metas[0], "split_id": None, "num_splits": 1, "rows": len(merged), "merged_from": num_splits}
+    write_parquet(merged, path, meta)
+    errors = sum(int(pq.read_table(f, columns=[c for c in pq.read_schema(f).names if c == "error"]).column("error").is_valid().to_numpy(zero_copy_only=False).sum()) if "error" in pq.read_schema(f).names else 0 for f in files)
+    metrics = [json.loads(Path(f.removesuffix(".parquet") + ".metrics.json").read_text()) for f in files if os.path.exists(f.removesuffix(".parquet") + ".metrics.json")]
+    summed = {k: sum(m.get(k, 0) for m in metrics) for k in ("rows", "succeeded", "failed", "requests", "retries", "prompt_tokens", "completion_tokens", "generated_rows", "reused_rows")}
+    summary = {"output_path": path, "rows": len(merged), "splits": num_splits, "rows_with_error": errors, **{f"total_{k}": v for k, v in summed.items()}}
+    _write_json(path.removesuffix(".parquet") + ".metrics.json", summary)
+    if hub_repo_id:
+        push_to_hub(path, hub_repo_id, f"data/{hub_split}-00000-of-00001.parquet", private, api=api, delete_patterns=[f"data/{hub_split}-*.parquet"])
+        summary["hub_repo_id"] = hub_repo_id
+    return summary
