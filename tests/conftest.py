@@ -1,0 +1,52 @@
+"""Shared fixtures: a fake vLLM server as a real subprocess, and clean datasets state."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+# before datasets is imported anywhere: its cache paths are read at import time
+os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(tempfile.gettempdir(), "vllm-generator-tests", "datasets"))
+os.environ.setdefault("HF_HOME", os.path.join(tempfile.gettempdir(), "vllm-generator-tests", "home"))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from fake_server import FakeServer  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def fake_server() -> Iterator[FakeServer]:
+    """A fake OpenAI-compatible server on 127.0.0.1 with 16 slots; see tests/fake_server.py."""
+    with FakeServer("--slots", "16") as server:
+        yield server
+
+
+@pytest.fixture
+def start_fake_server() -> Iterator[Callable[..., FakeServer]]:
+    """Start fake servers with custom arguments; all are stopped after the test."""
+    started: list[FakeServer] = []
+
+    def start(*args: str) -> FakeServer:
+        server = FakeServer(*args).__enter__()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.__exit__(None, None, None)
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No API key or SLURM array from the developer's shell leaks into a test."""
+    for name in ("VLLM_API_KEY", "OPENAI_API_KEY", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN"):
+        monkeypatch.delenv(name, raising=False)
