@@ -236,6 +236,7 @@ class _Server:
     in_flight: int = 0
     failures: int = 0  # consecutive refused connections
     down_until: float = 0.0
+    last_refused: float = -1e9
     completed: int = 0
 
 
@@ -352,10 +353,12 @@ class Client:
             )
         if len(healthy) == 1:
             return healthy[0]
-        return min(healthy, key=lambda s: s.in_flight)
+        # a server that refused a connection in the last second goes last, even with nothing in flight
+        return min(healthy, key=lambda s: (now - s.last_refused < 1.0, s.in_flight))
 
     def _server_refused(self, server: _Server) -> None:
         server.failures += 1
+        server.last_refused = time.monotonic()
         if server.failures >= _FAILURES_BEFORE_DOWN and server.down_until <= time.monotonic():
             server.down_until = time.monotonic() + _DOWN_SECONDS
             others = [s.url for s in self.servers if s is not server and s.down_until <= time.monotonic()]
@@ -413,6 +416,10 @@ class Client:
         """Seconds to wait after failed attempt number ``attempt``."""
         if isinstance(err, _RetryableError) and err.retry_after is not None:
             return err.retry_after  # the server said when; sooner would be refused again
+        if isinstance(err, _RetryableError) and err.refused and len(self.servers) > 1:
+            now = time.monotonic()
+            if any(s.failures == 0 and s.down_until <= now for s in self.servers):
+                return 0.0  # that server is gone, not busy: go straight to a healthy one
         # "full jitter" exponential backoff spreads a burst of retries from many rows
         ceiling = min(self.retry.max_wait, self.retry.initial_wait * 2 ** (attempt - 1))
         return random.uniform(0, ceiling) if ceiling > 0 else 0.0
@@ -484,6 +491,13 @@ class Client:
         """Send every body concurrently; the future resolves to results in the same order."""
 
         async def run() -> list[Result]:
-            return list(await asyncio.gather(*(self.request(path, b, parse) for b in bodies)))
+            tasks = [asyncio.ensure_future(self.request(path, b, parse)) for b in bodies]
+            try:
+                return list(await asyncio.gather(*tasks))
+            except BaseException:
+                # one row stopped the batch (no server left, or cancelled): stop sending the rest
+                for task in tasks:
+                    task.cancel()
+                raise
 
         return run_on_loop(run())
