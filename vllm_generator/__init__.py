@@ -10,6 +10,7 @@ from .errors import (
     VllmGeneratorError,
 )
 from .recipe import GenerateConfig, Recipe, load_recipe
+from .serve import serve_models
 from .transform import VllmGenerate, vllm_generate
 
 __version__ = "0.1.0"
@@ -20,6 +21,7 @@ __all__ = [
     "GenerateConfig",
     "Recipe",
     "load_recipe",
+    "serve_models",
     "VllmGeneratorError",
     "RecipeError",
     "ServerUnavailableError",

@@ -16,7 +16,9 @@ import json
 import logging
 import logging.handlers
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -222,8 +224,15 @@ def _parse_argv(argv: Sequence[str]) -> tuple[list[str], dict[str, Any], bool]:
     return args, overrides, debug
 
 
+def _interrupt_on_sigterm(signum: int, frame: object) -> None:
+    # scancel and `kill` send SIGTERM: unwind like Ctrl-C so managed servers are stopped
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     debug = "--debug" in argv
     try:
         args, overrides, debug = _parse_argv(argv)
