@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import datetime
 import email.utils
 import json
 import logging
+import math
 import os
 import random
 import threading
@@ -88,6 +90,16 @@ def _get_loop() -> asyncio.AbstractEventLoop:
 def run_on_loop(coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
     """Schedule ``coro`` on the process's background loop; returns a thread-safe future."""
     return asyncio.run_coroutine_threadsafe(coro, _get_loop())
+
+
+def _close_dropped_session(session: aiohttp.ClientSession, loop: asyncio.AbstractEventLoop, pid: int) -> None:
+    """Close the session of a Client garbage-collected without ``close()`` (a finalizer)."""
+    if session.closed or os.getpid() != pid or loop.is_closed() or not loop.is_running():
+        return
+    try:
+        asyncio.run_coroutine_threadsafe(session.close(), loop)
+    except RuntimeError:  # the loop closed meanwhile
+        pass
 
 
 # --------------------------------------------------------------------------- results
@@ -210,13 +222,21 @@ class _FinalError(Exception):
 
 
 def _retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (seconds or an HTTP date); None when absent or unreadable."""
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        parsed = email.utils.parsedate_to_datetime(value) if value else None
-        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
+        try:
+            parsed = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None  # unreadable: the usual backoff, not a crashed batch
+        if parsed.tzinfo is None:  # "-0000": HTTP dates are GMT
+            parsed = parsed.replace(tzinfo=datetime.UTC)
+        seconds = parsed.timestamp() - time.time()
+    # "inf" would sleep forever and "nan" means nothing
+    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 def _server_message(body: bytes) -> str:
@@ -286,6 +306,9 @@ class Client:
             total = self.max_concurrency * len(self.servers)
             connector = aiohttp.TCPConnector(limit=total + len(self.servers), ttl_dns_cache=300)
             self._session = aiohttp.ClientSession(connector=connector, headers=self._headers, raise_for_status=False)
+            # `ds.map(vllm_generate(...))` drops the transform without closing it: close the session
+            # then, or aiohttp reports an unclosed session and connector when it is collected.
+            weakref.finalize(self, _close_dropped_session, self._session, asyncio.get_running_loop(), os.getpid()).atexit = False
             self._semaphore = asyncio.Semaphore(total)
             self._model_lock = asyncio.Lock()
         return self._session
@@ -325,8 +348,24 @@ class Client:
             if self._model_checked:
                 assert self.model is not None
                 return self.model
-            server = self._pick_server()
-            ids = [m["id"] for m in await self.list_models(server.url)]
+            first = self._pick_server()
+            candidates = [first, *(s for s in self.servers if s is not first and s.down_until <= time.monotonic())]
+            errors: list[ServerUnavailableError] = []
+            for server in candidates:
+                try:
+                    ids = [m["id"] for m in await self.list_models(server.url)]
+                    break
+                except ServerUnavailableError as err:
+                    # one dead server must not stop a run that the others can serve
+                    errors.append(err)
+                    if isinstance(err.__cause__, aiohttp.ClientConnectorError):
+                        self._server_refused(server)
+                    if server is not candidates[-1]:
+                        logger.warning("%s; asking the next server", err)
+            else:
+                if len(errors) == 1:
+                    raise errors[0]
+                raise ServerUnavailableError(f"no server answered: {'; '.join(map(str, errors))}") from errors[-1]
             if self.model is None:
                 if len(ids) != 1:
                     raise ModelSelectionError(

@@ -67,7 +67,6 @@ class VllmGenerate:
             _parse_body, chat=gen.mode == "chat", n=gen.n, parse_reasoning=gen.parse_reasoning, want_logprobs=want_logprobs
         )
         self._fields = gen.request_fields()
-        self._checked_columns = False
 
     # -- pickling: configuration only
 
@@ -113,7 +112,6 @@ class VllmGenerate:
                 f"the {what} reads column(s) {', '.join(repr(c) for c in missing)} that the dataset does not have; "
                 f"its columns are: {', '.join(columns)}"
             )
-        self._checked_columns = True
 
     def build_bodies(self, batch: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
         """The JSON request bodies (without ``model``) for every row of a batch.
@@ -121,8 +119,8 @@ class VllmGenerate:
         Raises:
             RecipeError: a column the prompt needs is missing, or a row's value has the wrong type.
         """
-        if not self._checked_columns:
-            self._check_columns(list(batch.keys()))
+        # every batch: one transform may map several datasets, and the check is a few lookups
+        self._check_columns(list(batch.keys()))
         prompt = self.config.prompt
         fields = self._fields
         chat = self.config.generation.mode == "chat"

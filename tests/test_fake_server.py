@@ -1,0 +1,345 @@
+"""The fake vLLM server, exercised over real HTTP (urllib) as a subprocess."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fake_server import LOGNORMAL_SIGMA, FakeServer, FakeVLLM, _parse_args
+
+# Never route 127.0.0.1 through a proxy from the environment.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+
+
+def request(
+    url: str,
+    path: str,
+    body: Any = None,
+    *,
+    raw: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 10,
+) -> tuple[int, Any, bytes]:
+    """(status, headers, body bytes); HTTP errors are returned, not raised."""
+    data = (
+        raw
+        if raw is not None
+        else (None if body is None else json.dumps(body).encode())
+    )
+    req = urllib.request.Request(
+        url + path,
+        data=data,
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
+    try:
+        with _OPENER.open(req, timeout=timeout) as resp:
+            return resp.status, resp.headers, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers, exc.read()
+
+
+def chat(url: str, content: str, **params: Any) -> tuple[int, Any, Any]:
+    body = {
+        "model": "fake-model",
+        "messages": [{"role": "user", "content": content}],
+        **params,
+    }
+    status, headers, data = request(url, CHAT, body)
+    return status, headers, json.loads(data)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[FakeServer]:
+    with FakeServer() as srv:
+        yield srv
+
+
+@pytest.fixture()
+def srv(server: FakeServer) -> FakeServer:
+    server.reset()
+    return server
+
+
+def test_chat_echo(srv: FakeServer) -> None:
+    body = {
+        "model": "fake-model",
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "hello there row 7"},
+        ],
+    }
+    status, headers, data = request(srv.url, CHAT, body)
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    out = json.loads(data)
+    assert out["object"] == "chat.completion" and out["model"] == "fake-model"
+    choice = out["choices"][0]
+    assert choice["index"] == 0 and choice["finish_reason"] == "stop"
+    assert choice["message"]["role"] == "assistant"
+    assert choice["message"]["content"] == "echo: hello there row 7"
+    assert out["usage"] == {
+        "prompt_tokens": 6,
+        "completion_tokens": 5,
+        "total_tokens": 11,
+        "prompt_tokens_details": None,
+    }
+
+
+def test_n_choices(srv: FakeServer) -> None:
+    _, _, out = chat(srv.url, "row 3", n=2)
+    assert [c["message"]["content"] for c in out["choices"]] == [
+        "echo: row 3 #0",
+        "echo: row 3 #1",
+    ]
+    assert [c["index"] for c in out["choices"]] == [0, 1]
+    assert out["usage"]["completion_tokens"] == 8
+
+
+def test_completions_and_max_tokens(srv: FakeServer) -> None:
+    status, _, data = request(
+        srv.url, COMPLETIONS, {"prompt": "one two three four", "max_tokens": 3}
+    )
+    out = json.loads(data)
+    assert status == 200 and out["object"] == "text_completion"
+    assert out["choices"][0]["text"] == "echo: one two"
+    assert out["choices"][0]["finish_reason"] == "length"
+    assert out["usage"]["prompt_tokens"] == 4 and out["usage"]["completion_tokens"] == 3
+
+
+def test_503_then_success(srv: FakeServer) -> None:
+    status, _, out = chat(srv.url, "row [[503]]")
+    assert status == 503 and out["error"]["code"] == 503
+    status, _, out = chat(srv.url, "row [[503]]")
+    assert (
+        status == 200 and out["choices"][0]["message"]["content"] == "echo: row [[503]]"
+    )
+
+
+def test_faults_are_consumed_in_order(srv: FakeServer) -> None:
+    statuses = [chat(srv.url, "r [[429:2]][[500]]")[0] for _ in range(4)]
+    assert statuses == [429, 429, 500, 200]
+
+
+def test_429_has_retry_after(srv: FakeServer) -> None:
+    status, headers, out = chat(srv.url, "row [[429]]")
+    assert (
+        status == 429 and headers["Retry-After"] == "1" and out["error"]["code"] == 429
+    )
+    status, headers, _ = chat(srv.url, "row [[429]][[retry_after:0.25]]")
+    assert status == 429 and headers["Retry-After"] == "0.25"
+
+
+def test_400_always(srv: FakeServer) -> None:
+    expected = {
+        "error": {
+            "message": "This model's maximum context length is 512 tokens. "
+            "However, you requested 900 tokens.",
+            "type": "BadRequestError",
+            "param": None,
+            "code": 400,
+        }
+    }
+    for _ in range(3):
+        status, _, out = chat(srv.url, "too long [[400]]")
+        assert (status, out) == (400, expected)
+
+
+def test_malformed_body(srv: FakeServer) -> None:
+    status, headers, data = request(
+        srv.url, CHAT, {"messages": [{"role": "user", "content": "[[malformed]]"}]}
+    )
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(data)
+
+
+def test_drop_closes_connection(srv: FakeServer) -> None:
+    with pytest.raises(
+        (http.client.RemoteDisconnected, ConnectionError, urllib.error.URLError)
+    ):
+        chat(srv.url, "row [[drop]]")
+    assert chat(srv.url, "row [[drop]]")[0] == 200
+
+
+def test_unknown_model_404(srv: FakeServer) -> None:
+    status, _, data = request(
+        srv.url, CHAT, {"model": "nope", "messages": [{"role": "user", "content": "x"}]}
+    )
+    assert status == 404
+    assert json.loads(data) == {
+        "error": {
+            "message": "The model `nope` does not exist.",
+            "type": "NotFoundError",
+            "param": None,
+            "code": 404,
+        }
+    }
+
+
+def test_models_and_health(srv: FakeServer) -> None:
+    status, _, data = request(srv.url, "/v1/models")
+    models = json.loads(data)
+    assert status == 200 and models["object"] == "list"
+    assert [(m["id"], m["object"], m["max_model_len"]) for m in models["data"]] == [
+        ("fake-model", "model", 512)
+    ]
+    assert request(srv.url, "/health")[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("shape", "content", "reasoning", "finish"),
+    [
+        ("field", "echo: P", "thinking about P", "stop"),
+        ("inline", "<think>thinking about P</think>\n\necho: P", None, "stop"),
+        ("close_only", "thinking about P</think>\n\necho: P", None, "stop"),
+        ("unclosed", "<think>thinking about P", None, "length"),
+        ("field_unclosed", None, "thinking about P", "length"),
+    ],
+)
+def test_reasoning_shapes(
+    srv: FakeServer, shape: str, content: str | None, reasoning: str | None, finish: str
+) -> None:
+    prompt = f"q [[reasoning:{shape}]]"
+    _, _, out = chat(srv.url, prompt)
+    choice = out["choices"][0]
+
+    def expand(text: str | None) -> str | None:
+        return None if text is None else text.replace("P", prompt)
+
+    assert choice["message"]["content"] == expand(content)
+    assert choice["message"]["reasoning"] == expand(reasoning)
+    assert choice["finish_reason"] == finish
+
+
+def test_reasoning_legacy_field(srv: FakeServer) -> None:
+    message = chat(srv.url, "q [[reasoning:legacy]]")[2]["choices"][0]["message"]
+    assert message["reasoning_content"] == "thinking about q [[reasoning:legacy]]"
+    assert (
+        "reasoning" not in message
+        and message["content"] == "echo: q [[reasoning:legacy]]"
+    )
+
+
+def test_log_contents(srv: FakeServer) -> None:
+    chat(srv.url, "first")
+    request(
+        srv.url,
+        COMPLETIONS,
+        raw=b"{not json",
+        headers={"Authorization": "Bearer secret"},
+    )
+    request(srv.url, "/v1/models")  # not a generation endpoint: not logged
+    log = srv.log()
+    assert [e["path"] for e in log] == [CHAT, COMPLETIONS]
+    assert log[0]["body"]["messages"][0]["content"] == "first"
+    assert log[1]["body"] == "{not json"
+    assert [e["headers"] for e in log] == [{"has_auth": False}, {"has_auth": True}]
+    assert "secret" not in json.dumps(log)
+    # CLOCK_MONOTONIC is system-wide on Linux: comparable with this process's clock.
+    assert log[0]["t"] <= log[1]["t"] <= time.monotonic()
+    srv.reset()
+    assert srv.log() == [] and srv.stats()["requests"] == 0
+
+
+def test_api_key() -> None:
+    with FakeServer("--api-key", "k1", "--model", "m1", "--model", "m2") as srv:
+        body = {"model": "m2", "messages": [{"role": "user", "content": "x"}]}
+        assert request(srv.url, CHAT, body)[0] == 401
+        assert (
+            request(srv.url, CHAT, body, headers={"Authorization": "Bearer nope"})[0]
+            == 401
+        )
+        assert (
+            request(srv.url, CHAT, body, headers={"Authorization": "Bearer k1"})[0]
+            == 200
+        )
+        assert request(srv.url, "/v1/models")[0] == 401
+        _, _, data = request(
+            srv.url, "/v1/models", headers={"Authorization": "Bearer k1"}
+        )
+        assert [m["id"] for m in json.loads(data)["data"]] == ["m1", "m2"]
+        assert [e["headers"]["has_auth"] for e in srv.log()] == [False, True, True]
+
+
+def test_slots_limit_concurrency() -> None:
+    with FakeServer("--slots", "3", "--latency", "0.2") as srv:
+        barrier = threading.Barrier(10)
+        results: list[int] = []
+
+        def send(i: int) -> None:
+            barrier.wait()
+            results.append(chat(srv.url, f"row {i}")[0])
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(10)]
+        start = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.monotonic() - start
+        stats = srv.stats()
+    assert results == [200] * 10
+    assert stats["max_running"] == 3  # generating at once: capped by the slots
+    assert stats["max_in_flight"] > 3  # the rest queued, counted as in flight
+    assert stats["requests"] == 10 and stats["in_flight"] == 0
+    assert elapsed >= 0.75  # ceil(10 / 3) = 4 waves of 0.2 s
+    counts = [n for _, n in stats["timeline"]]
+    assert (
+        max(counts) == stats["max_in_flight"] and counts[-1] == 0 and len(counts) == 20
+    )
+
+
+def test_hang_is_cancelled_when_client_leaves() -> None:
+    hang = {"messages": [{"role": "user", "content": "stuck [[hang:5]]"}]}
+    with FakeServer("--slots", "1") as srv:
+        with pytest.raises((TimeoutError, urllib.error.URLError)):
+            request(srv.url, CHAT, hang, timeout=0.3)
+        # The only slot was freed when the client disconnected.
+        assert chat(srv.url, "next")[0] == 200
+
+        def hang_until_shutdown() -> None:
+            with contextlib.suppress(
+                ConnectionError, urllib.error.URLError, http.client.HTTPException
+            ):
+                request(srv.url, CHAT, hang, timeout=30)
+
+        threading.Thread(target=hang_until_shutdown, daemon=True).start()
+        while srv.stats()["in_flight"] == 0:
+            time.sleep(0.01)
+        start = time.monotonic()
+    # A hang in flight does not delay a clean shutdown.
+    assert time.monotonic() - start < 3
+    assert srv.proc is not None and srv.proc.returncode == 0
+
+
+def test_sleep_directive(srv: FakeServer) -> None:
+    start = time.monotonic()
+    assert chat(srv.url, "slow [[sleep:0.3]]")[0] == 200
+    assert time.monotonic() - start >= 0.3
+
+
+def test_lognormal_latency_is_deterministic_and_heavy_tailed() -> None:
+    app = FakeVLLM(_parse_args(["--latency", "0.1", "--latency-model", "lognormal"]))
+    samples = sorted(app._lognormal_latency(f"row {i}") for i in range(20000))
+    assert app._lognormal_latency("row 1") == app._lognormal_latency("row 1")
+    assert samples[len(samples) // 2] == pytest.approx(0.1, rel=0.05)
+    tail = sum(s > 2.5 for s in samples) / len(samples)
+    assert 0.007 < tail < 0.013 and abs(LOGNORMAL_SIGMA - 1.3837) < 1e-4
+
+
+def test_kill() -> None:
+    srv = FakeServer()
+    with srv:
+        srv.kill()
+        with pytest.raises((ConnectionError, urllib.error.URLError)):
+            chat(srv.url, "x")
+    assert srv.proc is not None and srv.proc.returncode == -9
