@@ -186,7 +186,9 @@ def test_three_refusals_take_a_server_out_of_rotation() -> None:
 
 def test_backoff_honours_retry_after_and_otherwise_grows_within_bounds() -> None:
     client = Client(["http://a:1"], retry=RetryConfig(initial_wait=0.5, max_wait=3))
-    assert client._backoff(_RetryableError("429", "http_429", retry_after=7.0), 1) == 7.0
+    assert client._backoff(_RetryableError("429", "http_429", retry_after=2.5), 1) == 2.5
+    # a Retry-After beyond max_wait would stall the row: it is capped
+    assert client._backoff(_RetryableError("429", "http_429", retry_after=3600.0), 1) == 3.0
     for attempt, ceiling in [(1, 0.5), (2, 1.0), (3, 2.0), (4, 3.0), (10, 3.0)]:
         waits = [client._backoff(_RetryableError("503", "http_503"), attempt) for _ in range(50)]
         assert all(0 <= w <= ceiling for w in waits)

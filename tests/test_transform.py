@@ -60,14 +60,12 @@ TEXT_COLUMNS = Features(
 # --------------------------------------------------------------------------- helpers
 
 
-def fast(base_url: str | list[str], *, attempts: int = 3, timeout: float = 600, on_error: str = "record", **generation: Any) -> VllmGenerate:
-    """A transform whose retries wait ~10 ms (``vllm_generate`` does not expose the waits)."""
-    return VllmGenerate(
-        GenerateConfig(
-            model=ModelConfig(base_url=base_url, timeout=timeout),
-            generation=GenerationConfig(**generation),
-            retry=RetryConfig(attempts=attempts, initial_wait=0.01, max_wait=0.05, on_error=on_error),
-        )
+def fast(
+    base_url: str | list[str], *, attempts: int = 3, timeout: float = 600, on_error: str = "record", max_wait: float = 1.0, **generation: Any
+) -> VllmGenerate:
+    """A transform whose retries wait ~10 ms (a Retry-After is honoured up to ``max_wait``)."""
+    return vllm_generate(
+        base_url, timeout=timeout, max_attempts=attempts, initial_wait=0.01, max_wait=max_wait, on_error=on_error, **generation
     )
 
 
@@ -453,6 +451,15 @@ def test_429_waits_for_retry_after(fake_server: FakeServer) -> None:
     assert out["response"] == ["echo: " + prompt]
     first, second = fake_server.log()
     assert 0.3 <= second["t"] - first["t"] < 1.5
+
+
+def test_retry_after_is_capped_by_max_wait(fake_server: FakeServer) -> None:
+    prompt = "a [[429]] [[retry_after:30]]"
+    out = Dataset.from_dict({"prompt": [prompt]}).map(fast(fake_server.url, max_wait=0.2), batched=True)
+
+    assert out["response"] == ["echo: " + prompt]
+    first, second = fake_server.log()
+    assert 0.2 <= second["t"] - first["t"] < 1.5
 
 
 def test_a_dropped_connection_is_retried(fake_server: FakeServer) -> None:

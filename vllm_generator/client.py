@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import aiohttp
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
-from .errors import ModelSelectionError, ServerUnavailableError
+from .errors import ModelSelectionError, RecipeError, ServerUnavailableError
 from .recipe import RetryConfig
 
 __all__ = ["Result", "Stats", "Client", "parse_choice", "run_on_loop"]
@@ -331,6 +331,11 @@ class Client:
         try:
             async with session.get(url, timeout=aiohttp.ClientTimeout(total=min(30.0, self._timeout_seconds))) as resp:
                 body = await resp.read()
+                if resp.status in (401, 403):
+                    raise RecipeError(
+                        f"{url} refused the API key ({resp.status}: {_server_message(body)}): pass api_key=..., "
+                        "set VLLM_API_KEY, or name the variable in a recipe's model.api_key_env"
+                    )
                 if resp.status != 200:
                     raise ServerUnavailableError(f"GET {url} answered {resp.status}: {_server_message(body)}")
                 return list(json.loads(body)["data"])
@@ -454,7 +459,8 @@ class Client:
     def _backoff(self, err: BaseException | None, attempt: int) -> float:
         """Seconds to wait after failed attempt number ``attempt``."""
         if isinstance(err, _RetryableError) and err.retry_after is not None:
-            return err.retry_after  # the server said when; sooner would be refused again
+            # the server said when (sooner would be refused again), within reason
+            return min(err.retry_after, self.retry.max_wait)
         if isinstance(err, _RetryableError) and err.refused and len(self.servers) > 1:
             now = time.monotonic()
             if any(s.failures == 0 and s.down_until <= now for s in self.servers):

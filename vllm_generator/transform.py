@@ -264,6 +264,8 @@ def vllm_generate(
     max_concurrency: int | None = None,
     timeout: float | None = None,
     max_attempts: int | None = None,
+    initial_wait: float | None = None,
+    max_wait: float | None = None,
     on_error: str | None = None,
     columns: Mapping[str, str] | None = None,
     serve: Mapping[str, Any] | ServeConfig | None = None,
@@ -285,6 +287,8 @@ def vllm_generate(
         max_concurrency: requests in flight per server (default 256).
         timeout: seconds per request (default 600).
         max_attempts: attempts per request, including the first (default 5).
+        initial_wait, max_wait: exponential backoff bounds in seconds (default 1 and 60); a
+            server's Retry-After is honoured up to ``max_wait``.
         on_error: "record" (default) puts a failed row's message in the ``error`` column;
             "raise" stops the map with ``GenerationError`` naming the row.
         columns: new names for output columns, e.g. ``{"response": "answer"}``.
@@ -320,6 +324,10 @@ def vllm_generate(
         retry["attempts"] = max_attempts
     if on_error is not None:
         retry["on_error"] = on_error
+    if initial_wait is not None:
+        retry["initial_wait"] = initial_wait
+    if max_wait is not None:
+        retry["max_wait"] = max_wait
     if thinking is not None:
         generation["thinking"] = thinking
     raw: dict[str, Any] = {
