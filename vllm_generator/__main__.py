@@ -71,11 +71,23 @@ def _print_summary(summary: RunSummary) -> None:
     out.write(f"  metrics: {summary.metrics_path}\n")
 
 
+def _flag(name: str, value: Any) -> bool:
+    """A boolean flag: Fire passes ``--progress=false`` as the (true) string "false"."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "1", "on"):
+        return True
+    if text in ("false", "no", "0", "off"):
+        return False
+    raise RecipeError(f"--{name.replace('_', '-')} takes true or false, not {value!r}")
+
+
 def _run(recipe: Recipe, progress: bool) -> None:
     from .run import run_recipe
 
     configure_logging(recipe.logging)
-    _print_summary(run_recipe(recipe, progress=progress))
+    _print_summary(run_recipe(recipe, progress=_flag("progress", progress)))
 
 
 class Commands:
@@ -119,7 +131,10 @@ class Commands:
         raw = {"data": data, "model": {"base_url": base_url, "model": model}, "generation": generation, "processing": processing}
         from pydantic import ValidationError
 
-        from .recipe import format_validation_error
+        from .recipe import _set_dotted, format_validation_error
+
+        for key, value in self._overrides.items():  # --retry.attempts=1 etc., as with a recipe
+            _set_dotted(raw, key, value, "generate")
 
         try:
             recipe = Recipe.model_validate(raw)
@@ -148,7 +163,7 @@ class Commands:
         print(f"ok: input has {len(ds)} rows, columns {ds.column_names}; split {split_id} of {num_splits}")
         if bodies:
             print(f"ok: first request: {json.dumps(bodies[0])[:300]}")
-        if check_server:
+        if _flag("check_server", check_server):
             if loaded.model.serve:
                 print(f"skip: servers are started by the run (model.serve: {loaded.model.serve.model})")
             for url in loaded.model.base_url:
@@ -180,8 +195,8 @@ class Commands:
             path = loaded.data.output.path
             hub_repo_id = hub_repo_id or loaded.data.output.hub_repo_id
             hub_split = hub_split or loaded.data.output.hub_split
-            private = loaded.data.output.private if private is None else private
-        summary = merge_outputs(path, hub_repo_id=hub_repo_id, hub_split=hub_split or "train", private=True if private is None else private)
+            private = loaded.data.output.private if private is None else _flag("private", private)
+        summary = merge_outputs(path, hub_repo_id=hub_repo_id, hub_split=hub_split or "train", private=True if private is None else _flag("private", private))
         print(f"merged {summary['splits']} splits: {summary['rows']} rows ({summary['rows_with_error']} with an error) -> {path}")
 
 

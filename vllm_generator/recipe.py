@@ -174,6 +174,12 @@ class GenerationConfig(_Config):
                 f"extra_body.{guided[0]} is ignored by current vLLM (it answers unconstrained): "
                 "use generation.structured_outputs, e.g. {'choice': ['yes', 'no']} or {'regex': '...'}"
             )
+        if self.mode == "chat" and self.logprobs is not None and not isinstance(self.logprobs, bool):
+            # /v1/chat/completions takes a flag: vLLM would answer 400 to every row
+            raise ValueError(
+                f"logprobs is true or false in mode 'chat' (got {self.logprobs}): "
+                f"set top_logprobs: {self.logprobs} for the number of alternatives"
+            )
         if self.mode == "completion" and self.chat_template_kwargs:
             raise ValueError("chat_template_kwargs only applies to mode 'chat'")
         if self.mode == "completion" and self.thinking is not None:
@@ -367,7 +373,7 @@ class ProcessingConfig(_Config):
     # Rows sent ahead of map's current batch so servers never drain at batch and chunk
     # boundaries; None: 16 x max_concurrency x servers. A crash loses these too.
     lookahead: int | None = Field(None, ge=0)
-    # Where chunk caches live; None: "<output path>.work" (or ./.vllm_generator_work for Hub-only)
+    # Where chunk caches live; None: "<output path>.work" (Hub-only: ./.vllm_generator_work/<org>--<name>/<hub_split>)
     work_dir: str | None = None
 
     @model_validator(mode="after")

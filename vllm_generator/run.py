@@ -14,6 +14,7 @@ boundaries. Each batch that ``map`` gives is checked against the one sent ahead,
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import glob
 import hashlib
 import json
@@ -159,7 +160,8 @@ def push_to_hub(local_path: str, repo_id: str, path_in_repo: str, private: bool,
         operations += [
             CommitOperationDelete(path_in_repo=f)
             for f in existing
-            if f != path_in_repo and any(Path(f).match(p) for p in delete_patterns)
+            # the whole path must match: Path.match would also take "old/data/train-0.parquet"
+            if f != path_in_repo and any(fnmatch.fnmatchcase(f, p) for p in delete_patterns)
         ]
     api.create_commit(repo_id, operations=operations, repo_type="dataset", commit_message=f"vllm-generator: upload {path_in_repo}")
     logger.info("pushed %s to https://huggingface.co/datasets/%s (%s)", local_path, repo_id, path_in_repo)
@@ -228,16 +230,23 @@ class _Feeder(threading.Thread):
         self.ranges = ranges
         self.max_ahead = max_ahead
         self.stopped = threading.Event()
+        # Set once the first batches are queued: map must not ask for a batch before the feeder
+        # has sent it, or both send it and every later batch mismatches (sent twice).
+        self.primed = threading.Event()
         self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
-            for start, stop in self.ranges:
+            for sent, (start, stop) in enumerate(self.ranges, 1):
                 bodies = self.transform.build_bodies(self.source[start:stop])
                 if not self.transform.submit_ahead(bodies, self.max_ahead, self.stopped):
                     return
+                if sent >= self.max_ahead:
+                    self.primed.set()
         except BaseException as err:  # reported by map itself when it builds the same batch
             self.error = err
+        finally:
+            self.primed.set()
 
     def stop(self) -> None:
         self.stopped.set()
@@ -316,6 +325,17 @@ def _retry_failed(transform: VllmGenerate, chunk: _Chunk, done: Dataset, batch_s
     return Dataset.from_file(chunk.path)
 
 
+@contextlib.contextmanager
+def _datasets_bars_off() -> Iterator[None]:
+    enabled = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()
+
+
 def _lookahead_batches(recipe: Recipe, num_servers: int) -> int:
     p = recipe.processing
     # Enough rows ahead to keep every slot busy while the oldest batch waits for its slowest row
@@ -347,19 +367,26 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, base_url: list[str] | N
     transform = VllmGenerate(config)
     data = recipe.data
 
-    ds = load_input(data.input)
+    with _datasets_bars_off():  # a bad input then fails with one line on stderr, nothing before it
+        ds = load_input(data.input)
     where = data.input.path or data.input.hub_id
     missing = [c for c in config.prompt.required_columns() if c not in ds.column_names]
     if missing:
         what = "data.template" if config.prompt.template else f"data.{'messages_column' if config.prompt.messages_column else 'prompt_column'}"
         raise RecipeError(f"{what}: column(s) {', '.join(map(repr, missing))} not in {where} (columns: {', '.join(ds.column_names)})")
     total_rows = len(ds)
+    if num_splits > total_rows:  # an empty split would crash in shard() and could never be merged
+        raise RecipeError(f"processing.num_splits {num_splits} is more than the {total_rows} rows of {where}: use at most {total_rows} splits")
     split_start, split_stop = split_bounds(total_rows, num_splits, split_id)
     split = ds.shard(num_splits, split_id, contiguous=True)
     assert len(split) == split_stop - split_start
 
     out_path = split_output_path(data.output.path, num_splits, split_id) if data.output.path else None
-    work_dir = recipe.processing.work_dir or (f"{data.output.path}.work" if data.output.path else ".vllm_generator_work")
+    if recipe.processing.work_dir or data.output.path:
+        work_dir = recipe.processing.work_dir or f"{data.output.path}.work"
+    else:  # Hub only: one folder per repo and split, or recipes run from one folder delete each other's caches
+        assert data.output.hub_repo_id is not None
+        work_dir = os.path.join(".vllm_generator_work", data.output.hub_repo_id.replace("/", "--"), data.output.hub_split)
     split_dir = os.path.join(work_dir, f"split-{split_id:05d}-of-{num_splits:05d}")
     os.makedirs(split_dir, exist_ok=True)
 
@@ -386,19 +413,25 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, base_url: list[str] | N
     bar = _Progress(len(split), reused, transform, progress)
     transform.client.on_result = bar
     feeder = None
-    if num_proc == 1 and ranges:
-        feeder = _Feeder(transform, split, ranges, _lookahead_batches(recipe, len(config.model.base_url)))
-        feeder.start()
     parts: list[Dataset] = []
     progress_bars = datasets.utils.logging.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # ours covers the whole split
     try:
+        if recipe.retry.retry_failed:
+            # Before the feeder starts: these maps would take the batches it sends ahead for
+            # the unfinished chunks, and every row of those would be sent twice.
+            for chunk in cached:
+                piece = split.select(range(chunk.start, chunk.stop))
+                done = _map_chunk(transform, piece, chunk.path, chunk.path[-24:-6], batch_size, num_proc, split_start + chunk.start)
+                _retry_failed(transform, chunk, done, batch_size, split_start + chunk.start)
+        if num_proc == 1 and ranges:
+            feeder = _Feeder(transform, split, ranges, _lookahead_batches(recipe, len(config.model.base_url)))
+            feeder.start()
+            feeder.primed.wait()
         for chunk in chunks:
             was_cached = chunk.cached
             piece = split.select(range(chunk.start, chunk.stop))
             done = _map_chunk(transform, piece, chunk.path, chunk.path[-24:-6], batch_size, num_proc, split_start + chunk.start)
-            if was_cached and recipe.retry.retry_failed:
-                done = _retry_failed(transform, chunk, done, batch_size, split_start + chunk.start)
             parts.append(done)
             if not was_cached:
                 logger.info("chunk %d/%d done (%d rows)", chunk.index + 1, len(chunks), chunk.stop - chunk.start)
@@ -506,7 +539,15 @@ def merge_outputs(path: str, *, hub_repo_id: str | None = None, hub_split: str =
     hashes = {m["generation_fingerprint"] for m in metas}
     if len(hashes) != 1:
         raise MergeError(f"cannot merge {path}: the splits were generated with different settings; rerun the odd ones")
-    input_rows = metas[0]["input_rows"]
+    sizes = [m["input_rows"] for m in metas]
+    if len(set(sizes)) != 1:
+        # checked first: measured against split 0, a good split would be blamed for an odd split 0
+        listed = ", ".join(f"split {i}: {n}" for i, n in enumerate(sizes))
+        raise MergeError(
+            f"cannot merge {path}: the splits were cut from inputs of different sizes ({listed} rows); "
+            "rerun the odd ones with the same data.input"
+        )
+    input_rows = sizes[0]
     for i, m in enumerate(metas):
         expected = split_bounds(input_rows, num_splits, i)
         actual = pq.ParquetFile(by_id[i]).metadata.num_rows

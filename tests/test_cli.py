@@ -1,0 +1,313 @@
+"""The command line as users type it: real subprocesses against the fake server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from fake_server import FakeServer
+
+from vllm_generator.recipe import load_recipe
+from vllm_generator.run import run_recipe
+
+CONSOLE_SCRIPT = Path(sys.executable).parent / "vllm-generator"
+
+
+def cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``python -m vllm_generator ARGS``, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "vllm_generator", *args],
+        cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+def write_input(path: Path, n: int, column: str = "question") -> list[str]:
+    texts = [f"question {i}" for i in range(n)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"id": list(range(n)), column: texts}), path)
+    return texts
+
+
+def write_recipe(tmp_path: Path, url: str, name: str = "recipe.yaml", **sections: dict[str, Any]) -> Path:
+    raw: dict[str, Any] = {
+        "data": {"input": {"path": "in.parquet"}, "prompt_column": "question", "output": {"path": "out/answers.parquet"}},
+        "model": {"base_url": url},
+        "processing": {"chunk_size": 10, "batch_size": 5},
+        "retry": {"attempts": 2, "initial_wait": 0.01, "max_wait": 0.05},
+    }
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def dead_url() -> str:
+    """A URL on which nothing listens."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def contents(log: list[dict[str, Any]]) -> list[str]:
+    return [entry["body"]["messages"][-1]["content"] for entry in log]
+
+
+# --------------------------------------------------------------------------- running
+
+
+def test_python_m_runs_a_recipe(tmp_path: Path, fake_server: FakeServer) -> None:
+    texts = write_input(tmp_path / "in.parquet", 20)
+    write_recipe(tmp_path, fake_server.url)
+    result = cli("recipe.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("done: 20 rows (20 ok, 0 failed) in ")
+    assert lines[1:] == [
+        "  sent 20 rows (0 retries), reused 0 from earlier runs",
+        "  tokens: 40 prompt, 60 completion",
+        "  output: out/answers.parquet",
+        "  metrics: out/answers.metrics.json",
+    ]
+    rows = pq.read_table(tmp_path / "out" / "answers.parquet").to_pylist()
+    assert [r["response"] for r in rows] == [f"echo: {t}" for t in texts]
+    assert "Traceback" not in result.stderr
+
+
+def test_console_script_run_with_overrides(tmp_path: Path, fake_server: FakeServer) -> None:
+    texts = write_input(tmp_path / "in.parquet", 10)
+    write_recipe(tmp_path, fake_server.url)
+    result = subprocess.run(
+        [str(CONSOLE_SCRIPT), "run", "recipe.yaml", "--generation.temperature=0.3", "--generation.max_tokens", "2", "--progress=false"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "generate:" not in result.stderr  # --progress=false turns the bar off
+    bodies = [entry["body"] for entry in fake_server.log()]
+    assert len(bodies) == 10 and all(b["temperature"] == 0.3 and b["max_tokens"] == 2 for b in bodies)
+    rows = pq.read_table(tmp_path / "out" / "answers.parquet").to_pylist()
+    assert [(r["response"], r["finish_reason"]) for r in rows] == [(f"echo: {t.split()[0]}", "length") for t in texts]
+
+
+def test_generate_without_a_recipe(tmp_path: Path, fake_server: FakeServer) -> None:
+    texts = write_input(tmp_path / "in.parquet", 6, column="prompt")
+    result = cli(
+        "generate", "-i", "in.parquet", "-o", "out.parquet", "-m", fake_server.url, "--temperature", "0.2", "--max-tokens", "8",
+        "--generation.seed=7",  # recipe-style overrides work here too
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    bodies = sorted((entry["body"] for entry in fake_server.log()), key=lambda b: int(b["messages"][0]["content"].split()[1]))
+    assert bodies == [
+        {"model": "fake-model", "messages": [{"role": "user", "content": t}], "temperature": 0.2, "max_tokens": 8, "seed": 7}
+        for t in texts
+    ]
+    assert pq.read_table(tmp_path / "out.parquet").column("response").to_pylist() == [f"echo: {t}" for t in texts]
+
+
+def test_generate_flag_errors_name_the_flag(tmp_path: Path) -> None:
+    write_input(tmp_path / "in.parquet", 2, column="prompt")
+    result = cli("generate", "-i", "in.parquet", "-o", "out.csv", "-m", dead_url(), "--temprature", "0.2", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "error: generate: --output: output.path 'out.csv' must end with .parquet",
+        "generate: --temprature: unknown field (check the spelling; see the README's recipe reference)",
+    ]
+
+
+def test_api_key_never_reaches_a_file_or_the_terminal(tmp_path: Path, start_fake_server: Any) -> None:
+    secret = f"sk-test-{uuid.uuid4().hex}"
+    server = start_fake_server("--api-key", secret)
+    write_input(tmp_path / "in.parquet", 12)
+    write_recipe(tmp_path, server.url, logging={"level": "DEBUG", "file": "out/run.log"})
+    result = cli("run", "recipe.yaml", cwd=tmp_path, env={"VLLM_API_KEY": secret})
+    assert result.returncode == 0, result.stderr
+    log = server.log()
+    assert len(log) == 12 and all(entry["headers"]["has_auth"] for entry in log)  # the key was used
+    written = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert {p.name for p in written} >= {"answers.parquet", "answers.metrics.json", "run.log"}
+    for path in written:
+        assert secret.encode() not in path.read_bytes(), path
+    assert secret not in result.stdout + result.stderr
+
+
+def test_ctrl_c_keeps_finished_chunks(tmp_path: Path, start_fake_server: Any) -> None:
+    server = start_fake_server("--latency", "0.05", "--slots", "4")
+    write_input(tmp_path / "in.parquet", 200)
+    write_recipe(tmp_path, server.url, processing={"chunk_size": 20, "batch_size": 10, "max_concurrency": 4})
+    work = tmp_path / "out" / "answers.parquet.work" / "split-00000-of-00001"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm_generator", "recipe.yaml", "--progress=false"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not list(work.glob("chunk-*.arrow")):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130
+    assert stderr.splitlines()[-1] == "interrupted: finished chunks are saved; run the same command again to resume"
+    assert "Traceback" not in stderr
+    assert list(work.glob("chunk-*.arrow")) and not (tmp_path / "out" / "answers.parquet").exists()
+
+
+# --------------------------------------------------------------------------- errors: one line, or a traceback with --debug
+
+
+def test_missing_column_is_one_line_and_sends_nothing(tmp_path: Path, fake_server: FakeServer) -> None:
+    write_input(tmp_path / "in.parquet", 5)
+    write_recipe(tmp_path, fake_server.url, data={"prompt_column": None, "template": "Q: {question} ({topic})"})
+    result = cli("recipe.yaml", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr == "error: data.template: column(s) 'topic' not in in.parquet (columns: id, question)\n"
+    assert result.stdout == ""
+
+    debug = cli("recipe.yaml", "--debug", cwd=tmp_path)
+    assert debug.returncode == 1
+    assert debug.stderr.startswith("Traceback (most recent call last):")
+    assert debug.stderr.splitlines()[-1] == (
+        "vllm_generator.errors.RecipeError: data.template: column(s) 'topic' not in in.parquet (columns: id, question)"
+    )
+    assert fake_server.log() == []
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_recipe_file(tmp_path: Path) -> None:
+    result = cli("run", "nope.yaml", cwd=tmp_path)
+    assert (result.returncode, result.stdout, result.stderr) == (1, "", "error: cannot read recipe nope.yaml: No such file or directory\n")
+
+
+def test_mistyped_command_sends_nothing(tmp_path: Path, fake_server: FakeServer) -> None:
+    write_input(tmp_path / "in.parquet", 5)
+    write_recipe(tmp_path, fake_server.url)
+    result = cli("rnu", "recipe.yaml", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "rnu" in result.stderr and "run" in result.stderr  # Fire names the bad word and the commands
+    assert fake_server.log() == []
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_flag_value_is_refused(tmp_path: Path, fake_server: FakeServer) -> None:
+    write_input(tmp_path / "in.parquet", 5)
+    write_recipe(tmp_path, fake_server.url)
+    result = cli("run", "recipe.yaml", "--progress=maybe", cwd=tmp_path)
+    assert (result.returncode, result.stderr) == (1, "error: --progress takes true or false, not 'maybe'\n")
+    assert fake_server.log() == []
+
+
+# --------------------------------------------------------------------------- validate and list-models
+
+
+def test_validate_checks_recipe_input_and_server(tmp_path: Path, fake_server: FakeServer) -> None:
+    write_input(tmp_path / "in.parquet", 5)
+    write_recipe(tmp_path, fake_server.url)
+    result = cli("validate", "recipe.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "ok: recipe.yaml is a valid recipe",
+        "ok: input has 5 rows, columns ['id', 'question']; split 0 of 1",
+        'ok: first request: {"messages": [{"role": "user", "content": "question 0"}]}',
+    ]
+
+    live = cli("validate", "recipe.yaml", "--check-server", cwd=tmp_path)
+    assert live.returncode == 0, live.stderr
+    assert live.stdout.splitlines()[-1] == f"ok: {fake_server.url} serves fake-model"
+    assert fake_server.log() == []  # it asked /v1/models, and sent no generation request
+
+    url = dead_url()
+    dead = cli("validate", "recipe.yaml", "--check-server", f"--model.base_url={url}", cwd=tmp_path)
+    assert dead.returncode == 1
+    assert len(dead.stderr.splitlines()) == 1
+    assert dead.stderr.startswith(f"error: cannot list models at {url}/v1/models (ClientConnectorError: ")
+    assert dead.stderr.endswith(f"is the vLLM server running? try `vllm-generator list-models -m {url}`\n")
+
+
+def test_validate_reports_a_bad_recipe(tmp_path: Path) -> None:
+    write_recipe(tmp_path, "http://localhost:8000", generation={"temprature": 0.2})
+    result = cli("validate", "recipe.yaml", cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == (
+        "error: recipe.yaml: generation.temprature: unknown field (check the spelling; see the README's recipe reference)\n"
+    )
+
+
+def test_list_models(tmp_path: Path, start_fake_server: Any) -> None:
+    server = start_fake_server("--model", "org/model-a", "--model", "model-b")
+    result = cli("list-models", "-m", f"{server.url}/v1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "org/model-a\tmax_model_len=512\nmodel-b\tmax_model_len=512\n"
+
+
+# --------------------------------------------------------------------------- merge
+
+
+@pytest.fixture
+def three_splits(tmp_path: Path, fake_server: FakeServer) -> tuple[Path, list[str]]:
+    """100 rows cut in 3 splits, all run; returns (recipe, the input's questions)."""
+    texts = write_input(tmp_path / "in.parquet", 100)
+    recipe = write_recipe(
+        tmp_path, fake_server.url, data={"input": {"path": str(tmp_path / "in.parquet")}, "output": {"path": str(tmp_path / "out" / "answers.parquet")}},
+        processing={"num_splits": 3, "chunk_size": 20, "batch_size": 10},
+    )  # fmt: skip
+    for split_id in range(3):
+        run_recipe(load_recipe(recipe, {"processing.split_id": split_id}), progress=False)
+    return recipe, texts
+
+
+def test_merge_joins_splits_in_input_order(tmp_path: Path, three_splits: tuple[Path, list[str]]) -> None:
+    recipe, texts = three_splits
+    out = tmp_path / "out" / "answers.parquet"
+    result = cli("merge", str(recipe), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"merged 3 splits: 100 rows (0 with an error) -> {out}\n"
+    rows = pq.read_table(out).to_pylist()
+    assert [r["id"] for r in rows] == list(range(100))
+    assert [r["response"] for r in rows] == [f"echo: {t}" for t in texts]
+    metrics = json.loads((tmp_path / "out" / "answers.metrics.json").read_text())
+    assert (metrics["rows"], metrics["splits"], metrics["total_generated_rows"]) == (100, 3, 100)
+
+
+def test_merge_refuses_a_missing_split(tmp_path: Path, three_splits: tuple[Path, list[str]]) -> None:
+    out = tmp_path / "out" / "answers.parquet"
+    (tmp_path / "out" / "answers.split-00001-of-00003.parquet").unlink()
+    result = cli("merge", str(out), cwd=tmp_path)  # the output path works as well as the recipe
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"error: cannot merge {out}: split(s) 1 of 3 have no output yet; "
+        "run them with --split-id I --num-splits 3 (finished splits are kept)\n"
+    )
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("odd", [2, 0])
+def test_merge_refuses_a_split_of_another_input_size(tmp_path: Path, three_splits: tuple[Path, list[str]], odd: int) -> None:
+    recipe, _ = three_splits
+    out = tmp_path / "out" / "answers.parquet"
+    run_recipe(load_recipe(recipe, {"processing.split_id": odd, "data.input.limit": 90}), progress=False)
+    assert pq.read_metadata(tmp_path / "out" / f"answers.split-0000{odd}-of-00003.parquet").num_rows == 30
+    result = cli("merge", str(recipe), cwd=tmp_path)
+    assert result.returncode == 1
+    sizes = ", ".join(f"split {i}: {90 if i == odd else 100}" for i in range(3))
+    assert result.stderr == (
+        f"error: cannot merge {out}: the splits were cut from inputs of different sizes ({sizes} rows); "
+        "rerun the odd ones with the same data.input\n"
+    )
+    assert not out.exists()

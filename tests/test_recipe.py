@@ -1,0 +1,376 @@
+"""Recipe loading and validation: every validator fails with the full message it promises."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from vllm_generator import RecipeError, vllm_generate
+from vllm_generator.recipe import GenerationConfig, ModelConfig, load_recipe
+from vllm_generator.run import load_input
+from vllm_generator.transform import VllmGenerate
+
+REPO = Path(__file__).resolve().parent.parent
+
+BASE: dict[str, Any] = {
+    "data": {"input": {"path": "in.parquet"}, "prompt_column": "question", "output": {"path": "out/answers.parquet"}},
+    "model": {"base_url": "http://localhost:8000"},
+}
+
+
+def write_recipe(tmp_path: Path, raw: Any, name: str = "recipe.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw) if not isinstance(raw, str) else raw)
+    return path
+
+
+def recipe_with(change: Callable[[dict[str, Any]], object]) -> dict[str, Any]:
+    raw = copy.deepcopy(BASE)
+    change(raw)
+    return raw
+
+
+def load_error(path: Path, overrides: dict[str, Any] | None = None) -> str:
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, overrides)
+    return str(info.value)
+
+
+# --------------------------------------------------------------------------- a valid recipe
+
+
+def test_minimal_recipe_gets_the_documented_defaults(tmp_path: Path) -> None:
+    path = write_recipe(tmp_path, recipe_with(lambda r: r["model"].update(base_url="http://localhost:8000/v1/")))
+    recipe = load_recipe(path)
+    assert recipe.model.base_url == ["http://localhost:8000"]  # "/v1" and "/" dropped, made a list
+    assert recipe.generation.mode == "chat" and recipe.generation.n == 1
+    assert recipe.processing.chunk_size == 10_000 and recipe.processing.max_concurrency == 256
+    assert recipe.processing.resolved_split() == (1, 0)
+    assert recipe.retry.attempts == 5 and recipe.retry.on_error == "record" and not recipe.retry.retry_failed
+    assert recipe.data.input.split == "train" and recipe.data.output.private is True
+    # the recipe is frozen: a typo in code is an error too, not a silent new attribute
+    with pytest.raises(ValidationError, match="frozen"):
+        recipe.processing.chunk_size = 5  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_load_and_fit_their_data(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)  # recipes name their data relative to the repository
+    recipe = load_recipe(path)
+    assert recipe.data.input.path is not None
+    ds = load_input(recipe.data.input)
+    config = recipe.generate_config()
+    missing = [c for c in config.prompt.required_columns() if c not in ds.column_names]
+    assert not missing, f"{path.name} reads columns {missing} that {recipe.data.input.path} lacks"
+    body = VllmGenerate(config).build_bodies(ds[:1])[0]
+    assert ("prompt" in body) == (recipe.generation.mode == "completion")
+    assert recipe.data.output.path is not None and recipe.data.output.path.endswith(".parquet")
+
+
+# --------------------------------------------------------------------------- one test per failing validator
+
+# (id, change to BASE, expected message after "<file>: ")
+INVALID: list[tuple[str, Callable[[dict[str, Any]], object], str]] = [
+    (
+        "unknown-field",
+        lambda r: r.update(generation={"temprature": 0.7}),
+        "generation.temprature: unknown field (check the spelling; see the README's recipe reference)",
+    ),
+    (
+        "unknown-section",
+        lambda r: r.update(generaton={"temperature": 0.7}),
+        "generaton: unknown field (check the spelling; see the README's recipe reference)",
+    ),
+    (
+        "wrong-type",
+        lambda r: r.update(generation={"temperature": "hot"}),
+        "generation.temperature: Input should be a valid number, unable to parse string as a number",
+    ),
+    (
+        "out-of-bounds",
+        lambda r: r.update(generation={"max_tokens": 0}),
+        "generation.max_tokens: Input should be greater than or equal to 1",
+    ),
+    (
+        "split-id-out-of-range",
+        lambda r: r.update(processing={"num_splits": 3, "split_id": 3}),
+        "processing: split_id 3 is out of range for num_splits 3 (use 0 to 2)",
+    ),
+    (
+        "two-prompt-sources",
+        lambda r: r["data"].update(template="Q: {question}"),
+        "data: give only one of prompt_column, messages_column, template (got prompt_column, template)",
+    ),
+    (
+        "template-unparsable",
+        lambda r: r["data"].update(prompt_column=None, template="Q: {question"),
+        "data.template: template is not a valid str.format string: expected '}' before end of string",
+    ),
+    (
+        "template-without-column",
+        lambda r: r["data"].update(prompt_column=None, template="Q: what?"),
+        "data.template: template names no column: write it like 'Q: {question}'",
+    ),
+    (
+        "template-positional-field",
+        lambda r: r["data"].update(prompt_column=None, template="Q: {0}"),
+        "data.template: template fields must be column names like {question}, not {} or {0}",
+    ),
+    (
+        "output-not-parquet",
+        lambda r: r["data"]["output"].update(path="out/answers.jsonl"),
+        "data.output: output.path 'out/answers.jsonl' must end with .parquet",
+    ),
+    (
+        "output-nowhere",
+        lambda r: r["data"].update(output={"private": False}),
+        "data.output: set output.path (a .parquet file) and/or output.hub_repo_id",
+    ),
+    (
+        "input-neither",
+        lambda r: r["data"].update(input={"split": "train"}),
+        "data.input: set exactly one of path (file, glob or folder) or hub_id",
+    ),
+    (
+        "input-both",
+        lambda r: r["data"].update(input={"path": "in.parquet", "hub_id": "org/data"}),
+        "data.input: set exactly one of path (file, glob or folder) or hub_id",
+    ),
+    (
+        "no-server",
+        lambda r: r.update(model={"model": "m"}),
+        "model: no server: set base_url (e.g. http://localhost:8000) or a serve section",
+    ),
+    (
+        "base-url-and-serve",
+        lambda r: r["model"].update(serve={"model": "Qwen/Qwen3-0.6B"}),
+        "model: give either base_url (running servers) or serve (start them), not both",
+    ),
+    (
+        "url-without-scheme",
+        lambda r: r["model"].update(base_url="localhost:8000"),
+        "model.base_url: server URL 'localhost:8000' must start with http:// or https://, e.g. http://localhost:8000",
+    ),
+    (
+        "same-server-twice",
+        lambda r: r["model"].update(base_url=["http://h:8000/v1", "http://h:8000"]),
+        "model.base_url: base_url lists a server twice: ['http://h:8000', 'http://h:8000']",
+    ),
+    (
+        "guided-decoding",
+        lambda r: r.update(generation={"extra_body": {"guided_choice": ["a", "b"]}}),
+        (
+            "generation: extra_body.guided_choice is ignored by current vLLM (it answers unconstrained): "
+            "use generation.structured_outputs, e.g. {'choice': ['yes', 'no']} or {'regex': '...'}"
+        ),
+    ),
+    (
+        "chat-template-kwargs-in-completion",
+        lambda r: r.update(generation={"mode": "completion", "chat_template_kwargs": {"enable_thinking": False}}),
+        "generation: chat_template_kwargs only applies to mode 'chat'",
+    ),
+    (
+        "thinking-in-completion",
+        lambda r: r.update(generation={"mode": "completion", "thinking": True}),
+        "generation: thinking only applies to mode 'chat' (it sets chat_template_kwargs.enable_thinking)",
+    ),
+    (
+        "messages-in-completion",
+        lambda r: (r.update(generation={"mode": "completion"}), r["data"].update(prompt_column=None, messages_column="messages")),
+        "(top level): mode 'completion' sends a raw prompt: use prompt_column or template, not messages_column",
+    ),
+    (
+        "system-prompt-in-completion",
+        lambda r: (r.update(generation={"mode": "completion"}), r["data"].update(system_prompt="Be brief.")),
+        "(top level): system_prompt only applies to mode 'chat'",
+    ),
+    (
+        "chat-logprobs-count",
+        lambda r: r.update(generation={"logprobs": 3}),
+        "generation: logprobs is true or false in mode 'chat' (got 3): set top_logprobs: 3 for the number of alternatives",
+    ),
+    (
+        "log-level",
+        lambda r: r.update(logging={"level": "loud"}),
+        "logging.level: Input should be 'DEBUG', 'INFO', 'WARNING' or 'ERROR'",
+    ),
+    (
+        "on-error",
+        lambda r: r.update(retry={"on_error": "ignore"}),
+        "retry.on_error: Input should be 'record' or 'raise'",
+    ),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), [c[1:] for c in INVALID], ids=[c[0] for c in INVALID])
+def test_invalid_recipe_names_file_and_field(tmp_path: Path, change: Callable[[dict[str, Any]], object], message: str) -> None:
+    path = write_recipe(tmp_path, recipe_with(change))
+    assert load_error(path) == f"{path}: {message}"
+
+
+def test_every_problem_is_reported_on_its_own_line(tmp_path: Path) -> None:
+    path = write_recipe(tmp_path, recipe_with(lambda r: r.update(generation={"temprature": 1, "top_p": 2}, processing={"batch_size": 0})))
+    assert load_error(path).splitlines() == [
+        f"{path}: generation.top_p: Input should be less than or equal to 1",
+        f"{path}: generation.temprature: unknown field (check the spelling; see the README's recipe reference)",
+        f"{path}: processing.batch_size: Input should be greater than or equal to 1",
+    ]
+
+
+def test_unreadable_or_malformed_recipe_files(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    assert load_error(missing) == f"cannot read recipe {missing}: No such file or directory"
+    not_mapping = write_recipe(tmp_path, "- data\n- model\n", "list.yaml")
+    assert load_error(not_mapping) == (
+        f"{not_mapping}: a recipe is a mapping with sections data, model, generation, processing, retry, logging"
+    )
+    broken = write_recipe(tmp_path, "data: {input: [\n", "broken.yaml")
+    assert load_error(broken).startswith(f"{broken}: not valid YAML: ")
+
+
+def test_output_columns_must_differ() -> None:
+    with pytest.raises(RecipeError) as info:
+        vllm_generate("http://localhost:8000", columns={"response": "error"})
+    assert str(info.value) == (
+        "vllm_generate: columns: output column names must differ: "
+        "['error', 'reasoning', 'finish_reason', 'prompt_tokens', 'completion_tokens', 'error', 'logprobs']"
+    )
+
+
+# --------------------------------------------------------------------------- coercing validators
+
+
+def test_lenient_spellings_are_normalized(tmp_path: Path) -> None:
+    path = write_recipe(
+        tmp_path,
+        recipe_with(
+            lambda r: r.update(
+                generation={"stop": "\n\n", "logit_bias": {1025: 5}},
+                logging={"level": "debug"},
+                model={"serve": {"model": "m", "gpus": [0, 1]}},
+            )
+        ),
+    )
+    recipe = load_recipe(path)
+    assert recipe.generation.stop == ["\n\n"]
+    assert recipe.generation.logit_bias == {"1025": 5.0}
+    assert recipe.logging.level == "DEBUG"
+    assert recipe.model.serve is not None and recipe.model.serve.gpus == ["0", "1"] and recipe.model.serve.count == 2
+
+
+def test_request_fields_follow_the_wire_format() -> None:
+    chat = GenerationConfig(temperature=0.0, n=1, thinking=False, chat_template_kwargs={"x": 1}, extra_body={"top_k": 5})
+    assert chat.request_fields() == {"temperature": 0.0, "chat_template_kwargs": {"x": 1, "enable_thinking": False}, "top_k": 5}
+    completion = GenerationConfig(mode="completion", logprobs=True, top_logprobs=3, n=2)
+    assert completion.request_fields() == {"n": 2, "logprobs": 3}
+    assert GenerationConfig(mode="completion", logprobs=False).request_fields() == {}
+
+
+# --------------------------------------------------------------------------- environment and overrides
+
+
+def test_env_references_are_expanded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VG_TEST_HOST", "node7")
+    monkeypatch.setenv("VG_TEST_OUT", "/scratch/run")
+    monkeypatch.delenv("VG_TEST_PORT", raising=False)
+    raw = recipe_with(
+        lambda r: (
+            r["model"].update(base_url=["http://${VG_TEST_HOST}:${VG_TEST_PORT:-8000}", "http://other:${VG_TEST_PORT:-9000}"]),
+            r["data"]["output"].update(path="${VG_TEST_OUT:-out}/answers.parquet"),
+        )
+    )
+    recipe = load_recipe(write_recipe(tmp_path, raw))
+    assert recipe.model.base_url == ["http://node7:8000", "http://other:9000"]
+    assert recipe.data.output.path == "/scratch/run/answers.parquet"  # a set variable beats its default
+
+
+def test_unset_env_reference_names_variable_and_field(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VG_TEST_HOST", raising=False)
+    path = write_recipe(tmp_path, recipe_with(lambda r: r["model"].update(base_url=["http://a:1", "http://${VG_TEST_HOST}:8000"])))
+    assert load_error(path) == (
+        f"{path}: model.base_url[1]: environment variable ${{VG_TEST_HOST}} is not set "
+        "(export it or write ${VG_TEST_HOST:-default})"
+    )
+
+
+def test_overrides_set_nested_keys_and_are_validated(tmp_path: Path) -> None:
+    path = write_recipe(tmp_path, BASE)
+    recipe = load_recipe(
+        path,
+        {"generation.temperature": 0.2, "processing.num_splits": 4, "processing.split_id": 3, "data.input.limit": 10, "retry.attempts": 1},
+    )
+    assert recipe.generation.temperature == 0.2
+    assert recipe.processing.resolved_split() == (4, 3)
+    assert recipe.data.input.limit == 10 and recipe.data.input.path == "in.parquet"  # siblings kept
+    assert recipe.retry.attempts == 1  # a section absent from the file is created
+    assert load_error(path, {"generation.temprature": 0.2}) == (
+        f"{path}: generation.temprature: unknown field (check the spelling; see the README's recipe reference)"
+    )
+    assert load_error(path, {"processing.split_id": 2, "processing.num_splits": 2}) == (
+        f"{path}: processing: split_id 2 is out of range for num_splits 2 (use 0 to 1)"
+    )
+    assert load_error(path, {"data.prompt_column.name": "x"}) == (
+        f"{path}: cannot override data.prompt_column.name: prompt_column is not a section"
+    )
+
+
+# --------------------------------------------------------------------------- splits from SLURM
+
+
+def test_split_comes_from_slurm_array_when_unset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_recipe(tmp_path, BASE)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")
+    assert load_recipe(path).processing.resolved_split() == (4, 2)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")  # --array=1-4
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "4")
+    assert load_recipe(path).processing.resolved_split() == (4, 3)
+    # the recipe's own values win over the environment
+    assert load_recipe(path, {"processing.num_splits": 8, "processing.split_id": 5}).processing.resolved_split() == (8, 5)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "5")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path).processing.resolved_split()
+    assert str(info.value) == "processing.split_id 4 is out of range for num_splits 4 (use 0 to 3)"
+
+
+# --------------------------------------------------------------------------- what decides the output
+
+
+def test_generation_fingerprint_ignores_servers_keys_and_concurrency(tmp_path: Path) -> None:
+    path = write_recipe(tmp_path, BASE)
+    base = load_recipe(path)
+    same: list[dict[str, Any]] = [
+        {"model.base_url": ["http://a:1", "http://b:2"]},
+        {"processing.max_concurrency": 8, "processing.batch_size": 7, "processing.chunk_size": 3},
+        {"retry.attempts": 1, "retry.retry_failed": True},
+        {"logging.level": "DEBUG", "model.api_key_env": "MY_KEY", "model.timeout": 5},
+    ]
+    for overrides in same:
+        other = load_recipe(path, overrides)
+        assert other.generate_config().fingerprint() == base.generate_config().fingerprint(), overrides
+        assert other.hash() != base.hash(), overrides  # the recipe hash in the metrics still tells them apart
+    for overrides in ({"generation.temperature": 0.5}, {"model.model": "other"}, {"data.system_prompt": "Be brief."}):
+        assert load_recipe(path, overrides).generate_config().fingerprint() != base.generate_config().fingerprint(), overrides
+
+
+def test_api_key_is_read_from_the_named_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai")
+    assert ModelConfig(base_url="http://a:1").api_key() == "sk-openai"
+    monkeypatch.setenv("VLLM_API_KEY", "sk-vllm")
+    assert ModelConfig(base_url="http://a:1").api_key() == "sk-vllm"
+    monkeypatch.delenv("VG_TEST_KEY", raising=False)
+    assert ModelConfig(base_url="http://a:1", api_key_env="VG_TEST_KEY").api_key() is None  # no fallback
+    monkeypatch.setenv("VG_TEST_KEY", "sk-mine")
+    assert ModelConfig(base_url="http://a:1", api_key_env="VG_TEST_KEY").api_key() == "sk-mine"
+
+
+def test_recipe_and_keywords_build_the_same_config(tmp_path: Path) -> None:
+    recipe = load_recipe(write_recipe(tmp_path, recipe_with(lambda r: r.update(generation={"temperature": 0.3, "max_tokens": 9}))))
+    direct = vllm_generate("http://localhost:8000", prompt_column="question", temperature=0.3, max_tokens=9, max_concurrency=256)
+    assert recipe.generate_config() == direct.config

@@ -1,0 +1,628 @@
+"""Running recipes against the fake server: output, metrics, resume, retry_failed, splits, Hub, atomicity."""
+
+from __future__ import annotations
+
+import collections
+import inspect
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import datasets
+import huggingface_hub
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from fake_server import FakeServer
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+from huggingface_hub import HfApi as RealHfApi
+
+import vllm_generator
+from vllm_generator import MergeError, RecipeError, ServerUnavailableError
+from vllm_generator.recipe import load_recipe
+from vllm_generator.run import RunSummary, merge_outputs, push_to_hub, run_recipe
+from vllm_generator.transform import VllmGenerate
+
+OUTPUT_COLUMNS = ["response", "reasoning", "finish_reason", "prompt_tokens", "completion_tokens", "error"]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def questions(n: int, special: dict[int, str] | None = None) -> list[str]:
+    """Row i asks "question i", plus a fake-server directive for the rows in ``special``."""
+    return [f"question {i}" + (f" {special[i]}" if special and i in special else "") for i in range(n)]
+
+
+def write_input(path: Path, texts: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"id": list(range(len(texts))), "question": texts}), path)
+    return path
+
+
+def make_recipe(tmp_path: Path, url: str, input_path: Path, name: str = "recipe.yaml", **sections: dict[str, Any]) -> Path:
+    raw: dict[str, Any] = {
+        "data": {"input": {"path": str(input_path)}, "prompt_column": "question", "output": {"path": str(tmp_path / "out" / "answers.parquet")}},
+        "model": {"base_url": url},
+        "processing": {"chunk_size": 10, "batch_size": 5},
+        "retry": {"attempts": 2, "initial_wait": 0.01, "max_wait": 0.05},
+    }
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def run(recipe: Path, **overrides: Any) -> RunSummary:
+    return run_recipe(load_recipe(recipe, {k.replace("__", "."): v for k, v in overrides.items()}), progress=False)
+
+
+def sent_prompts(log: list[dict[str, Any]]) -> list[str]:
+    return [entry["body"]["messages"][-1]["content"] for entry in log]
+
+
+def chunk_files(output: Path, split: str = "split-00000-of-00001") -> list[Path]:
+    return sorted((output.parent / f"{output.name}.work" / split).glob("chunk-*.arrow"))
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*") if ".tmp-" in p.name)
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_feeders() -> Iterator[None]:
+    yield
+    assert not [t for t in threading.enumerate() if t.name == "vllm-generator-feeder"]
+
+
+# --------------------------------------------------------------------------- a full run
+
+
+def test_full_run_writes_aligned_output_and_metrics(tmp_path: Path, fake_server: FakeServer) -> None:
+    texts = questions(40, {7: "[[400]]", 12: "[[503:1]]"})
+    recipe = make_recipe(tmp_path, fake_server.url, write_input(tmp_path / "in.parquet", texts))
+    summary = run(recipe)
+
+    out = tmp_path / "out" / "answers.parquet"
+    table = pq.read_table(out)
+    assert table.column_names == ["id", "question", *OUTPUT_COLUMNS]
+    for i, row in enumerate(table.to_pylist()):
+        assert row["id"] == i and row["question"] == texts[i]
+        if i == 7:
+            assert row["response"] is None and row["prompt_tokens"] == 0
+            assert row["error"] == (
+                f"400 from {fake_server.url}/v1/chat/completions: This model's maximum context length is 512 tokens. "
+                "However, you requested 900 tokens."
+            )
+        else:
+            assert row["error"] is None and row["response"] == f"echo: {texts[i]}" and row["finish_reason"] == "stop"
+            assert row["prompt_tokens"] == len(texts[i].split()) and row["completion_tokens"] == len(row["response"].split())
+            assert row["reasoning"] is None
+
+    # every row was sent once, the 503 row twice; nothing else
+    counts = collections.Counter(sent_prompts(fake_server.log()))
+    assert counts == {t: 2 if i == 12 else 1 for i, t in enumerate(texts)}
+
+    metrics_path = tmp_path / "out" / "answers.metrics.json"
+    metrics = json.loads(metrics_path.read_text())
+    assert metrics == summary.to_dict()
+    tokens = table.column("completion_tokens").to_pylist()
+    assert {k: metrics[k] for k in ("rows", "succeeded", "failed", "failed_by_type", "retries", "requests", "generated_rows", "reused_rows")} == {
+        "rows": 40, "succeeded": 39, "failed": 1, "failed_by_type": {"http_400": 1},
+        "retries": 1, "requests": 41, "generated_rows": 40, "reused_rows": 0,
+    }  # fmt: skip
+    assert metrics["completion_tokens"] == sum(tokens)
+    assert metrics["prompt_tokens"] == sum(len(t.split()) for i, t in enumerate(texts) if i != 7)
+    assert metrics["wall_time_s"] > 0 and metrics["requests_per_s"] > 0 and metrics["tokens_per_s"] > 0
+    assert set(metrics["latency_s"]) == {"p50", "p90", "p99", "max"}
+    assert 0 <= metrics["latency_s"]["p50"] <= metrics["latency_s"]["p99"] <= metrics["latency_s"]["max"]
+    assert metrics["recipe_hash"] == load_recipe(recipe).hash()
+    assert metrics["version"] == vllm_generator.__version__
+    assert metrics["output_path"] == str(out) and metrics["metrics_path"] == str(metrics_path)
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({}, "data.prompt_column: column(s) 'prompt' not in {input} (columns: id, question)"),
+        ({"prompt_column": "text"}, "data.prompt_column: column(s) 'text' not in {input} (columns: id, question)"),
+        ({"template": "Q: {question} about {topic}"}, "data.template: column(s) 'topic' not in {input} (columns: id, question)"),
+        ({"messages_column": "messages"}, "data.messages_column: column(s) 'messages' not in {input} (columns: id, question)"),
+    ],
+    ids=["default-prompt", "prompt-column", "template", "messages-column"],
+)
+def test_missing_column_fails_before_any_request(tmp_path: Path, fake_server: FakeServer, data: dict[str, str], message: str) -> None:
+    input_path = write_input(tmp_path / "in.parquet", questions(5))
+    recipe = make_recipe(tmp_path, fake_server.url, input_path, data={"prompt_column": None, **data})
+    with pytest.raises(RecipeError) as info:
+        run(recipe)
+    assert str(info.value) == message.format(input=input_path)
+    assert fake_server.log() == []
+    assert not (tmp_path / "out").exists()  # not even the work folder
+
+
+# --------------------------------------------------------------------------- input formats
+
+
+def _parquet(folder: Path, rows: dict[str, list[Any]]) -> str:
+    pq.write_table(pa.table(rows), folder / "in.parquet")
+    return str(folder / "in.parquet")
+
+
+def _jsonl(folder: Path, rows: dict[str, list[Any]]) -> str:
+    lines = [json.dumps(dict(zip(rows, values, strict=True))) for values in zip(*rows.values(), strict=True)]
+    (folder / "in.jsonl").write_text("\n".join(lines) + "\n")
+    return str(folder / "in.jsonl")
+
+
+def _csv(folder: Path, rows: dict[str, list[Any]]) -> str:
+    datasets.Dataset.from_dict(rows).to_csv(str(folder / "in.csv"))
+    return str(folder / "in.csv")
+
+
+def _glob(folder: Path, rows: dict[str, list[Any]]) -> str:
+    n = len(rows["id"])
+    for part, start in enumerate(range(0, n, 7)):
+        pq.write_table(pa.table({k: v[start : start + 7] for k, v in rows.items()}), folder / f"part-{part:03d}.parquet")
+    return str(folder / "part-*.parquet")
+
+
+def _save_to_disk(folder: Path, rows: dict[str, list[Any]]) -> str:
+    datasets.Dataset.from_dict(rows).save_to_disk(str(folder / "saved"))
+    return str(folder / "saved")
+
+
+def _save_to_disk_dict(folder: Path, rows: dict[str, list[Any]]) -> str:
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict(rows)}).save_to_disk(str(folder / "saved_dict"))
+    return str(folder / "saved_dict")
+
+
+@pytest.mark.parametrize(
+    ("write", "split"),
+    [(_parquet, "train"), (_jsonl, "train"), (_csv, "train"), (_glob, "train"), (_save_to_disk, "train"), (_save_to_disk_dict, "test")],
+    ids=["parquet", "jsonl", "csv", "glob", "save_to_disk", "save_to_disk-dict"],
+)
+def test_input_formats(tmp_path: Path, fake_server: FakeServer, write: Callable[[Path, dict[str, list[Any]]], str], split: str) -> None:
+    texts = questions(20)
+    (tmp_path / "data").mkdir()
+    path = write(tmp_path / "data", {"id": list(range(20)), "question": texts})
+    recipe = make_recipe(tmp_path, fake_server.url, Path(path), data={"input": {"path": path, "split": split, "limit": 17}})
+    assert run(recipe).rows == 17
+    rows = pq.read_table(tmp_path / "out" / "answers.parquet").to_pylist()
+    assert [r["id"] for r in rows] == list(range(17))  # input order kept, limit applied
+    assert [r["response"] for r in rows] == [f"echo: {t}" for t in texts[:17]]
+    assert len(fake_server.log()) == 17
+
+
+def test_input_errors_name_the_path(tmp_path: Path) -> None:
+    (tmp_path / "plain_folder").mkdir()
+    (tmp_path / "notes.txt").write_text("hello\n")
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict({"question": ["q"]})}).save_to_disk(str(tmp_path / "dd"))
+    cases = {
+        str(tmp_path / "missing-*.parquet"): "data.input.path: no file matches {path}",
+        str(tmp_path / "missing.parquet"): "data.input.path: no file matches {path}",
+        str(tmp_path / "plain_folder"): "data.input.path: {path} is a folder but not a save_to_disk dataset (no state.json)",
+        str(tmp_path / "notes.txt"): "data.input.path: {path} must name .parquet, .jsonl/.json or .csv files (found {path})",
+        str(tmp_path / "dd"): "data.input.path: {path} has splits ['test'], not 'train' (set data.input.split)",
+    }
+    for path, message in cases.items():
+        recipe = make_recipe(tmp_path, "http://127.0.0.1:9", Path(path))
+        with pytest.raises(RecipeError) as info:
+            run(recipe)
+        assert str(info.value) == message.format(path=path)
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_killed_run_resumes_and_redoes_at_most_one_chunk(tmp_path: Path, start_fake_server: Callable[..., FakeServer], fake_server: FakeServer) -> None:
+    server = start_fake_server("--latency", "0.05", "--slots", "4")
+    rows, chunk_size, lookahead, max_concurrency = 200, 20, 8, 4
+    texts = questions(rows)
+    recipe = make_recipe(
+        tmp_path,
+        server.url,
+        write_input(tmp_path / "in.parquet", texts),
+        processing={"chunk_size": chunk_size, "batch_size": 10, "max_concurrency": max_concurrency, "lookahead": lookahead},
+    )
+    out = tmp_path / "out" / "answers.parquet"
+    command = [sys.executable, "-m", "vllm_generator", str(recipe), "--progress=false"]
+    with open(tmp_path / "first-run.log", "wb") as first_log:
+        proc = subprocess.Popen(command, stdout=first_log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 30
+            while len(chunk_files(out)) < 2:
+                assert proc.poll() is None, "the run ended before it could be killed"
+                assert time.monotonic() < deadline, "no chunk finished within 30 s"
+                time.sleep(0.005)
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait()
+    finished = len(chunk_files(out))
+    assert 2 <= finished < rows // chunk_size and not out.exists()
+    sent_before = len(server.log())
+    assert sent_before < rows
+
+    second = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert second.returncode == 0, second.stderr
+    assert f"reused {finished * chunk_size} from earlier runs" in second.stdout
+    log = server.log()
+    assert set(sent_prompts(log)) == set(texts)
+    # redone work: at most the unfinished chunk plus what was sent ahead or in flight
+    assert len(log) <= rows + chunk_size + lookahead + max_concurrency, (sent_before, len(log))
+
+    reference = tmp_path / "reference" / "answers.parquet"
+    run(recipe, data__output__path=str(reference), model__base_url=fake_server.url)
+    resumed, fresh = pq.read_table(out), pq.read_table(reference)
+    assert resumed.column_names == fresh.column_names
+    assert resumed.to_pylist() == fresh.to_pylist()
+    assert [r["response"] for r in resumed.to_pylist()] == [f"echo: {t}" for t in texts]
+
+
+def test_a_late_feeder_does_not_make_map_send_rows_twice(tmp_path: Path, fake_server: FakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The look-ahead thread may start late (a busy GIL): map must not send a batch the feeder sends too."""
+    build = VllmGenerate.build_bodies
+    first_call = threading.Event()
+
+    def late_in_feeder(self: VllmGenerate, batch: Any) -> list[dict[str, Any]]:
+        if threading.current_thread().name == "vllm-generator-feeder" and not first_call.is_set():
+            first_call.set()
+            # hold the feeder until map has sent something itself (or 0.5 s, if map rightly waits)
+            deadline = time.monotonic() + 0.5
+            while not fake_server.log() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return build(self, batch)
+
+    monkeypatch.setattr(VllmGenerate, "build_bodies", late_in_feeder)
+    texts = questions(20)
+    recipe = make_recipe(tmp_path, fake_server.url, write_input(tmp_path / "in.parquet", texts))
+    run(recipe)
+    assert first_call.is_set()
+    assert collections.Counter(sent_prompts(fake_server.log())) == {t: 1 for t in texts}
+
+
+def test_rerun_reuses_until_the_generation_changes(tmp_path: Path, fake_server: FakeServer) -> None:
+    texts = questions(30)
+    recipe = make_recipe(tmp_path, fake_server.url, write_input(tmp_path / "in.parquet", texts))
+    out = tmp_path / "out" / "answers.parquet"
+    first = run(recipe)
+    assert first.generated_rows == 30 and first.reused_rows == 0 and len(fake_server.log()) == 30
+    before = pq.read_table(out)
+
+    again = run(recipe)
+    assert (again.generated_rows, again.reused_rows, again.requests, again.rows) == (0, 30, 0, 30)
+    assert len(fake_server.log()) == 30
+    assert pq.read_table(out).equals(before)
+
+    # not part of what is generated: no request either
+    same = run(recipe, processing__max_concurrency=2, logging__level="DEBUG", retry__attempts=4, model__timeout=30)
+    assert (same.generated_rows, same.reused_rows) == (0, 30) and len(fake_server.log()) == 30
+
+    changed = run(recipe, generation__temperature=0.5)
+    assert (changed.generated_rows, changed.reused_rows) == (30, 0)
+    new = fake_server.log()[30:]
+    assert sorted(sent_prompts(new)) == sorted(texts)
+    assert all(entry["body"]["temperature"] == 0.5 for entry in new)
+    assert len(chunk_files(out)) == 3  # the caches of the old temperature are gone
+
+
+# --------------------------------------------------------------------------- retry_failed
+
+
+def test_retry_failed_sends_only_failed_rows(tmp_path: Path, fake_server: FakeServer) -> None:
+    bad = {3: "[[500:3]]", 14: "[[500:3]]", 25: "[[500:3]]"}
+    texts = questions(30, bad)
+    recipe = make_recipe(tmp_path, fake_server.url, write_input(tmp_path / "in.parquet", texts), retry={"attempts": 1})
+    out = tmp_path / "out" / "answers.parquet"
+    first = run(recipe)
+    assert (first.failed, first.failed_by_type) == (3, {"http_500": 3})
+    before = pq.read_table(out).to_pylist()
+    for i in bad:
+        assert before[i]["response"] is None
+        assert before[i]["error"] == f"gave up after 1 attempts: 500 from {fake_server.url}/v1/chat/completions: Internal server error (fake_server [[500]])."
+    assert len(fake_server.log()) == 30
+
+    # attempts 2 and 3 of those prompts fail too, the 4th succeeds
+    retried = run(recipe, retry__retry_failed=True, retry__attempts=3)
+    assert collections.Counter(sent_prompts(fake_server.log()[30:])) == {texts[i]: 3 for i in bad}
+    assert (retried.failed, retried.rows, retried.generated_rows) == (0, 30, 3)
+    after = pq.read_table(out).to_pylist()
+    for i, row in enumerate(after):
+        if i in bad:
+            assert row["error"] is None and row["response"] == f"echo: {texts[i]}"
+        else:
+            assert row == before[i]
+
+    # the fixed rows were saved: nothing is left to retry
+    assert run(recipe, retry__retry_failed=True).generated_rows == 0
+    assert len(fake_server.log()) == 39
+
+
+def test_retry_failed_with_unfinished_chunks_sends_each_row_once(tmp_path: Path, fake_server: FakeServer) -> None:
+    bad = {3: "[[500:3]]", 14: "[[500:3]]"}
+    texts = questions(40, bad)
+    recipe = make_recipe(tmp_path, fake_server.url, write_input(tmp_path / "in.parquet", texts), retry={"attempts": 1})
+    out = tmp_path / "out" / "answers.parquet"
+    run(recipe)
+    chunk_files(out)[2].unlink()  # as if the first run had died in chunk 2 (rows 20 to 29)
+    assert len(fake_server.log()) == 40
+
+    run(recipe, retry__retry_failed=True, retry__attempts=3)
+    expected = {texts[3]: 3, texts[14]: 3} | {texts[i]: 1 for i in range(20, 30)}
+    assert collections.Counter(sent_prompts(fake_server.log()[40:])) == expected
+    rows = pq.read_table(out).to_pylist()
+    assert [r["response"] for r in rows] == [f"echo: {t}" for t in texts]
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def test_splits_are_disjoint_and_cover_every_row(tmp_path: Path, fake_server: FakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    texts = questions(100)
+    recipe = make_recipe(tmp_path, fake_server.url, write_input(tmp_path / "in.parquet", texts), processing={"num_splits": 3})
+    out = tmp_path / "out" / "answers.parquet"
+    run(recipe, processing__split_id=0)
+    run(recipe, processing__split_id=2)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")  # split_id from the SLURM array
+    summary = run(recipe)
+    assert (summary.split_id, summary.num_splits) == (1, 3)
+
+    ids = []
+    for i, size in enumerate((34, 33, 33)):
+        rows = pq.read_table(tmp_path / "out" / f"answers.split-{i:05d}-of-00003.parquet").to_pylist()
+        assert len(rows) == size
+        assert all(r["response"] == f"echo: {texts[r['id']]}" for r in rows)
+        ids.append([r["id"] for r in rows])
+        assert (tmp_path / "out" / f"answers.split-{i:05d}-of-00003.metrics.json").exists()
+    assert sorted(ids[0] + ids[1] + ids[2]) == list(range(100))
+    assert ids[0] + ids[1] + ids[2] == list(range(100))  # contiguous: concatenation is the input order
+    assert collections.Counter(sent_prompts(fake_server.log())) == {t: 1 for t in texts}
+    assert not out.exists()
+
+    merged = merge_outputs(str(out))
+    assert merged["rows"] == 100 and merged["splits"] == 3 and merged["rows_with_error"] == 0
+    assert pq.read_table(out).column("id").to_pylist() == list(range(100))
+
+
+def test_more_splits_than_rows_is_refused_before_any_request(tmp_path: Path, fake_server: FakeServer) -> None:
+    input_path = write_input(tmp_path / "in.parquet", questions(2))
+    recipe = make_recipe(tmp_path, fake_server.url, input_path, processing={"num_splits": 3, "split_id": 0})
+    with pytest.raises(RecipeError) as info:
+        run(recipe)
+    assert str(info.value) == f"processing.num_splits 3 is more than the 2 rows of {input_path}: use at most 2 splits"
+    assert fake_server.log() == []
+
+
+def test_merge_refuses_mismatched_split_files(tmp_path: Path, split_outputs: tuple[Path, Path]) -> None:
+    recipe, out = split_outputs
+    with pytest.raises(MergeError) as info:
+        merge_outputs(str(tmp_path / "elsewhere.parquet"))
+    assert str(info.value) == (
+        f"no split outputs next to {tmp_path / 'elsewhere.parquet'} (expected files like {tmp_path / 'elsewhere.split-00000-of-00002.parquet'})"
+    )
+
+    run(recipe, processing__split_id=1, generation__temperature=0.9)
+    with pytest.raises(MergeError) as info:
+        merge_outputs(str(out))
+    assert str(info.value) == f"cannot merge {out}: the splits were generated with different settings; rerun the odd ones"
+
+    foreign = out.parent / "answers.split-00001-of-00003.parquet"
+    pq.write_table(pa.table({"id": [1]}), foreign)
+    with pytest.raises(MergeError) as info:
+        merge_outputs(str(out))
+    assert str(info.value) == f"{foreign} was not written by vllm-generator (no metadata): rerun its split"
+
+    pq.write_table(pa.table({"id": [1]}), out.parent / "answers.split-00000-of-00002.parquet")
+    with pytest.raises(MergeError) as info:
+        merge_outputs(str(out))
+    assert str(info.value) == f"split outputs of {out} disagree on the number of splits ([2, 3]): remove the stale ones"
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------- the Hub boundary
+
+
+class RecordingHfApi:
+    """Stands in for ``huggingface_hub.HfApi``; every call must also bind to the real method's signature."""
+
+    def __init__(self, files: list[str] | None = None) -> None:
+        self.files = list(files or [])
+        self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+        self.uploaded: dict[str, list[dict[str, Any]]] = {}
+
+    def _record(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        inspect.signature(getattr(RealHfApi, name)).bind(self, *args, **kwargs)
+        self.calls.append((name, args, kwargs))
+
+    def create_repo(self, *args: Any, **kwargs: Any) -> None:
+        self._record("create_repo", args, kwargs)
+
+    def list_repo_files(self, *args: Any, **kwargs: Any) -> list[str]:
+        self._record("list_repo_files", args, kwargs)
+        return list(self.files)
+
+    def create_commit(self, *args: Any, **kwargs: Any) -> None:
+        operations = kwargs.pop("operations")
+        described: list[tuple[str, ...]] = []
+        for op in operations:
+            if isinstance(op, CommitOperationAdd):
+                assert isinstance(op.path_or_fileobj, str)
+                self.uploaded[op.path_in_repo] = pq.read_table(op.path_or_fileobj).to_pylist()
+                described.append(("add", op.path_in_repo, op.path_or_fileobj))
+            else:
+                assert isinstance(op, CommitOperationDelete)
+                described.append(("delete", op.path_in_repo))
+        self._record("create_commit", args, {"operations": described, **kwargs})
+
+
+def test_push_to_hub_deletes_only_matching_files(tmp_path: Path) -> None:
+    local = tmp_path / "answers.parquet"
+    pq.write_table(pa.table({"id": [1, 2]}), local)
+    api = RecordingHfApi(
+        [
+            ".gitattributes",
+            "README.md",
+            "data/train-00000-of-00002.parquet",
+            "data/train-00001-of-00002.parquet",
+            "data/train-00000-of-00001.parquet",
+            "data/test-00000-of-00001.parquet",
+            "archive/data/train-00000-of-00001.parquet",
+        ]
+    )
+    push_to_hub(str(local), "org/answers", "data/train-00000-of-00001.parquet", private=False, api=api, delete_patterns=["data/train-*.parquet"])
+    assert api.calls == [
+        ("create_repo", ("org/answers",), {"repo_type": "dataset", "private": False, "exist_ok": True}),
+        ("list_repo_files", ("org/answers",), {"repo_type": "dataset"}),
+        (
+            "create_commit",
+            ("org/answers",),
+            {
+                "operations": [
+                    ("add", "data/train-00000-of-00001.parquet", str(local)),
+                    ("delete", "data/train-00000-of-00002.parquet"),
+                    ("delete", "data/train-00001-of-00002.parquet"),
+                ],
+                "repo_type": "dataset",
+                "commit_message": "vllm-generator: upload data/train-00000-of-00001.parquet",
+            },
+        ),
+    ]
+
+
+@pytest.fixture
+def split_outputs(tmp_path: Path, fake_server: FakeServer) -> tuple[Path, Path]:
+    """A recipe over 30 rows whose 3 splits have all run; returns (recipe, output path)."""
+    recipe = make_recipe(tmp_path, fake_server.url, write_input(tmp_path / "in.parquet", questions(30)), processing={"num_splits": 3})
+    for split_id in range(3):
+        run(recipe, processing__split_id=split_id)
+    return recipe, tmp_path / "out" / "answers.parquet"
+
+
+def test_merge_pushes_one_file_and_removes_the_split_files(split_outputs: tuple[Path, Path]) -> None:
+    _, out = split_outputs
+    api = RecordingHfApi([f"data/train-0000{i}-of-00003.parquet" for i in range(3)] + ["README.md"])
+    summary = merge_outputs(str(out), hub_repo_id="org/answers", hub_split="train", private=True, api=api)
+    assert summary["hub_repo_id"] == "org/answers"
+    assert [c[0] for c in api.calls] == ["create_repo", "list_repo_files", "create_commit"]
+    assert api.calls[0] == ("create_repo", ("org/answers",), {"repo_type": "dataset", "private": True, "exist_ok": True})
+    assert api.calls[2][2]["operations"] == [
+        ("add", "data/train-00000-of-00001.parquet", str(out)),
+        *[("delete", f"data/train-0000{i}-of-00003.parquet") for i in range(3)],
+    ]
+    assert [r["id"] for r in api.uploaded["data/train-00000-of-00001.parquet"]] == list(range(30))
+
+
+def test_each_split_uploads_its_own_file(tmp_path: Path, fake_server: FakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    created: list[RecordingHfApi] = []
+
+    def make_api(*args: Any, **kwargs: Any) -> RecordingHfApi:
+        created.append(RecordingHfApi())
+        return created[-1]
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", make_api)
+    monkeypatch.chdir(tmp_path)  # hub-only output is staged in ./.vllm_generator_work
+    texts = questions(30)
+    recipe = make_recipe(tmp_path, fake_server.url, write_input(tmp_path / "in.parquet", texts), processing={"num_splits": 3})
+    raw = yaml.safe_load(recipe.read_text())
+    raw["data"]["output"] = {"hub_repo_id": "org/answers", "private": False}
+    recipe.write_text(yaml.safe_dump(raw))
+
+    for split_id in range(3):
+        summary = run(recipe, processing__split_id=split_id)
+        assert summary.output_path is None and summary.hub_repo_id == "org/answers"
+        api = created[split_id]
+        name = f"data/train-{split_id:05d}-of-00003.parquet"
+        staged = os.path.join(".vllm_generator_work", "org--answers", "train", f"split-{split_id:05d}-of-00003.parquet")
+        assert api.calls == [
+            ("create_repo", ("org/answers",), {"repo_type": "dataset", "private": False, "exist_ok": True}),
+            (
+                "create_commit",
+                ("org/answers",),
+                {"operations": [("add", name, staged)], "repo_type": "dataset", "commit_message": f"vllm-generator: upload {name}"},
+            ),
+        ]
+        start = (0, 10, 20)[split_id]
+        assert [r["response"] for r in api.uploaded[name]] == [f"echo: {t}" for t in texts[start : start + 10]]
+    assert len(created) == 3
+    assert not (tmp_path / "out").exists()
+
+
+def test_hub_only_recipes_in_one_folder_keep_their_own_caches(tmp_path: Path, fake_server: FakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda *args, **kwargs: RecordingHfApi())
+    monkeypatch.chdir(tmp_path)
+    input_path = write_input(tmp_path / "in.parquet", questions(20))
+    recipes = []
+    for repo in ("org/first", "org/second"):
+        recipe = make_recipe(tmp_path, fake_server.url, input_path, name=f"{repo.split('/')[1]}.yaml")
+        raw = yaml.safe_load(recipe.read_text())
+        raw["data"]["output"] = {"hub_repo_id": repo}
+        raw["generation"] = {"temperature": 0.1 if repo == "org/first" else 0.2}
+        recipe.write_text(yaml.safe_dump(raw))
+        recipes.append(recipe)
+    run(recipes[0])
+    run(recipes[1])
+    assert len(fake_server.log()) == 40
+    again = run(recipes[0])  # the second recipe did not remove the first one's chunk caches
+    assert (again.generated_rows, again.reused_rows) == (0, 20) and len(fake_server.log()) == 40
+
+
+# --------------------------------------------------------------------------- atomic output
+
+
+def test_server_death_leaves_no_output(tmp_path: Path, start_fake_server: Callable[..., FakeServer]) -> None:
+    server = start_fake_server("--latency", "0.05", "--slots", "4")
+    recipe = make_recipe(
+        tmp_path,
+        server.url,
+        write_input(tmp_path / "in.parquet", questions(200)),
+        processing={"chunk_size": 20, "batch_size": 10, "max_concurrency": 4},
+    )
+
+    def kill_after_a_chunk() -> None:
+        deadline = time.monotonic() + 30
+        while not chunk_files(tmp_path / "out" / "answers.parquet") and time.monotonic() < deadline:
+            time.sleep(0.005)
+        server.kill()
+
+    killer = threading.Thread(target=kill_after_a_chunk)
+    killer.start()
+    try:
+        with pytest.raises(ServerUnavailableError) as info:
+            run(recipe)
+    finally:
+        killer.join()
+    assert server.url in str(info.value)
+    out_dir = tmp_path / "out"
+    assert not (out_dir / "answers.parquet").exists() and not (out_dir / "answers.metrics.json").exists()
+    assert leftovers(tmp_path) == []
+    assert 1 <= len(chunk_files(out_dir / "answers.parquet")) < 10  # finished chunks are kept for the rerun
+
+
+def test_failed_write_keeps_the_previous_output(tmp_path: Path, fake_server: FakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    recipe = make_recipe(tmp_path, fake_server.url, write_input(tmp_path / "in.parquet", questions(20)))
+    out = tmp_path / "out" / "answers.parquet"
+    run(recipe)
+    before = out.read_bytes()
+
+    class DiskFullWriter(pq.ParquetWriter):
+        def write_table(self, *args: Any, **kwargs: Any) -> None:
+            super().write_table(*args, **kwargs)
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pq, "ParquetWriter", DiskFullWriter)
+    with pytest.raises(OSError, match="No space left on device"):
+        run(recipe, generation__temperature=0.5)
+    assert out.read_bytes() == before
+    assert leftovers(tmp_path) == []
+
