@@ -230,26 +230,28 @@ class _Feeder(threading.Thread):
         self.ranges = ranges
         self.max_ahead = max_ahead
         self.stopped = threading.Event()
-        # Set once the first batches are queued: map must not ask for a batch before the feeder
-        # has sent it, or both send it and every later batch mismatches (sent twice).
-        self.primed = threading.Event()
         self.error: BaseException | None = None
+
+    def start(self) -> None:
+        # before the thread runs: map's first batch must wait for it, not send the batch itself
+        self.transform.feeding(True)
+        super().start()
 
     def run(self) -> None:
         try:
-            for sent, (start, stop) in enumerate(self.ranges, 1):
+            for start, stop in self.ranges:
                 bodies = self.transform.build_bodies(self.source[start:stop])
                 if not self.transform.submit_ahead(bodies, self.max_ahead, self.stopped):
                     return
-                if sent >= self.max_ahead:
-                    self.primed.set()
         except BaseException as err:  # reported by map itself when it builds the same batch
             self.error = err
         finally:
-            self.primed.set()
+            # everything is queued (or the feeder failed): map takes what is left, then sends itself
+            self.transform.feeding(False)
 
     def stop(self) -> None:
         self.stopped.set()
+        self.transform.feeding(False)
         self.transform.cancel_ahead()
         self.join(timeout=10)
 
@@ -427,7 +429,6 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, base_url: list[str] | N
         if num_proc == 1 and ranges:
             feeder = _Feeder(transform, split, ranges, _lookahead_batches(recipe, len(config.model.base_url)))
             feeder.start()
-            feeder.primed.wait()
         for chunk in chunks:
             was_cached = chunk.cached
             piece = split.select(range(chunk.start, chunk.stop))

@@ -59,6 +59,7 @@ class VllmGenerate:
         # batches submitted ahead of map (see run.py); consumed in order, checked body by body
         self._ahead: collections.deque[_Pending] = collections.deque()
         self._ahead_changed = threading.Condition()
+        self._feeding = False
         gen = config.generation
         self._path = "/v1/chat/completions" if gen.mode == "chat" else "/v1/completions"
         want_logprobs = bool(gen.logprobs) or bool(gen.extra_body.get("logprobs"))
@@ -178,7 +179,14 @@ class VllmGenerate:
             if stopped.is_set():
                 return False
             self._ahead.append(self.submit(bodies))
+            self._ahead_changed.notify_all()
             return True
+
+    def feeding(self, active: bool) -> None:
+        """Say whether a feeder thread is sending batches ahead (``_take`` then waits for them)."""
+        with self._ahead_changed:
+            self._feeding = active
+            self._ahead_changed.notify_all()
 
     def cancel_ahead(self) -> None:
         with self._ahead_changed:
@@ -188,6 +196,10 @@ class VllmGenerate:
 
     def _take(self, bodies: list[dict[str, Any]]) -> _Pending:
         with self._ahead_changed:
+            # With a feeder attached this batch is on its way: wait for it rather than send it
+            # too (the feeder would send it again, and every later batch would mismatch).
+            while self._feeding and not self._ahead:
+                self._ahead_changed.wait(0.05)
             pending = self._ahead.popleft() if self._ahead else None
             self._ahead_changed.notify_all()
         if pending is not None:
