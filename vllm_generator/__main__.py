@@ -20,14 +20,16 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fire
 import yaml
 
 from .errors import RecipeError, ServerUnavailableError, VllmGeneratorError
 from .recipe import LoggingConfig, Recipe, load_recipe
-from .run import RunSummary
+
+if TYPE_CHECKING:  # run imports datasets, which costs ~1 s: only commands that need it load it
+    from .run import RunSummary
 
 logger = logging.getLogger("vllm_generator")
 
@@ -54,7 +56,7 @@ def configure_logging(cfg: LoggingConfig) -> None:
 
 def _print_summary(summary: RunSummary) -> None:
     out = sys.stdout
-    rate = f"{summary.requests_per_s:,.0f} rows/s, {summary.tokens_per_s:,.0f} tok/s" if summary.generated_rows else "nothing sent"
+    rate = f"{summary.rows_per_s:,.0f} rows/s, {summary.tokens_per_s:,.0f} tok/s" if summary.generated_rows else "nothing sent"
     out.write(
         f"done: {summary.rows} rows ({summary.succeeded} ok, {summary.failed} failed) in {summary.wall_time_s:.1f}s, {rate}\n"
         f"  sent {summary.generated_rows} rows ({summary.retries} retries), reused {summary.reused_rows} from earlier runs\n"

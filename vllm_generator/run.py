@@ -22,7 +22,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,30 +110,39 @@ def split_output_path(path: str, num_splits: int, split_id: int) -> str:
 # --------------------------------------------------------------------------- output
 
 
-def write_parquet(ds: Dataset, path: str, metadata: dict[str, Any]) -> None:
-    """Write ``ds`` to ``path`` atomically (temp file, fsync, rename) with our metadata."""
+def _write_batches(path: str, schema: pa.Schema, batches: Iterable[pa.RecordBatch], metadata: dict[str, Any]) -> None:
+    """Stream record batches to a Parquet file atomically (temp file, fsync, rename)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    table_schema = ds.data.table.schema
-    schema = table_schema.with_metadata({**(table_schema.metadata or {}), _META_KEY: json.dumps(metadata).encode()})
+    schema = schema.with_metadata({**(schema.metadata or {}), _META_KEY: json.dumps(metadata).encode()})
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with pq.ParquetWriter(tmp, schema) as writer:
-            for batch in ds.data.table.to_batches(max_chunksize=10_000):
-                writer.write_table(pa.Table.from_batches([batch], schema=table_schema).replace_schema_metadata(schema.metadata))
+            for batch in batches:
+                writer.write_batch(batch)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, path)  # readers see the old file or the whole new one, never half
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
 
 
+def write_parquet(ds: Dataset, path: str, metadata: dict[str, Any]) -> None:
+    """Write ``ds`` to ``path`` atomically with our metadata (split, rows, settings' hash)."""
+    table = ds.data.table
+    _write_batches(path, table.schema, table.to_batches(max_chunksize=10_000), metadata)
+
+
 def _write_json(path: str, data: dict[str, Any]) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
 
 
 def read_output_metadata(path: str) -> dict[str, Any]:
@@ -172,22 +181,27 @@ def push_to_hub(local_path: str, repo_id: str, path_in_repo: str, private: bool,
 
 @dataclass
 class RunSummary:
-    """What a run did; also the content of the metrics file."""
+    """What a run did; also the content of the metrics file.
+
+    ``rows``, ``succeeded``, ``failed`` and the token totals describe the whole output (rows reused
+    from an earlier run included); the request counters, rates and latencies describe this run.
+    """
 
     rows: int = 0
     succeeded: int = 0
-    failed: int = 0
-    failed_by_type: dict[str, int] = field(default_factory=dict)
+    failed: int = 0  # rows whose error column is set
     reused_rows: int = 0  # rows loaded from finished chunks of an earlier run
     generated_rows: int = 0  # rows sent this run
-    requests: int = 0  # HTTP attempts, retries included
+    failed_by_type: dict[str, int] = field(default_factory=dict)  # this run: "http_400", "timeout", ...
+    requests: int = 0  # HTTP attempts this run, retries included
     retries: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     wall_time_s: float = 0.0
-    requests_per_s: float = 0.0
-    tokens_per_s: float = 0.0
-    latency_s: dict[str, float] = field(default_factory=dict)
+    rows_per_s: float = 0.0  # generated rows / wall time
+    requests_per_s: float = 0.0  # HTTP attempts / wall time
+    tokens_per_s: float = 0.0  # completion tokens generated this run / wall time
+    latency_s: dict[str, float] = field(default_factory=dict)  # per successful request
     split_id: int = 0
     num_splits: int = 1
     output_path: str | None = None
@@ -343,7 +357,7 @@ def _lookahead_batches(recipe: Recipe, num_servers: int) -> int:
     # Enough rows ahead to keep every slot busy while the oldest batch waits for its slowest row
     # (heavy-tailed latencies: a reasoning trace can take 25x the median).
     rows = p.lookahead if p.lookahead is not None else 16 * p.max_concurrency * num_servers
-    return max(2, -(-rows // p.batch_size))
+    return -(-rows // p.batch_size)  # whole batches, rounded up; 0 turns look-ahead off
 
 
 def run_recipe(recipe: Recipe, *, progress: bool = True, base_url: list[str] | None = None) -> RunSummary:
@@ -391,6 +405,8 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, base_url: list[str] | N
         work_dir = os.path.join(".vllm_generator_work", data.output.hub_repo_id.replace("/", "--"), data.output.hub_split)
     split_dir = os.path.join(work_dir, f"split-{split_id:05d}-of-{num_splits:05d}")
     os.makedirs(split_dir, exist_ok=True)
+    for leftover in glob.glob(os.path.join(split_dir, "tmp*")):
+        os.remove(leftover)  # a chunk that map was writing when an earlier run was killed
 
     size = recipe.processing.chunk_size
     gen_key = config.fingerprint()
@@ -426,8 +442,9 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, base_url: list[str] | N
                 piece = split.select(range(chunk.start, chunk.stop))
                 done = _map_chunk(transform, piece, chunk.path, chunk.path[-24:-6], batch_size, num_proc, split_start + chunk.start)
                 _retry_failed(transform, chunk, done, batch_size, split_start + chunk.start)
-        if num_proc == 1 and ranges:
-            feeder = _Feeder(transform, split, ranges, _lookahead_batches(recipe, len(config.model.base_url)))
+        max_ahead = _lookahead_batches(recipe, len(config.model.base_url))
+        if num_proc == 1 and ranges and max_ahead:
+            feeder = _Feeder(transform, split, ranges, max_ahead)
             feeder.start()
         for chunk in chunks:
             was_cached = chunk.cached
@@ -463,7 +480,8 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, base_url: list[str] | N
         prompt_tokens=int(pa.compute.sum(result.data.table.column(config.columns.prompt_tokens)).as_py() or 0) if len(result) else 0,
         completion_tokens=int(pa.compute.sum(result.data.table.column(config.columns.completion_tokens)).as_py() or 0) if len(result) else 0,
         wall_time_s=round(wall, 3),
-        requests_per_s=round(generated / wall, 2) if wall else 0.0,
+        rows_per_s=round(generated / wall, 2) if wall else 0.0,
+        requests_per_s=round(stats.requests / wall, 2) if wall else 0.0,
         tokens_per_s=round(stats.completion_tokens / wall, 2) if wall else 0.0,
         latency_s=_percentiles(stats.latencies),
         split_id=split_id,
@@ -480,6 +498,7 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, base_url: list[str] | N
         "input_rows": total_rows,
         "recipe_hash": summary.recipe_hash,
         "generation_fingerprint": gen_key,
+        "error_column": config.columns.error,
         "version": __version__,
     }
     local = out_path
@@ -499,8 +518,8 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, base_url: list[str] | N
 
 def _remove_stale_chunks(split_dir: str, keep: set[str]) -> None:
     """Delete chunk caches of earlier configurations (another generation fingerprint)."""
-    for path in glob.glob(os.path.join(split_dir, "chunk-*.arrow")):
-        if path not in keep and ".retry-" not in path:
+    for path in glob.glob(os.path.join(split_dir, "chunk-*.arrow")):  # also finished .retry- maps
+        if path not in keep:
             logger.debug("removing stale chunk cache %s", path)
             os.remove(path)
 
@@ -557,14 +576,32 @@ def merge_outputs(path: str, *, hub_repo_id: str | None = None, hub_split: str =
                 f"cannot merge {path}: split {i} ({by_id[i]}) is incomplete: {actual} rows, expected {expected[1] - expected[0]}; rerun it"
             )
     files = [by_id[i] for i in range(num_splits)]
-    merged = Dataset.from_parquet(files) if len(files) > 1 else Dataset.from_parquet(files[0])
-    assert isinstance(merged, Dataset)
-    meta = {**metas[0], "split_id": None, "num_splits": 1, "rows": len(merged), "merged_from": num_splits}
-    write_parquet(merged, path, meta)
-    errors = sum(int(pq.read_table(f, columns=[c for c in pq.read_schema(f).names if c == "error"]).column("error").is_valid().to_numpy(zero_copy_only=False).sum()) if "error" in pq.read_schema(f).names else 0 for f in files)
-    metrics = [json.loads(Path(f.removesuffix(".parquet") + ".metrics.json").read_text()) for f in files if os.path.exists(f.removesuffix(".parquet") + ".metrics.json")]
-    summed = {k: sum(m.get(k, 0) for m in metrics) for k in ("rows", "succeeded", "failed", "requests", "retries", "prompt_tokens", "completion_tokens", "generated_rows", "reused_rows")}
-    summary = {"output_path": path, "rows": len(merged), "splits": num_splits, "rows_with_error": errors, **{f"total_{k}": v for k, v in summed.items()}}
+    schema = pq.read_schema(files[0])
+    for i, f in enumerate(files[1:], 1):
+        if not pq.read_schema(f).remove_metadata().equals(schema.remove_metadata()):
+            raise MergeError(f"cannot merge {path}: split {i} ({f}) has other columns than split 0; rerun it")
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        # streamed split by split: memory stays flat whatever the dataset's size
+        for f in files:
+            yield from pq.ParquetFile(f).iter_batches(batch_size=10_000)
+
+    _write_batches(path, schema.remove_metadata().with_metadata({k: v for k, v in (schema.metadata or {}).items() if k != _META_KEY}),
+                   batches(), {**metas[0], "split_id": None, "num_splits": 1, "rows": input_rows, "merged_from": num_splits})
+    error_column = metas[0].get("error_column", "error")
+    errors = sum(
+        int(pq.read_table(f, columns=[error_column]).column(0).is_valid().to_numpy(zero_copy_only=False).sum())
+        for f in files
+        if error_column in schema.names
+    )
+    metrics = []
+    for f in files:
+        metrics_file = f.removesuffix(".parquet") + ".metrics.json"
+        if os.path.exists(metrics_file):
+            metrics.append(json.loads(Path(metrics_file).read_text()))
+    totals = ("rows", "succeeded", "failed", "requests", "retries", "prompt_tokens", "completion_tokens", "generated_rows", "reused_rows")
+    summed = {f"total_{k}": sum(m.get(k, 0) for m in metrics) for k in totals}
+    summary = {"output_path": path, "rows": input_rows, "splits": num_splits, "rows_with_error": errors, **summed}
     _write_json(path.removesuffix(".parquet") + ".metrics.json", summary)
     if hub_repo_id:
         push_to_hub(path, hub_repo_id, f"data/{hub_split}-00000-of-00001.parquet", private, api=api, delete_patterns=[f"data/{hub_split}-*.parquet"])
