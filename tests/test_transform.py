@@ -426,6 +426,16 @@ def test_parse_reasoning_off_keeps_think_tags_in_the_response(fake_server: FakeS
     assert out[0]["reasoning"] is None
 
 
+@pytest.mark.parametrize("off", [{"thinking": False}, {"chat_template_kwargs": {"enable_thinking": False}}])
+def test_with_thinking_off_a_stray_think_end_stays_in_the_answer(fake_server: FakeServer, off: dict[str, Any]) -> None:
+    # vLLM leaves a literal "</think>" in content when enable_thinking is false: it is answer text
+    prompt = "why? [[reasoning:close_only]]"
+    out = Dataset.from_dict({"prompt": [prompt]}).map(vllm_generate(fake_server.url, **off), batched=True)
+
+    assert out[0]["response"] == f"thinking about {prompt}</think>\n\necho: {prompt}"
+    assert out[0]["reasoning"] is None
+
+
 # --------------------------------------------------------------------------- retries and errors
 
 

@@ -64,8 +64,15 @@ class VllmGenerate:
         self._path = "/v1/chat/completions" if gen.mode == "chat" else "/v1/completions"
         want_logprobs = bool(gen.logprobs) or bool(gen.extra_body.get("logprobs"))
         self._want_logprobs = want_logprobs
+        # With thinking off the chat template closes the think block in the prompt: everything
+        # generated is answer, even a stray "</think>" (vLLM's parser leaves those in content).
+        thinking_off = gen.thinking is False or (gen.chat_template_kwargs or {}).get("enable_thinking") is False
         self._parse = partial(
-            _parse_body, chat=gen.mode == "chat", n=gen.n, parse_reasoning=gen.parse_reasoning, want_logprobs=want_logprobs
+            _parse_body,
+            chat=gen.mode == "chat",
+            n=gen.n,
+            parse_reasoning=gen.parse_reasoning and not thinking_off,
+            want_logprobs=want_logprobs,
         )
         self._fields = gen.request_fields()
 
