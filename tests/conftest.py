@@ -7,6 +7,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 # before datasets is imported anywhere: its cache paths are read at import time
 os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(tempfile.gettempdir(), "vllm-generator-tests", "datasets"))
@@ -14,11 +15,12 @@ os.environ.setdefault("HF_HOME", os.path.join(tempfile.gettempdir(), "vllm-gener
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest  # noqa: E402
+import pytest
+import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from fake_server import FakeServer  # noqa: E402
+from fake_server import FakeServer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -50,3 +52,25 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """No API key or SLURM array from the developer's shell leaks into a test."""
     for name in ("VLLM_API_KEY", "OPENAI_API_KEY", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN"):
         monkeypatch.delenv(name, raising=False)
+
+
+def write_recipe(
+    tmp_path: Path,
+    url: str,
+    input_path: str | Path = "in.parquet",
+    output_path: str | Path = "out/answers.parquet",
+    name: str = "recipe.yaml",
+    **sections: dict[str, Any],
+) -> Path:
+    """A small recipe with fast retries; ``sections`` update its sections (``data={...}``)."""
+    raw: dict[str, Any] = {
+        "data": {"input": {"path": str(input_path)}, "prompt_column": "question", "output": {"path": str(output_path)}},
+        "model": {"base_url": url},
+        "processing": {"chunk_size": 10, "batch_size": 5},
+        "retry": {"attempts": 2, "initial_wait": 0.01, "max_wait": 0.05},
+    }
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return path

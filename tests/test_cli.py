@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
+from conftest import write_recipe
 from fake_server import FakeServer
 
 from vllm_generator.recipe import load_recipe
@@ -38,20 +38,6 @@ def write_input(path: Path, n: int, column: str = "question") -> list[str]:
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({"id": list(range(n)), column: texts}), path)
     return texts
-
-
-def write_recipe(tmp_path: Path, url: str, name: str = "recipe.yaml", **sections: dict[str, Any]) -> Path:
-    raw: dict[str, Any] = {
-        "data": {"input": {"path": "in.parquet"}, "prompt_column": "question", "output": {"path": "out/answers.parquet"}},
-        "model": {"base_url": url},
-        "processing": {"chunk_size": 10, "batch_size": 5},
-        "retry": {"attempts": 2, "initial_wait": 0.01, "max_wait": 0.05},
-    }
-    for section, values in sections.items():
-        raw.setdefault(section, {}).update(values)
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(raw))
-    return path
 
 
 def dead_url() -> str:

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import write_recipe
 from fake_server import FakeServer
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 from huggingface_hub import HfApi as RealHfApi
@@ -49,17 +50,7 @@ def write_input(path: Path, texts: list[str]) -> Path:
 
 
 def make_recipe(tmp_path: Path, url: str, input_path: Path, name: str = "recipe.yaml", **sections: dict[str, Any]) -> Path:
-    raw: dict[str, Any] = {
-        "data": {"input": {"path": str(input_path)}, "prompt_column": "question", "output": {"path": str(tmp_path / "out" / "answers.parquet")}},
-        "model": {"base_url": url},
-        "processing": {"chunk_size": 10, "batch_size": 5},
-        "retry": {"attempts": 2, "initial_wait": 0.01, "max_wait": 0.05},
-    }
-    for section, values in sections.items():
-        raw.setdefault(section, {}).update(values)
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return write_recipe(tmp_path, url, input_path, tmp_path / "out" / "answers.parquet", name, **sections)
 
 
 def run(recipe: Path, **overrides: Any) -> RunSummary:
