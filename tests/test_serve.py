@@ -221,3 +221,49 @@ def test_missing_launcher(tmp_path: Path) -> None:
     with pytest.raises(ServerStartError, match="cannot run .*no-vllm m --host 127.0.0.1 --port .*Is vLLM installed"):
         with serve_models(config):
             pytest.fail("not started")
+
+
+# --------------------------------------------------------------------------- vllm_generate(serve=...)
+
+
+def test_vllm_generate_starts_its_servers_on_first_use_and_stops_them_on_close(launcher: list[str], tmp_path: Path) -> None:
+    from datasets import Dataset
+
+    from vllm_generator import vllm_generate
+
+    generate = vllm_generate(serve=_config(launcher, tmp_path, model="m1"))
+    assert _records(tmp_path) == []  # creating the transform starts nothing
+    out = Dataset.from_dict({"prompt": ["a", "b"]}).map(generate, batched=True)
+
+    assert out["response"] == ["echo: a", "echo: b"] and out["error"] == [None, None]
+    (record,) = _records(tmp_path)
+    assert _alive(record["pid"])
+    generate.close()
+    assert not _alive(record["pid"])
+
+
+def test_vllm_generate_as_a_context_manager_serves_map_workers(launcher: list[str], tmp_path: Path) -> None:
+    from datasets import Dataset
+
+    from vllm_generator import vllm_generate
+
+    ds = Dataset.from_dict({"prompt": [f"p{i}" for i in range(8)]})
+    with vllm_generate(serve=_config(launcher, tmp_path, model="m1")) as generate:
+        # the servers run before map pickles the transform for its workers: they share them
+        out = ds.map(generate, batched=True, batch_size=2, num_proc=2)
+        (record,) = _records(tmp_path)
+        assert _alive(record["pid"])
+    assert out["response"] == [f"echo: p{i}" for i in range(8)]
+    assert len(_records(tmp_path)) == 1  # no worker started servers of its own
+    assert not _alive(record["pid"])
+
+
+def test_vllm_generate_serve_with_workers_but_no_with_block_is_refused(launcher: list[str], tmp_path: Path) -> None:
+    from datasets import Dataset
+
+    from vllm_generator import vllm_generate
+
+    generate = vllm_generate(serve=_config(launcher, tmp_path, model="m1"))
+    with pytest.raises(RecipeError, match=r"with vllm_generate\(serve=...\) as generate"):
+        Dataset.from_dict({"prompt": ["a", "b"]}).map(generate, batched=True, batch_size=1, num_proc=2)
+    assert _records(tmp_path) == []  # no worker started a server

@@ -237,12 +237,15 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 class _Feeder(threading.Thread):
     """Builds and submits the batches ``map`` will ask for next, at most ``max_ahead`` of them."""
 
-    def __init__(self, transform: VllmGenerate, source: Dataset, ranges: list[tuple[int, int]], max_ahead: int) -> None:
+    def __init__(
+        self, transform: VllmGenerate, source: Dataset, ranges: list[tuple[int, int]], max_ahead: int, max_unfinished: int | None = None
+    ) -> None:
         super().__init__(name="vllm-generator-feeder", daemon=True)
         self.transform = transform
         self.source = source.select_columns(transform.config.prompt.required_columns())
         self.ranges = ranges
         self.max_ahead = max_ahead
+        self.max_unfinished = max_unfinished  # see VllmGenerate.submit_ahead
         self.stopped = threading.Event()
         self.error: BaseException | None = None
 
@@ -255,7 +258,7 @@ class _Feeder(threading.Thread):
         try:
             for start, stop in self.ranges:
                 bodies = self.transform.build_bodies(self.source[start:stop])
-                if not self.transform.submit_ahead(bodies, self.max_ahead, self.stopped):
+                if not self.transform.submit_ahead(bodies, self.max_ahead, self.stopped, self.max_unfinished):
                     return
         except BaseException as err:  # reported by map itself when it builds the same batch
             self.error = err
@@ -354,9 +357,14 @@ def _datasets_bars_off() -> Iterator[None]:
 
 def _lookahead_batches(recipe: Recipe, num_servers: int) -> int:
     p = recipe.processing
-    # Enough rows ahead to keep every slot busy while the oldest batch waits for its slowest row
-    # (heavy-tailed latencies: a reasoning trace can take 25x the median).
-    rows = p.lookahead if p.lookahead is not None else 16 * p.max_concurrency * num_servers
+    # Enough rows ahead to keep every slot busy while the oldest batch waits for its slowest row:
+    # with heavy-tailed latencies (a reasoning trace can take 100x the mean) that is the rows the
+    # servers finish meanwhile, ~ (slowest / mean latency) x slots. Measured with lognormal
+    # latencies (benchmarks/bench_throughput.py, 32,768 rows): 16 x slots took 2.1x as long as
+    # a client that never waits for map, 128 x slots the same time. The feeder only goes that far
+    # ahead while map waits for a slow row; otherwise it stops once the client holds 2 x slots
+    # unfinished rows (_Feeder.max_unfinished), which keeps memory low.
+    rows = p.lookahead if p.lookahead is not None else 128 * p.max_concurrency * num_servers
     return -(-rows // p.batch_size)  # whole batches, rounded up; 0 turns look-ahead off
 
 
@@ -444,7 +452,7 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, base_url: list[str] | N
                 _retry_failed(transform, chunk, done, batch_size, split_start + chunk.start)
         max_ahead = _lookahead_batches(recipe, len(config.model.base_url))
         if num_proc == 1 and ranges and max_ahead:
-            feeder = _Feeder(transform, split, ranges, max_ahead)
+            feeder = _Feeder(transform, split, ranges, max_ahead, 2 * recipe.processing.max_concurrency * len(config.model.base_url))
             feeder.start()
         for chunk in chunks:
             was_cached = chunk.cached

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import json
 import logging
 import os
@@ -54,6 +55,8 @@ class VllmGenerate:
         if api_key:
             _API_KEYS[self._state] = api_key
         self._client: Client | None = None
+        self._servers: contextlib.ExitStack | None = None  # vLLM servers started for serve=...
+        self._unpickled = False  # set by _restore: a copy, e.g. in a map worker
         self._client_pid = 0
         self._lock = threading.Lock()
         # batches submitted ahead of map (see run.py); consumed in order, checked body by body
@@ -91,9 +94,9 @@ class VllmGenerate:
     def client(self) -> Client:
         with self._lock:
             if self._client is None or self._client_pid != os.getpid():
+                if self.config.model.serve is not None:
+                    self._start_servers()
                 m = self.config.model
-                if not m.base_url:
-                    raise RecipeError("this transform has a serve section: start the servers with vllm_generator.run_recipe or serve_models first")
                 self._client = Client(
                     m.base_url,
                     api_key=self._api_key or m.api_key(),
@@ -105,10 +108,43 @@ class VllmGenerate:
                 self._client_pid = os.getpid()
             return self._client
 
+    def _start_servers(self) -> None:
+        """Start the ``serve`` section's vLLM servers and point this transform at them."""
+        from .serve import serve_models
+
+        serve = self.config.model.serve
+        assert serve is not None
+        if self._unpickled:
+            # a map worker (num_proc>1) got the config before the servers ran: one set per worker is wrong
+            raise RecipeError(
+                "vllm_generate(serve=...) with num_proc>1: start the servers before map with "
+                "`with vllm_generate(serve=...) as generate: ds.map(generate, num_proc=N, ...)`"
+            )
+        self._servers = contextlib.ExitStack()
+        urls = self._servers.enter_context(serve_models(serve))
+        model = self.config.model.model_copy(update={"base_url": urls, "serve": None, "model": self.config.model.model or None})
+        self.config = self.config.model_copy(update={"model": model})
+        self._state = json.dumps(self.config.model_dump(mode="json"), sort_keys=True)  # what workers get
+        if self._api_key:
+            _API_KEYS[self._state] = self._api_key
+
     def close(self) -> None:
-        """Close the HTTP session. The transform stays usable (it reopens one)."""
+        """Close the HTTP session and stop servers this transform started (it stays usable)."""
         if self._client is not None and self._client_pid == os.getpid():
             self._client.close()
+        if self._servers is not None:
+            self._servers.close()
+            self._servers = None
+
+    def __enter__(self) -> VllmGenerate:
+        """Start managed servers now (``serve=...``), so ``map`` workers share them."""
+        if self.config.model.serve is not None:
+            with self._lock:
+                self._start_servers()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     # -- building requests
 
@@ -173,16 +209,24 @@ class VllmGenerate:
         """Hand a batch to the background loop now; collect its results later."""
         return _Pending(bodies, self.client.submit(self._path, bodies, self._parse))
 
-    def submit_ahead(self, bodies: list[dict[str, Any]], max_ahead: int, stopped: threading.Event) -> bool:
+    def submit_ahead(
+        self, bodies: list[dict[str, Any]], max_ahead: int, stopped: threading.Event, max_unfinished: int | None = None
+    ) -> bool:
         """Submit a batch that a later ``__call__`` will receive (pipelining across map batches).
 
-        Blocks while ``max_ahead`` batches wait to be taken; returns False once ``stopped`` is set.
+        Blocks while ``max_ahead`` batches wait to be taken, or, with ``max_unfinished``, while two
+        batches wait and the client already holds that many rows without a result (enough to
+        keep the servers busy); returns False once ``stopped`` is set.
         """
         with self._ahead_changed:
-            while len(self._ahead) >= max_ahead:
+            while len(self._ahead) >= max_ahead or (
+                max_unfinished is not None and len(self._ahead) >= 2 and self.client.unfinished >= max_unfinished
+            ):
                 if stopped.is_set():
                     return False
-                self._ahead_changed.wait(0.2)
+                # rows finish on the loop thread without notifying: poll often enough that the
+                # client's queue never runs dry (10 ms is ~50 rows at 5,000 rows/s)
+                self._ahead_changed.wait(0.2 if len(self._ahead) >= max_ahead else 0.01)
             if stopped.is_set():
                 return False
             self._ahead.append(self.submit(bodies))
@@ -266,7 +310,9 @@ class VllmGenerate:
 
 
 def _restore(state: str) -> VllmGenerate:
-    return VllmGenerate(GenerateConfig.model_validate_json(state), api_key=_API_KEYS.get(state))
+    transform = VllmGenerate(GenerateConfig.model_validate_json(state), api_key=_API_KEYS.get(state))
+    transform._unpickled = True
+    return transform
 
 
 def vllm_generate(
@@ -311,6 +357,10 @@ def vllm_generate(
         on_error: "record" (default) puts a failed row's message in the ``error`` column;
             "raise" stops the map with ``GenerationError`` naming the row.
         columns: new names for output columns, e.g. ``{"response": "answer"}``.
+        serve: start vLLM servers instead of using running ones (a ``ServeConfig`` or a dict:
+            ``{"model": "Qwen/Qwen3-8B", "args": [...], "gpus": ["0", "1"]}``). They start on
+            first use, or when entering ``with vllm_generate(serve=...) as generate:`` (needed
+            with ``num_proc>1``), and stop at ``close()``, the end of the with-block, or exit.
         **generation: sampling parameters (``temperature``, ``max_tokens``, ``n``, ``seed``,
             ``stop``, ``top_p``, ``top_k``, ``min_p``, ``logprobs``, ``response_format``,
             ``structured_outputs``, ``chat_template_kwargs``, ...) and ``extra_body`` for any
@@ -331,24 +381,12 @@ def vllm_generate(
         >>> ds = ds.map(vllm_generate("http://localhost:8000", temperature=0, max_tokens=64), batched=True)  # doctest: +SKIP
         >>> ds[0]["response"]  # doctest: +SKIP
     """
-    model_fields: dict[str, Any] = {"model": model}
-    if base_url is not None:
-        model_fields["base_url"] = base_url
-    if serve is not None:
-        model_fields["serve"] = serve
-    if timeout is not None:
-        model_fields["timeout"] = timeout
-    retry: dict[str, Any] = {}
-    if max_attempts is not None:
-        retry["attempts"] = max_attempts
-    if on_error is not None:
-        retry["on_error"] = on_error
-    if initial_wait is not None:
-        retry["initial_wait"] = initial_wait
-    if max_wait is not None:
-        retry["max_wait"] = max_wait
-    if thinking is not None:
-        generation["thinking"] = thinking
+    def given(**values: Any) -> dict[str, Any]:  # None means "the config's default"
+        return {k: v for k, v in values.items() if v is not None}
+
+    model_fields = {"model": model, **given(base_url=base_url, serve=serve, timeout=timeout)}
+    retry = given(attempts=max_attempts, on_error=on_error, initial_wait=initial_wait, max_wait=max_wait)
+    generation |= given(thinking=thinking)
     raw: dict[str, Any] = {
         "prompt": {
             "prompt_column": prompt_column,
@@ -360,9 +398,8 @@ def vllm_generate(
         "generation": {"mode": mode, **generation},
         "retry": retry,
         "columns": dict(columns or {}),
+        **given(max_concurrency=max_concurrency),
     }
-    if max_concurrency is not None:
-        raw["max_concurrency"] = max_concurrency
     try:
         config = GenerateConfig.model_validate(raw)
     except ValidationError as err:
