@@ -9,6 +9,7 @@ run on one persistent event loop per process, in a daemon thread, so synchronous
 
 from __future__ import annotations
 
+import array
 import asyncio
 import atexit
 import collections
@@ -133,7 +134,8 @@ class Stats:
     failed_by_type: dict[str, int] = field(default_factory=dict)
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    latencies: list[float] = field(default_factory=list)
+    # 8 bytes a row (a list of floats takes 32): memory stays flat over millions of rows
+    latencies: array.array[float] = field(default_factory=lambda: array.array("d"))
     in_flight: int = 0
 
     def add(self, result: Result) -> None:
@@ -298,6 +300,7 @@ class Client:
         # submit(): rows wait in one FIFO queue for a pool of workers (see _work)
         self._queue: collections.deque[tuple[_Batch, int]] = collections.deque()
         self._workers: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # workers, and former workers backing off
         self.unfinished = 0  # rows handed to submit() that have no result yet (read by the feeder)
         _clients.add(self)
 
@@ -319,6 +322,12 @@ class Client:
         return self._session
 
     async def aclose(self) -> None:
+        # stop the work first: a request cut by the closing session would be logged as a retry
+        self._queue.clear()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._session is not None and not self._session.closed:
             await self._session.close()
 
@@ -571,7 +580,9 @@ class Client:
     def _start_workers(self) -> None:
         loop = asyncio.get_running_loop()
         for _ in range(min(self.max_concurrency * len(self.servers) - len(self._workers), len(self._queue))):
-            self._workers.add(loop.create_task(self._work()))
+            task = loop.create_task(self._work())
+            self._workers.add(task)
+            self._tasks.add(task)
 
     def _leave_pool(self) -> None:
         """A worker is about to back off before a retry: another takes its place in the pool, so
@@ -610,6 +621,7 @@ class Client:
                     batch.done.set_result(batch.results)
         finally:
             self._workers.discard(me)
+            self._tasks.discard(me)
             if queue:  # a cancelled worker's place
                 self._start_workers()
 

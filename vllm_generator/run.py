@@ -22,7 +22,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -227,7 +227,7 @@ class _Chunk:
         return os.path.exists(self.path)
 
 
-def _percentiles(values: list[float]) -> dict[str, float]:
+def _percentiles(values: Sequence[float]) -> dict[str, float]:
     if not values:
         return {}
     arr = np.asarray(values)
