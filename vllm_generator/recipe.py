@@ -371,7 +371,8 @@ class ProcessingConfig(_Config):
     chunk_size: int = Field(10_000, ge=1)
     num_proc: int = Field(1, ge=1)
     # Rows sent ahead of map's current batch so servers never drain at batch and chunk
-    # boundaries; None: 16 x max_concurrency x servers. A crash loses these too.
+    # boundaries or behind one slow row; None: up to 128 x max_concurrency x servers, but only
+    # 2 x that many unfinished rows unless map is waiting. 0 turns it off. A crash loses these too.
     lookahead: int | None = Field(None, ge=0)
     # Where chunk caches live; None: "<output path>.work" (Hub-only: ./.vllm_generator_work/<org>--<name>/<hub_split>)
     work_dir: str | None = None

@@ -38,6 +38,7 @@ class _Pending:
 
     bodies: list[dict[str, Any]]
     future: concurrent.futures.Future[list[Result]]
+    key: list[list[Any]] | None = None  # the rows' prompt columns (see row_key)
 
 
 class VllmGenerate:
@@ -209,8 +210,12 @@ class VllmGenerate:
         """Hand a batch to the background loop now; collect its results later."""
         return _Pending(bodies, self.client.submit(self._path, bodies, self._parse))
 
+    def row_key(self, batch: Mapping[str, Sequence[Any]]) -> list[list[Any]]:
+        """The values of the columns the prompt reads: equal keys make equal request bodies."""
+        return [list(batch[c]) for c in self.config.prompt.required_columns()]
+
     def submit_ahead(
-        self, bodies: list[dict[str, Any]], max_ahead: int, stopped: threading.Event, max_unfinished: int | None = None
+        self, batch: Mapping[str, Sequence[Any]], max_ahead: int, stopped: threading.Event, max_unfinished: int | None = None
     ) -> bool:
         """Submit a batch that a later ``__call__`` will receive (pipelining across map batches).
 
@@ -229,9 +234,15 @@ class VllmGenerate:
                 self._ahead_changed.wait(0.2 if len(self._ahead) >= max_ahead else 0.01)
             if stopped.is_set():
                 return False
-            self._ahead.append(self.submit(bodies))
+        pending = self.submit(self.build_bodies(batch))  # outside the lock: map may take meanwhile
+        pending.key = self.row_key(batch)
+        with self._ahead_changed:
+            if stopped.is_set():  # stopped while building: nobody will take it
+                pending.future.cancel()
+                return False
+            self._ahead.append(pending)
             self._ahead_changed.notify_all()
-            return True
+        return True
 
     def feeding(self, active: bool) -> None:
         """Say whether a feeder thread is sending batches ahead (``_take`` then waits for them)."""
@@ -245,7 +256,8 @@ class VllmGenerate:
                 self._ahead.popleft().future.cancel()
             self._ahead_changed.notify_all()
 
-    def _take(self, bodies: list[dict[str, Any]]) -> _Pending:
+    def _take(self, key: list[list[Any]]) -> _Pending | None:
+        """The batch sent ahead for these rows, if any."""
         with self._ahead_changed:
             # With a feeder attached this batch is on its way: wait for it rather than send it
             # too (the feeder would send it again, and every later batch would mismatch).
@@ -254,19 +266,23 @@ class VllmGenerate:
             pending = self._ahead.popleft() if self._ahead else None
             self._ahead_changed.notify_all()
         if pending is not None:
-            # Rows must get their own responses: use the pre-sent batch only if it is this batch.
-            if pending.bodies == bodies:
+            # Rows must get their own responses: use the pre-sent batch only if it is this batch
+            # (comparing the prompt columns is cheaper than building and comparing the bodies).
+            if pending.key == key:
                 return pending
             logger.warning("a batch sent ahead does not match the batch map gave; sending this batch again")
             pending.future.cancel()
             self.cancel_ahead()
-        return self.submit(bodies)
+        return None
 
     def __call__(
         self, batch: Mapping[str, Sequence[Any]], indices: Sequence[int] | None = None, offset: int = 0
     ) -> dict[str, np.ndarray]:
-        bodies = self.build_bodies(batch)
-        pending = self._take(bodies)
+        self._check_columns(list(batch.keys()))
+        pending = self._take(self.row_key(batch)) if self._ahead or self._feeding else None
+        if pending is None:
+            pending = self.submit(self.build_bodies(batch))
+        bodies = pending.bodies
         try:
             results = pending.future.result()
         except BaseException:
