@@ -394,7 +394,8 @@ def vllm_generate(
         >>> from datasets import Dataset
         >>> from vllm_generator import vllm_generate
         >>> ds = Dataset.from_dict({"prompt": ["What is 2+2?", "Name a colour."]})
-        >>> ds = ds.map(vllm_generate("http://localhost:8000", temperature=0, max_tokens=64), batched=True)  # doctest: +SKIP
+        >>> generate = vllm_generate("http://localhost:8000", temperature=0, max_tokens=64)
+        >>> ds = ds.map(generate, batched=True, batch_size=8192)  # doctest: +SKIP
         >>> ds[0]["response"]  # doctest: +SKIP
     """
     def given(**values: Any) -> dict[str, Any]:  # None means "the config's default"
