@@ -183,12 +183,12 @@ INVALID: list[tuple[str, Callable[[dict[str, Any]], object], str]] = [
     (
         "messages-in-completion",
         lambda r: (r.update(generation={"mode": "completion"}), r["data"].update(prompt_column=None, messages_column="messages")),
-        "(top level): mode 'completion' sends a raw prompt: use prompt_column or template, not messages_column",
+        "mode 'completion' sends a raw prompt: use prompt_column or template, not messages_column",
     ),
     (
         "system-prompt-in-completion",
         lambda r: (r.update(generation={"mode": "completion"}), r["data"].update(system_prompt="Be brief.")),
-        "(top level): system_prompt only applies to mode 'chat'",
+        "system_prompt only applies to mode 'chat'",
     ),
     (
         "chat-logprobs-count",

@@ -480,11 +480,12 @@ def format_validation_error(err: ValidationError, where: str) -> str:
     """One line per problem: ``file: section.field: message``."""
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling; see the README's recipe reference)"
-        lines.append(f"{where}: {loc}: {msg}")
+        # a check across sections has no one field to name: its message names the fields
+        lines.append(f"{where}: {loc}: {msg}" if loc else f"{where}: {msg}")
     return "\n".join(lines)
 
 
