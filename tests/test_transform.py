@@ -88,10 +88,20 @@ def assert_aligned(ds: Dataset, prompt_column: str = "prompt") -> None:
             assert row["response"] == "echo: " + row[prompt_column], row
 
 
+def closed_ports(count: int = 1) -> list[int]:
+    """Distinct ports on which nothing listens (held together while picked, so never the same)."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return closed_ports()[0]
 
 
 # --------------------------------------------------------------------------- inputs
@@ -605,7 +615,7 @@ def test_a_dead_server_is_skipped_and_reported(
 
 
 def test_all_servers_down_is_server_unavailable_naming_them() -> None:
-    urls = [f"http://127.0.0.1:{closed_port()}", f"http://127.0.0.1:{closed_port()}"]
+    urls = [f"http://127.0.0.1:{port}" for port in closed_ports(2)]
     with pytest.raises(ServerUnavailableError) as info:
         Dataset.from_dict({"prompt": ["a", "b"]}).map(fast(urls), batched=True)
 
