@@ -130,7 +130,9 @@ def test_api_key_never_reaches_a_file_or_the_terminal(tmp_path: Path, start_fake
     assert secret not in result.stdout + result.stderr
 
 
-def test_ctrl_c_keeps_finished_chunks(tmp_path: Path, start_fake_server: Any) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_keeps_finished_chunks(tmp_path: Path, start_fake_server: Any, signum: int) -> None:
+    """SIGTERM (scancel, kill) unwinds like Ctrl-C; repeated since datasets can swallow a Ctrl-C."""
     server = start_fake_server("--latency", "0.05", "--slots", "4")
     write_input(tmp_path / "in.parquet", 200)
     write_recipe(tmp_path, server.url, processing={"chunk_size": 20, "batch_size": 10, "max_concurrency": 4})
@@ -144,7 +146,7 @@ def test_ctrl_c_keeps_finished_chunks(tmp_path: Path, start_fake_server: Any) ->
         while not list(work.glob("chunk-*.arrow")):
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.005)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         _, stderr = proc.communicate(timeout=30)
     finally:
         proc.kill()

@@ -242,8 +242,8 @@ def _parse_argv(argv: Sequence[str]) -> tuple[list[str], dict[str, Any], bool]:
 
 
 def _interrupt_on_sigterm(signum: int, frame: object) -> None:
-    # scancel and `kill` send SIGTERM: unwind like Ctrl-C so managed servers are stopped
-    raise KeyboardInterrupt
+    # scancel and `kill` send SIGTERM: unwind exactly like Ctrl-C so managed servers are stopped
+    signal.raise_signal(signal.SIGINT)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -362,6 +363,27 @@ def _datasets_bars_off() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
+@contextlib.contextmanager
+def _sticky_interrupt() -> Iterator[threading.Event]:
+    """Ctrl-C raises KeyboardInterrupt as usual and also sets the event this yields, which the
+    transform checks before each batch: datasets' fingerprinting catches every exception while
+    it hashes (Ctrl-C included), and a swallowed Ctrl-C must still stop the run."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        flag.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _lookahead_batches(recipe: Recipe, num_servers: int) -> int:
     p = recipe.processing
     # Enough rows ahead to keep every slot busy while the oldest batch waits for its slowest row:
@@ -449,6 +471,8 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, base_url: list[str] | N
     parts: list[Dataset] = []
     progress_bars = datasets.utils.logging.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # ours covers the whole split
+    interrupted = contextlib.ExitStack()
+    transform.interrupted = interrupted.enter_context(_sticky_interrupt())
     try:
         if recipe.retry.retry_failed:
             # Before the feeder starts: these maps would take the batches it sends ahead for
@@ -462,6 +486,8 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, base_url: list[str] | N
             feeder = _Feeder(transform, split, ranges, max_ahead, 2 * recipe.processing.max_concurrency * len(config.model.base_url))
             feeder.start()
         for chunk in chunks:
+            if transform.interrupted.is_set():
+                raise KeyboardInterrupt
             was_cached = chunk.cached
             piece = split.select(range(chunk.start, chunk.stop))
             done = _map_chunk(transform, piece, chunk.path, chunk.path[-24:-6], batch_size, num_proc, split_start + chunk.start)
@@ -469,6 +495,7 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, base_url: list[str] | N
             if not was_cached:
                 logger.info("chunk %d/%d done (%d rows)", chunk.index + 1, len(chunks), chunk.stop - chunk.start)
     finally:
+        interrupted.close()
         if feeder is not None:
             feeder.stop()
         transform.client.on_result = None

@@ -58,6 +58,8 @@ class VllmGenerate:
         self._client: Client | None = None
         self._servers: contextlib.ExitStack | None = None  # vLLM servers started for serve=...
         self._unpickled = False  # set by _restore: a copy, e.g. in a map worker
+        # set by the recipe runner on Ctrl-C: stop at the next batch even if Ctrl-C was swallowed
+        self.interrupted: threading.Event | None = None
         self._client_pid = 0
         self._lock = threading.Lock()
         # batches submitted ahead of map (see run.py); consumed in order, checked body by body
@@ -278,6 +280,8 @@ class VllmGenerate:
     def __call__(
         self, batch: Mapping[str, Sequence[Any]], indices: Sequence[int] | None = None, offset: int = 0
     ) -> dict[str, np.ndarray]:
+        if self.interrupted is not None and self.interrupted.is_set():
+            raise KeyboardInterrupt
         self._check_columns(list(batch.keys()))
         pending = self._take(self.row_key(batch)) if self._ahead or self._feeding else None
         if pending is None:
