@@ -237,6 +237,14 @@ def test_validate_reports_a_bad_recipe(tmp_path: Path) -> None:
     )
 
 
+def test_validate_names_a_missing_input_column(tmp_path: Path) -> None:
+    write_input(tmp_path / "in.parquet", 5)
+    write_recipe(tmp_path, dead_url(), data={"prompt_column": None, "template": "Q: {question} ({topic})"})
+    result = cli("validate", "recipe.yaml", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr == "error: data.template: column(s) 'topic' not in in.parquet (columns: id, question)\n"
+
+
 def test_list_models(tmp_path: Path, start_fake_server: Any) -> None:
     server = start_fake_server("--model", "org/model-a", "--model", "model-b")
     result = cli("list-models", "-m", f"{server.url}/v1", cwd=tmp_path)

@@ -149,16 +149,14 @@ class Commands:
 
     def validate(self, recipe: str, check_server: bool = False) -> None:
         """Check a recipe and its input (and with --check-server, that its servers serve the model)."""
-        from .run import load_input
+        from .run import check_input_columns, load_input
 
         loaded = load_recipe(recipe, self._overrides)
         print(f"ok: {recipe} is a valid recipe")
         num_splits, split_id = loaded.processing.resolved_split()
         ds = load_input(loaded.data.input)
         config = loaded.generate_config()
-        missing = [c for c in config.prompt.required_columns() if c not in ds.column_names]
-        if missing:
-            raise RecipeError(f"{recipe}: data: column(s) {', '.join(map(repr, missing))} not in the input (columns: {', '.join(ds.column_names)})")
+        check_input_columns(config, ds, loaded.data.input.path or loaded.data.input.hub_id)
         from .transform import VllmGenerate
 
         bodies = VllmGenerate(config).build_bodies(ds[:1]) if len(ds) else []

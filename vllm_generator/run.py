@@ -36,7 +36,7 @@ from datasets import Dataset
 
 from .client import Result
 from .errors import MergeError, RecipeError
-from .recipe import InputConfig, Recipe
+from .recipe import GenerateConfig, InputConfig, Recipe
 from .transform import VllmGenerate
 
 __all__ = ["RunSummary", "run_recipe", "load_input", "split_output_path", "merge_outputs", "write_parquet"]
@@ -49,8 +49,24 @@ _META_KEY = b"vllm_generator"
 # --------------------------------------------------------------------------- input
 
 
+@contextlib.contextmanager
+def _datasets_bars_off() -> Iterator[None]:
+    enabled = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()
+
+
 def load_input(cfg: InputConfig) -> Dataset:
     """Load the recipe's input as a file-backed ``Dataset`` (so that ``map`` can cache)."""
+    with _datasets_bars_off():  # a bad input then fails with one line on stderr, nothing before it
+        return _load_input(cfg)
+
+
+def _load_input(cfg: InputConfig) -> Dataset:
     if cfg.hub_id:
         try:
             ds = datasets.load_dataset(cfg.hub_id, cfg.config, split=cfg.split)
@@ -92,6 +108,15 @@ def _file_kind(path: str) -> str | None:
         if name.endswith(suffix):
             return kind
     return None
+
+
+def check_input_columns(config: GenerateConfig, ds: Dataset, where: str | None) -> None:
+    """Raise ``RecipeError`` naming the recipe field when the prompt reads a column ``ds`` lacks."""
+    missing = [c for c in config.prompt.required_columns() if c not in ds.column_names]
+    if missing:
+        prompt = config.prompt
+        field = "template" if prompt.template else "messages_column" if prompt.messages_column else "prompt_column"
+        raise RecipeError(f"data.{field}: column(s) {', '.join(map(repr, missing))} not in {where} (columns: {', '.join(ds.column_names)})")
 
 
 def split_bounds(num_rows: int, num_splits: int, split_id: int) -> tuple[int, int]:
@@ -222,6 +247,7 @@ class _Chunk:
     start: int  # rows of the split
     stop: int
     path: str
+    key: str  # hash of the input, these rows and the generation settings (also map's fingerprint)
 
     @property
     def cached(self) -> bool:
@@ -353,17 +379,6 @@ def _retry_failed(transform: VllmGenerate, chunk: _Chunk, done: Dataset, batch_s
 
 
 @contextlib.contextmanager
-def _datasets_bars_off() -> Iterator[None]:
-    enabled = datasets.utils.logging.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if enabled:
-            datasets.enable_progress_bars()
-
-
-@contextlib.contextmanager
 def _sticky_interrupt() -> Iterator[threading.Event]:
     """Ctrl-C raises KeyboardInterrupt as usual and also sets the event this yields, which the
     transform checks before each batch: datasets' fingerprinting catches every exception while
@@ -420,13 +435,9 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, base_url: list[str] | N
     transform = VllmGenerate(config)
     data = recipe.data
 
-    with _datasets_bars_off():  # a bad input then fails with one line on stderr, nothing before it
-        ds = load_input(data.input)
+    ds = load_input(data.input)
     where = data.input.path or data.input.hub_id
-    missing = [c for c in config.prompt.required_columns() if c not in ds.column_names]
-    if missing:
-        what = "data.template" if config.prompt.template else f"data.{'messages_column' if config.prompt.messages_column else 'prompt_column'}"
-        raise RecipeError(f"{what}: column(s) {', '.join(map(repr, missing))} not in {where} (columns: {', '.join(ds.column_names)})")
+    check_input_columns(config, ds, where)
     total_rows = len(ds)
     if num_splits > total_rows:  # an empty split would crash in shard() and could never be merged
         raise RecipeError(f"processing.num_splits {num_splits} is more than the {total_rows} rows of {where}: use at most {total_rows} splits")
@@ -451,7 +462,7 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, base_url: list[str] | N
     for index, start in enumerate(range(0, len(split), size)):
         stop = min(start + size, len(split))
         key = hashlib.sha256(f"{split._fingerprint}|{start}|{stop}|{gen_key}".encode()).hexdigest()[:16]
-        chunks.append(_Chunk(index, start, stop, os.path.join(split_dir, f"chunk-{index:06d}-{key}.arrow")))
+        chunks.append(_Chunk(index, start, stop, os.path.join(split_dir, f"chunk-{index:06d}-{key}.arrow"), key))
     cached = [c for c in chunks if c.cached]
     reused = sum(c.stop - c.start for c in cached)
     if cached:
@@ -469,17 +480,16 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, base_url: list[str] | N
     transform.client.on_result = bar
     feeder = None
     parts: list[Dataset] = []
-    progress_bars = datasets.utils.logging.is_progress_bar_enabled()
-    datasets.disable_progress_bars()  # ours covers the whole split
-    interrupted = contextlib.ExitStack()
-    transform.interrupted = interrupted.enter_context(_sticky_interrupt())
+    scope = contextlib.ExitStack()
+    scope.enter_context(_datasets_bars_off())  # ours covers the whole split
+    transform.interrupted = scope.enter_context(_sticky_interrupt())
     try:
         if recipe.retry.retry_failed:
             # Before the feeder starts: these maps would take the batches it sends ahead for
             # the unfinished chunks, and every row of those would be sent twice.
             for chunk in cached:
                 piece = split.select(range(chunk.start, chunk.stop))
-                done = _map_chunk(transform, piece, chunk.path, chunk.path[-24:-6], batch_size, num_proc, split_start + chunk.start)
+                done = _map_chunk(transform, piece, chunk.path, chunk.key, batch_size, num_proc, split_start + chunk.start)
                 _retry_failed(transform, chunk, done, batch_size, split_start + chunk.start)
         max_ahead = _lookahead_batches(recipe, len(config.model.base_url))
         if num_proc == 1 and ranges and max_ahead:
@@ -490,19 +500,17 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, base_url: list[str] | N
                 raise KeyboardInterrupt
             was_cached = chunk.cached
             piece = split.select(range(chunk.start, chunk.stop))
-            done = _map_chunk(transform, piece, chunk.path, chunk.path[-24:-6], batch_size, num_proc, split_start + chunk.start)
+            done = _map_chunk(transform, piece, chunk.path, chunk.key, batch_size, num_proc, split_start + chunk.start)
             parts.append(done)
             if not was_cached:
                 logger.info("chunk %d/%d done (%d rows)", chunk.index + 1, len(chunks), chunk.stop - chunk.start)
     finally:
-        interrupted.close()
+        scope.close()
         if feeder is not None:
             feeder.stop()
         transform.client.on_result = None
         transform.close()
         bar.close()
-        if progress_bars:
-            datasets.enable_progress_bars()
 
     result = datasets.concatenate_datasets(parts) if parts else split
     wall = time.monotonic() - started
