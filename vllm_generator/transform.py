@@ -81,6 +81,7 @@ class VllmGenerate:
             want_logprobs=want_logprobs,
         )
         self._fields = gen.request_fields()
+        self._required = config.prompt.required_columns()  # parsed once, read on every batch
 
     # -- pickling: configuration only
 
@@ -152,7 +153,7 @@ class VllmGenerate:
     # -- building requests
 
     def _check_columns(self, columns: Sequence[str]) -> None:
-        missing = [c for c in self.config.prompt.required_columns() if c not in columns]
+        missing = [c for c in self._required if c not in columns]
         if missing:
             what = "template" if self.config.prompt.template else "prompt"
             raise RecipeError(
@@ -173,7 +174,7 @@ class VllmGenerate:
         chat = self.config.generation.mode == "chat"
         if prompt.source == "template":
             assert prompt.template is not None
-            names = prompt.required_columns()
+            names = self._required
             columns = {n: batch[n] for n in names}
             size = len(columns[names[0]])
             texts = [prompt.template.format(**{n: columns[n][i] for n in names}) for i in range(size)]
@@ -214,7 +215,7 @@ class VllmGenerate:
 
     def row_key(self, batch: Mapping[str, Sequence[Any]]) -> list[list[Any]]:
         """The values of the columns the prompt reads: equal keys make equal request bodies."""
-        return [list(batch[c]) for c in self.config.prompt.required_columns()]
+        return [list(batch[c]) for c in self._required]
 
     def submit_ahead(
         self, batch: Mapping[str, Sequence[Any]], max_ahead: int, stopped: threading.Event, max_unfinished: int | None = None
@@ -282,8 +283,10 @@ class VllmGenerate:
     ) -> dict[str, np.ndarray]:
         if self.interrupted is not None and self.interrupted.is_set():
             raise KeyboardInterrupt
-        self._check_columns(list(batch.keys()))
-        pending = self._take(self.row_key(batch)) if self._ahead or self._feeding else None
+        pending = None
+        if self._ahead or self._feeding:
+            self._check_columns(list(batch.keys()))  # before row_key reads them (build_bodies checks too)
+            pending = self._take(self.row_key(batch))
         if pending is None:
             pending = self.submit(self.build_bodies(batch))
         bodies = pending.bodies
