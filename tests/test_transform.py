@@ -724,7 +724,7 @@ def test_the_api_key_is_read_from_vllm_api_key(start_fake_server: Callable[..., 
 
 def test_a_missing_api_key_stops_before_any_generation_request(start_fake_server: Callable[..., FakeServer]) -> None:
     server = start_fake_server("--api-key", "secret")
-    with pytest.raises(VllmGeneratorError, match="401"):
+    with pytest.raises(RecipeError, match=r"refused the API key \(401: .*\): pass api_key=\.\.\., set VLLM_API_KEY"):
         Dataset.from_dict({"prompt": ["a"]}).map(vllm_generate(server.url), batched=True)
     assert server.log() == []
 

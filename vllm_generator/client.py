@@ -342,22 +342,24 @@ class Client:
         """``GET /v1/models`` of one server (the first by default)."""
         session = self._ensure_session()
         url = f"{server or self.servers[0].url}/v1/models"
+        hint = f"is the vLLM server running? try `vllm-generator list-models -m {server or self.servers[0].url}`"
         try:
             async with session.get(url, timeout=aiohttp.ClientTimeout(total=min(30.0, self._timeout_seconds))) as resp:
                 body = await resp.read()
-                if resp.status in (401, 403):
-                    raise RecipeError(
-                        f"{url} refused the API key ({resp.status}: {_server_message(body)}): pass api_key=..., "
-                        "set VLLM_API_KEY, or name the variable in a recipe's model.api_key_env"
-                    )
-                if resp.status != 200:
-                    raise ServerUnavailableError(f"GET {url} answered {resp.status}: {_server_message(body)}")
-                return list(json.loads(body)["data"])
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError) as err:
-            raise ServerUnavailableError(
-                f"cannot list models at {url} ({type(err).__name__}: {err}): is the vLLM server running? "
-                f"try `vllm-generator list-models -m {server or self.servers[0].url}`"
-            ) from err
+                status = resp.status
+        except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+            raise ServerUnavailableError(f"cannot list models at {url} ({type(err).__name__}: {err}): {hint}") from err
+        if status in (401, 403):  # a setting to fix, not a server to wait for
+            raise RecipeError(
+                f"{url} refused the API key ({status}: {_server_message(body)}): pass api_key=..., "
+                "set VLLM_API_KEY, or name the variable in a recipe's model.api_key_env"
+            )
+        if status != 200:
+            raise ServerUnavailableError(f"GET {url} answered {status}: {_server_message(body)}")
+        try:
+            return list(json.loads(body)["data"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise ServerUnavailableError(f"{url} sent no model list ({type(err).__name__}: {err}): {hint}") from err
 
     async def resolve_model(self) -> str:
         """The model to request: the configured one (checked to exist) or the server's only one."""
