@@ -617,3 +617,35 @@ def test_failed_write_keeps_the_previous_output(tmp_path: Path, fake_server: Fak
     assert out.read_bytes() == before
     assert leftovers(tmp_path) == []
 
+
+
+def test_a_killed_map_s_temp_file_is_removed_on_the_next_run(tmp_path: Path, fake_server: FakeServer) -> None:
+    texts = questions(20)
+    recipe = make_recipe(tmp_path, fake_server.url, write_input(tmp_path / "in.parquet", texts))
+    split_dir = tmp_path / "out" / "answers.parquet.work" / "split-00000-of-00001"
+    split_dir.mkdir(parents=True)
+    (split_dir / "tmpab12cd").write_bytes(b"half a chunk")  # what map leaves when killed
+    run(recipe)
+    assert not (split_dir / "tmpab12cd").exists()
+    assert pq.read_table(tmp_path / "out" / "answers.parquet")["response"].to_pylist() == [f"echo: {t}" for t in texts]
+
+
+def test_the_progress_bar_ends_at_the_split_s_rows(tmp_path: Path, fake_server: FakeServer, capfd: pytest.CaptureFixture[str]) -> None:
+    recipe = make_recipe(tmp_path, fake_server.url, write_input(tmp_path / "in.parquet", questions(25)), processing={"max_concurrency": 2})
+    run_recipe(load_recipe(recipe), progress=True)
+    bar = capfd.readouterr().err
+    assert "generate: 100%" in bar and "25/25" in bar and "0 errors" in bar
+
+
+def test_merge_refuses_splits_with_other_columns(tmp_path: Path, fake_server: FakeServer) -> None:
+    recipe = make_recipe(tmp_path, fake_server.url, write_input(tmp_path / "in.parquet", questions(10)), processing={"num_splits": 2})
+    run(recipe, processing__split_id=0)
+    table = pq.read_table(tmp_path / "in.parquet")
+    pq.write_table(table.append_column("extra", pa.array(range(10))), tmp_path / "in.parquet")  # same rows, one column more
+    run(recipe, processing__split_id=1)
+    out = tmp_path / "out" / "answers.parquet"
+    with pytest.raises(MergeError) as info:
+        merge_outputs(str(out))
+    split1 = out.parent / "answers.split-00001-of-00002.parquet"
+    assert str(info.value) == f"cannot merge {out}: split 1 ({split1}) has other columns than split 0; rerun it"
+    assert not out.exists()
