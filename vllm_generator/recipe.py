@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import re
 import string
@@ -38,8 +37,6 @@ __all__ = [
     "load_recipe",
     "format_validation_error",
 ]
-
-logger = logging.getLogger(__name__)
 
 # vLLM's default scheduler batch (max_num_seqs) is 256 on GPU: keeping that many requests in flight
 # per server fills its batch without building a long queue on the server.
@@ -272,8 +269,6 @@ class ModelConfig(_Config):
             raise ValueError("give either base_url (running servers) or serve (start them), not both")
         if not self.base_url and not self.serve:
             raise ValueError("no server: set base_url (e.g. http://localhost:8000) or a serve section")
-        if self.model and self.serve and self.model != self.serve.model:
-            logger.debug("model name %r differs from served model %r", self.model, self.serve.model)
         return self
 
     def api_key(self) -> str | None:
