@@ -267,3 +267,46 @@ def test_vllm_generate_serve_with_workers_but_no_with_block_is_refused(launcher:
     with pytest.raises(RecipeError, match=r"with vllm_generate\(serve=...\) as generate"):
         Dataset.from_dict({"prompt": ["a", "b"]}).map(generate, batched=True, batch_size=1, num_proc=2)
     assert _records(tmp_path) == []  # no worker started a server
+
+
+def test_vllm_generate_serve_fingerprint_names_the_model_not_the_port(launcher: list[str], tmp_path: Path) -> None:
+    from datasets import Dataset
+    from datasets.fingerprint import Hasher
+
+    from vllm_generator import vllm_generate
+
+    (tmp_path / "records").mkdir()
+    Dataset.from_dict({"prompt": ["a", "b", "c"]}).to_parquet(str(tmp_path / "in.parquet"))
+    ds = Dataset.from_parquet(str(tmp_path / "in.parquet"))
+    config = _config(launcher, tmp_path / "records", model="m1")
+    first = vllm_generate(serve=config)
+    before = Hasher.hash(first)
+    out = ds.map(first, batched=True)  # starts the servers on a random port
+    assert out["response"] == ["echo: a", "echo: b", "echo: c"]
+    assert Hasher.hash(first) == before  # the running servers' port is not part of it
+    assert Hasher.hash(vllm_generate(serve=_config(launcher, tmp_path / "records", model="m2"))) != before
+    first.close()
+
+    # the same configuration again: datasets' cache answers, and no server is even started
+    again = vllm_generate(serve=config)
+    assert ds.map(again, batched=True)["response"] == out["response"]
+    assert len(_records(tmp_path / "records")) == 1
+    # another model: no cache hit, its own server answers
+    other = ds.map(vllm_generate(serve=_config(launcher, tmp_path / "records", model="m2"), n=1), batched=True)
+    assert len(_records(tmp_path / "records")) == 2 and other["error"] == [None] * 3
+
+
+def test_vllm_generate_serve_starts_again_after_close(launcher: list[str], tmp_path: Path) -> None:
+    from datasets import Dataset
+
+    from vllm_generator import vllm_generate
+
+    generate = vllm_generate(serve=_config(launcher, tmp_path, model="m1"))
+    ds = Dataset.from_dict({"prompt": ["a"]})
+    assert ds.map(generate, batched=True)["response"] == ["echo: a"]
+    generate.close()
+    assert ds.map(generate, batched=True)["response"] == ["echo: a"]
+    pids = [r["pid"] for r in _records(tmp_path)]
+    assert len(pids) == 2 and sum(map(_alive, pids)) == 1  # a new server; the first one stopped
+    generate.close()
+    assert not any(map(_alive, pids))

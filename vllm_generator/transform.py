@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 # Explicit api_key arguments, kept out of the pickled state (and so out of datasets' fingerprint).
 # A worker forked by map(num_proc=N) inherits this dict; elsewhere the key comes from the environment.
 _API_KEYS: dict[str, str] = {}
+# URLs of the servers a ``serve=...`` transform started, by its state: forked map workers find them
+# here, and the state (so the fingerprint) keeps naming the model instead of a random port.
+_SERVED: dict[str, list[str]] = {}
 # numpy's variable-width string dtype keeps None as a null of type string (numpy >= 2)
 _TEXT = np.dtypes.StringDType(na_object=None)
 
@@ -57,6 +60,7 @@ class VllmGenerate:
             _API_KEYS[self._state] = api_key
         self._client: Client | None = None
         self._servers: contextlib.ExitStack | None = None  # vLLM servers started for serve=...
+        self._served_urls: list[str] | None = None  # their URLs, while they run
         self._unpickled = False  # set by _restore: a copy, e.g. in a map worker
         # set by the recipe runner on Ctrl-C: stop at the next batch even if Ctrl-C was swallowed
         self.interrupted: threading.Event | None = None
@@ -98,11 +102,11 @@ class VllmGenerate:
     def client(self) -> Client:
         with self._lock:
             if self._client is None or self._client_pid != os.getpid():
-                if self.config.model.serve is not None:
+                if self.config.model.serve is not None and self._served_urls is None:
                     self._start_servers()
                 m = self.config.model
                 self._client = Client(
-                    m.base_url,
+                    self._served_urls or m.base_url,
                     api_key=self._api_key or m.api_key(),
                     model=m.model,
                     timeout=m.timeout,
@@ -113,7 +117,7 @@ class VllmGenerate:
             return self._client
 
     def _start_servers(self) -> None:
-        """Start the ``serve`` section's vLLM servers and point this transform at them."""
+        """Start the ``serve`` section's vLLM servers; requests go to them until ``close()``."""
         from .serve import serve_models
 
         serve = self.config.model.serve
@@ -125,18 +129,18 @@ class VllmGenerate:
                 "`with vllm_generate(serve=...) as generate: ds.map(generate, num_proc=N, ...)`"
             )
         self._servers = contextlib.ExitStack()
-        urls = self._servers.enter_context(serve_models(serve))
-        model = self.config.model.model_copy(update={"base_url": urls, "serve": None, "model": self.config.model.model or None})
-        self.config = self.config.model_copy(update={"model": model})
-        self._state = json.dumps(self.config.model_dump(mode="json"), sort_keys=True)  # what workers get
-        if self._api_key:
-            _API_KEYS[self._state] = self._api_key
+        self._served_urls = self._servers.enter_context(serve_models(serve))
+        _SERVED[self._state] = self._served_urls
 
     def close(self) -> None:
-        """Close the HTTP session and stop servers this transform started (it stays usable)."""
+        """Close the HTTP session and stop servers this transform started (it stays usable:
+        the next batch opens a new session, and starts the servers again)."""
         if self._client is not None and self._client_pid == os.getpid():
             self._client.close()
         if self._servers is not None:
+            _SERVED.pop(self._state, None)
+            self._served_urls = None
+            self._client = None  # its URLs are gone with the servers
             self._servers.close()
             self._servers = None
 
@@ -144,7 +148,8 @@ class VllmGenerate:
         """Start managed servers now (``serve=...``), so ``map`` workers share them."""
         if self.config.model.serve is not None:
             with self._lock:
-                self._start_servers()
+                if self._served_urls is None:
+                    self._start_servers()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -335,6 +340,7 @@ class VllmGenerate:
 def _restore(state: str) -> VllmGenerate:
     transform = VllmGenerate(GenerateConfig.model_validate_json(state), api_key=_API_KEYS.get(state))
     transform._unpickled = True
+    transform._served_urls = _SERVED.get(state)
     return transform
 
 
