@@ -187,11 +187,52 @@ def test_reused_transform_checks_the_columns_of_every_dataset(fake_server: FakeS
     assert len(fake_server.log()) == 1
 
 
-def test_a_row_without_text_is_a_recipe_error_before_any_request(fake_server: FakeServer) -> None:
-    ds = Dataset.from_dict({"prompt": ["fine", None]})
+def test_a_row_of_the_wrong_type_is_a_recipe_error_before_any_request(fake_server: FakeServer) -> None:
+    ds = Dataset.from_dict({"prompt": [["not", "text"], ["x"]]})
     with pytest.raises(RecipeError) as info:
         ds.map(vllm_generate(fake_server.url), batched=True)
-    assert str(info.value) == "row 1 of the batch: column 'prompt' must hold text, got NoneType (fix or filter that row)"
+    assert str(info.value) == "row 0 of the batch: column 'prompt' must hold text, got list (use messages_column for chat messages)"
+    assert fake_server.log() == []
+
+
+@pytest.mark.parametrize(
+    ("rows", "options", "message"),
+    [
+        ({"prompt": ["fine", None, "also fine"]}, {}, "not sent: this row's prompt column 'prompt' is null (fill or filter such rows)"),
+        (
+            {"q": ["fine", "x", "also fine"], "lang": ["en", None, "fr"]},
+            {"template": "{lang}: {q}"},
+            "not sent: a column of this row's template ('lang', 'q') is null (fill or filter such rows)",
+        ),
+        (
+            {"chat": [[{"role": "user", "content": "fine"}], None, [{"role": "user", "content": "also fine"}]]},
+            {"messages_column": "chat"},
+            "not sent: this row's prompt column 'chat' is null (fill or filter such rows)",
+        ),
+    ],
+)
+def test_a_row_with_a_null_prompt_gets_an_error_and_is_not_sent(
+    fake_server: FakeServer, rows: dict[str, list[Any]], options: dict[str, Any], message: str
+) -> None:
+    out = Dataset.from_dict(rows).map(vllm_generate(fake_server.url, **options), batched=True)
+
+    assert out["error"] == [None, message, None]
+    assert out["response"][1] is None and out["finish_reason"][1] is None and out["completion_tokens"][1] == 0
+    assert out["response"][0].startswith("echo: ") and out["response"][2].endswith("also fine")
+    assert len(fake_server.log()) == 2  # "None" is never sent as text
+
+
+def test_a_null_prompt_with_on_error_raise_stops_before_any_request(fake_server: FakeServer) -> None:
+    with pytest.raises(GenerationError, match=r"^row 1 of the batch failed: not sent: this row's prompt column 'prompt' is null"):
+        Dataset.from_dict({"prompt": ["a", None]}).map(vllm_generate(fake_server.url, on_error="raise"), batched=True)
+    assert fake_server.log() == []
+
+
+def test_a_map_without_batched_is_refused_before_any_request(fake_server: FakeServer) -> None:
+    with pytest.raises(RecipeError, match=r"^vllm_generate is a batched transform: use ds.map\(generate, batched=True"):
+        Dataset.from_dict({"prompt": ["hello", "world"]}).map(vllm_generate(fake_server.url))
+    with pytest.raises(RecipeError, match="batched transform"):
+        Dataset.from_dict({"chat": [[{"role": "user", "content": "hi"}]]}).map(vllm_generate(fake_server.url, messages_column="chat"))
     assert fake_server.log() == []
 
 
@@ -436,7 +477,14 @@ def test_parse_reasoning_off_keeps_think_tags_in_the_response(fake_server: FakeS
     assert out[0]["reasoning"] is None
 
 
-@pytest.mark.parametrize("off", [{"thinking": False}, {"chat_template_kwargs": {"enable_thinking": False}}])
+@pytest.mark.parametrize(
+    "off",
+    [
+        {"thinking": False},
+        {"chat_template_kwargs": {"enable_thinking": False}},
+        {"extra_body": {"chat_template_kwargs": {"enable_thinking": False}}},  # what is sent decides
+    ],
+)
 def test_with_thinking_off_a_stray_think_end_stays_in_the_answer(fake_server: FakeServer, off: dict[str, Any]) -> None:
     # vLLM leaves a literal "</think>" in content when enable_thinking is false: it is answer text
     prompt = "why? [[reasoning:close_only]]"
@@ -444,6 +492,23 @@ def test_with_thinking_off_a_stray_think_end_stays_in_the_answer(fake_server: Fa
 
     assert out[0]["response"] == f"thinking about {prompt}</think>\n\necho: {prompt}"
     assert out[0]["reasoning"] is None
+
+
+def test_thinking_on_wins_over_chat_template_kwargs_and_the_reasoning_is_parsed(fake_server: FakeServer) -> None:
+    prompt = "why? [[reasoning:close_only]]"
+    transform = vllm_generate(fake_server.url, thinking=True, chat_template_kwargs={"enable_thinking": False})
+    out = Dataset.from_dict({"prompt": [prompt]}).map(transform, batched=True)
+
+    assert fake_server.log()[0]["body"]["chat_template_kwargs"] == {"enable_thinking": True}
+    assert (out[0]["reasoning"], out[0]["response"]) == (f"thinking about {prompt}", f"echo: {prompt}")
+
+
+@pytest.mark.parametrize("logprobs", [0, 2])
+def test_completion_logprobs_count_zero_still_gets_its_column(fake_server: FakeServer, logprobs: int) -> None:
+    out = Dataset.from_dict({"prompt": ["hi"]}).map(vllm_generate(fake_server.url, mode="completion", logprobs=logprobs), batched=True)
+
+    assert fake_server.log()[0]["body"]["logprobs"] == logprobs
+    assert "logprobs" in out.column_names and out["logprobs"] == ["[null]"]  # the fake server sends null logprobs
 
 
 # --------------------------------------------------------------------------- retries and errors
@@ -559,8 +624,14 @@ def test_on_error_raise_names_the_row(fake_server: FakeServer) -> None:
 
     assert str(info.value) == (
         f"row 1 of the batch failed: 400 from {fake_server.url}/v1/chat/completions: This model's maximum context "
-        'length is 512 tokens. However, you requested 900 tokens. (prompt: [{"role": "user", "content": "d [[400]]"}])'
+        "length is 512 tokens. However, you requested 900 tokens. (prompt: 'd [[400]]')"
     )
+
+
+def test_on_error_raise_shows_the_rows_own_text_not_the_system_prompt(fake_server: FakeServer) -> None:
+    transform = fast(fake_server.url, on_error="raise", system_prompt="You are a very helpful assistant. " * 10)
+    with pytest.raises(GenerationError, match=r"\(prompt: 'the bad row \[\[400\]\]'\)$"):
+        Dataset.from_dict({"prompt": ["the bad row [[400]]"]}).map(transform, batched=True)
 
 
 def test_on_error_raise_names_the_dataset_row_with_indices(fake_server: FakeServer) -> None:

@@ -39,8 +39,8 @@ _TEXT = np.dtypes.StringDType(na_object=None)
 class _Pending:
     """A batch handed to the client: the exact request bodies and the future of their results."""
 
-    bodies: list[dict[str, Any]]
-    future: concurrent.futures.Future[list[Result]]
+    bodies: list[dict[str, Any] | None]  # None: the row has no prompt and was not sent
+    future: concurrent.futures.Future[list[Result]]  # results of the rows sent, in order
     key: list[list[Any]] | None = None  # the rows' prompt columns (see row_key)
 
 
@@ -72,11 +72,14 @@ class VllmGenerate:
         self._feeding = False
         gen = config.generation
         self._path = "/v1/chat/completions" if gen.mode == "chat" else "/v1/completions"
-        want_logprobs = bool(gen.logprobs) or bool(gen.extra_body.get("logprobs"))
+        self._fields = gen.request_fields()
+        # Decided from the body actually sent, so extra_body and chat_template_kwargs count too.
+        # logprobs is a flag in chat mode and a count (0 included) in completion mode.
+        want_logprobs = self._fields.get("logprobs") is not None and self._fields.get("logprobs") is not False
         self._want_logprobs = want_logprobs
         # With thinking off the chat template closes the think block in the prompt: everything
         # generated is answer, even a stray "</think>" (vLLM's parser leaves those in content).
-        thinking_off = gen.thinking is False or (gen.chat_template_kwargs or {}).get("enable_thinking") is False
+        thinking_off = (self._fields.get("chat_template_kwargs") or {}).get("enable_thinking") is False
         self._parse = partial(
             _parse_body,
             chat=gen.mode == "chat",
@@ -84,7 +87,6 @@ class VllmGenerate:
             parse_reasoning=gen.parse_reasoning and not thinking_off,
             want_logprobs=want_logprobs,
         )
-        self._fields = gen.request_fields()
         self._required = config.prompt.required_columns()  # parsed once, read on every batch
 
     # -- pickling: configuration only
@@ -166,28 +168,43 @@ class VllmGenerate:
                 f"its columns are: {', '.join(columns)}"
             )
 
-    def build_bodies(self, batch: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
-        """The JSON request bodies (without ``model``) for every row of a batch.
+    def _check_batched(self, batch: Mapping[str, Sequence[Any]]) -> None:
+        value = batch[self._required[0]]
+        # without batched=True map hands over one row: its text would be sent a character at a time
+        if not isinstance(value, list) or (self.config.prompt.source == "messages" and value and isinstance(value[0], Mapping)):
+            raise RecipeError("vllm_generate is a batched transform: use ds.map(generate, batched=True, batch_size=8192)")
+
+    def build_bodies(self, batch: Mapping[str, Sequence[Any]]) -> list[dict[str, Any] | None]:
+        """The JSON request bodies (without ``model``) for every row of a batch; None for a row
+        whose prompt is null (it gets an error and is not sent).
 
         Raises:
             RecipeError: a column the prompt needs is missing, or a row's value has the wrong type.
         """
         # every batch: one transform may map several datasets, and the check is a few lookups
         self._check_columns(list(batch.keys()))
+        self._check_batched(batch)
         prompt = self.config.prompt
         fields = self._fields
         chat = self.config.generation.mode == "chat"
+        texts: list[Any]
         if prompt.source == "template":
             assert prompt.template is not None
             names = self._required
             columns = {n: batch[n] for n in names}
             size = len(columns[names[0]])
-            texts = [prompt.template.format(**{n: columns[n][i] for n in names}) for i in range(size)]
+            texts = [
+                None if any(columns[n][i] is None for n in names) else prompt.template.format(**{n: columns[n][i] for n in names})
+                for i in range(size)
+            ]
         else:
             texts = list(batch[prompt.column])
-        bodies: list[dict[str, Any]] = []
+        bodies: list[dict[str, Any] | None] = []
         if chat and prompt.source == "messages":
             for i, messages in enumerate(texts):
+                if messages is None:
+                    bodies.append(None)
+                    continue
                 if not isinstance(messages, list) or not all(isinstance(m, Mapping) and "role" in m for m in messages):
                     raise RecipeError(
                         f"row {i} of the batch: column {prompt.column!r} must hold a list of {{role, content}} messages, "
@@ -199,12 +216,14 @@ class VllmGenerate:
                 bodies.append({"messages": msgs, **fields})
             return bodies
         for i, text in enumerate(texts):
-            if not isinstance(text, str):
+            if text is None:
+                bodies.append(None)
+            elif not isinstance(text, str):
                 raise RecipeError(
                     f"row {i} of the batch: column {prompt.column!r} must hold text, got {type(text).__name__} "
-                    f"({'use messages_column for chat messages' if isinstance(text, list) else 'fix or filter that row'})"
+                    f"({'use messages_column for chat messages' if isinstance(text, list) else 'convert the column to text'})"
                 )
-            if not chat:
+            elif not chat:
                 bodies.append({"prompt": text, **fields})
             elif prompt.system_prompt:
                 bodies.append({"messages": [{"role": "system", "content": prompt.system_prompt}, {"role": "user", "content": text}], **fields})
@@ -212,11 +231,28 @@ class VllmGenerate:
                 bodies.append({"messages": [{"role": "user", "content": text}], **fields})
         return bodies
 
+    def _no_prompt(self) -> str:
+        names = ", ".join(repr(c) for c in self._required)
+        return f"not sent: this row's prompt column {names} is null (fill or filter such rows)" if len(self._required) == 1 else \
+            f"not sent: a column of this row's template ({names}) is null (fill or filter such rows)"
+
     # -- submitting and collecting
 
-    def submit(self, bodies: list[dict[str, Any]]) -> _Pending:
+    def submit(self, bodies: list[dict[str, Any] | None]) -> _Pending:
         """Hand a batch to the background loop now; collect its results later."""
-        return _Pending(bodies, self.client.submit(self._path, bodies, self._parse))
+        sent = [b for b in bodies if b is not None]
+        if len(sent) < len(bodies) and self.config.retry.on_error == "raise":
+            row = bodies.index(None)
+            raise GenerationError(f"row {row} of the batch failed: {self._no_prompt()}")
+        return _Pending(bodies, self.client.submit(self._path, sent, self._parse))
+
+    def _results(self, pending: _Pending) -> list[Result]:
+        """The rows' results in order, rows without a prompt included."""
+        results = pending.future.result()
+        if len(results) == len(pending.bodies):
+            return results
+        sent = iter(results)
+        return [next(sent) if b is not None else Result(error=self._no_prompt(), error_type="no_prompt") for b in pending.bodies]
 
     def row_key(self, batch: Mapping[str, Sequence[Any]]) -> list[list[Any]]:
         """The values of the columns the prompt reads: equal keys make equal request bodies."""
@@ -296,7 +332,7 @@ class VllmGenerate:
             pending = self.submit(self.build_bodies(batch))
         bodies = pending.bodies
         try:
-            results = pending.future.result()
+            results = self._results(pending)
         except BaseException:
             pending.future.cancel()
             self.cancel_ahead()
@@ -305,15 +341,14 @@ class VllmGenerate:
             indices = [i + offset for i in indices]
         return self.columns(results, bodies, indices)
 
-    def columns(self, results: list[Result], bodies: list[dict[str, Any]], indices: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+    def columns(self, results: list[Result], bodies: list[dict[str, Any] | None], indices: Sequence[int] | None = None) -> dict[str, np.ndarray]:
         """Arrow columns with fixed types, so batches of all-null values never change the schema."""
         cols = self.config.columns
         if self.config.retry.on_error == "raise":
             for i, r in enumerate(results):
                 if r.error is not None:
                     where = f"row {indices[i]}" if indices is not None else f"row {i} of the batch"
-                    prompt = json.dumps(bodies[i].get("messages", bodies[i].get("prompt")))[:120]
-                    raise GenerationError(f"{where} failed: {r.error} (prompt: {prompt})")
+                    raise GenerationError(f"{where} failed: {r.error} (prompt: {_prompt_text(bodies[i])[:120]!r})")
         n = self.config.generation.n
 
         def text(values: list[Any]) -> np.ndarray:
@@ -335,6 +370,16 @@ class VllmGenerate:
         if self._want_logprobs:
             out[cols.logprobs] = np.array([r.logprobs for r in results], dtype=_TEXT)
         return out
+
+
+def _prompt_text(body: dict[str, Any] | None) -> str:
+    """The row's own text (the last message, not a shared system prompt), for error messages."""
+    if body is None:
+        return ""
+    if "prompt" in body:
+        return str(body["prompt"])
+    content = body["messages"][-1].get("content") if body["messages"] else ""
+    return content if isinstance(content, str) else json.dumps(content)
 
 
 def _restore(state: str) -> VllmGenerate:
