@@ -171,6 +171,16 @@ INVALID: list[tuple[str, Callable[[dict[str, Any]], object], str]] = [
         ),
     ),
     (
+        "extra-body-n",
+        lambda r: r.update(generation={"extra_body": {"n": 2}}),
+        "generation: extra_body.n cannot be set: use generation.n",
+    ),
+    (
+        "extra-body-messages",
+        lambda r: r.update(generation={"extra_body": {"messages": [{"role": "user", "content": "fixed"}]}}),
+        "generation: extra_body.messages cannot be set: use data.messages_column (or prompt_column, template)",
+    ),
+    (
         "chat-template-kwargs-in-completion",
         lambda r: r.update(generation={"mode": "completion", "chat_template_kwargs": {"enable_thinking": False}}),
         "generation: chat_template_kwargs only applies to mode 'chat'",
@@ -295,8 +305,24 @@ def test_unset_env_reference_names_variable_and_field(tmp_path: Path, monkeypatc
     path = write_recipe(tmp_path, recipe_with(lambda r: r["model"].update(base_url=["http://a:1", "http://${VG_TEST_HOST}:8000"])))
     assert load_error(path) == (
         f"{path}: model.base_url[1]: environment variable ${{VG_TEST_HOST}} is not set "
-        "(export it or write ${VG_TEST_HOST:-default})"
+        "(export it, write ${VG_TEST_HOST:-default}, or $${VG_TEST_HOST} for the literal text)"
     )
+
+
+def test_double_dollar_keeps_a_literal_env_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("price", "5")
+    path = write_recipe(tmp_path, recipe_with(lambda r: r["data"].update(prompt_column=None, template="Is $${price} fair for {prompt}? ${price}")))
+    assert load_recipe(path).data.template == "Is ${price} fair for {prompt}? 5"
+
+
+def test_api_key_env_naming_an_unset_variable_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VG_TEST_KEY", raising=False)
+    config = ModelConfig(base_url="http://a:1", api_key_env="VG_TEST_KEY")
+    with pytest.raises(RecipeError) as info:
+        config.api_key()
+    assert str(info.value) == "model.api_key_env names $VG_TEST_KEY, which is not set: export it, or remove api_key_env"
+    monkeypatch.setenv("VG_TEST_KEY", "sk-test")
+    assert config.api_key() == "sk-test"
 
 
 def test_overrides_set_nested_keys_and_are_validated(tmp_path: Path) -> None:
@@ -336,7 +362,14 @@ def test_split_comes_from_slurm_array_when_unset(tmp_path: Path, monkeypatch: py
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "5")
     with pytest.raises(RecipeError) as info:
         load_recipe(path).processing.resolved_split()
-    assert str(info.value) == "processing.split_id 4 is out of range for num_splits 4 (use 0 to 3)"
+    assert str(info.value) == (
+        "processing.split_id 4 is out of range for num_splits 4 (use 0 to 3); num_splits from SLURM_ARRAY_TASK_COUNT "
+        "and split_id from SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN"
+    )
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "x")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path).processing.resolved_split()
+    assert str(info.value) == "$SLURM_ARRAY_TASK_ID is 'x', not a whole number: set processing.split_id and num_splits instead"
 
 
 # --------------------------------------------------------------------------- what decides the output
@@ -364,8 +397,6 @@ def test_api_key_is_read_from_the_named_variable(monkeypatch: pytest.MonkeyPatch
     assert ModelConfig(base_url="http://a:1").api_key() == "sk-openai"
     monkeypatch.setenv("VLLM_API_KEY", "sk-vllm")
     assert ModelConfig(base_url="http://a:1").api_key() == "sk-vllm"
-    monkeypatch.delenv("VG_TEST_KEY", raising=False)
-    assert ModelConfig(base_url="http://a:1", api_key_env="VG_TEST_KEY").api_key() is None  # no fallback
     monkeypatch.setenv("VG_TEST_KEY", "sk-mine")
     assert ModelConfig(base_url="http://a:1", api_key_env="VG_TEST_KEY").api_key() == "sk-mine"
 

@@ -121,6 +121,16 @@ class OutputColumns(_Config):
 
 # Request fields that vLLM silently ignores since structured outputs replaced them.
 _GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend")
+# Request fields the transform owns: set through extra_body they would give every row the same
+# prompt, break the response parsing (n, stream) or route to another model.
+_OWNED_FIELDS = {
+    "model": "model.model",
+    "messages": "data.messages_column (or prompt_column, template)",
+    "prompt": "data.prompt_column (or template)",
+    "n": "generation.n",
+    "stream": "nothing: responses are read whole",
+    "stream_options": "nothing: responses are read whole",
+}
 
 
 class GenerationConfig(_Config):
@@ -165,6 +175,9 @@ class GenerationConfig(_Config):
 
     @model_validator(mode="after")
     def _check(self) -> GenerationConfig:
+        owned = [k for k in _OWNED_FIELDS if k in self.extra_body]
+        if owned:
+            raise ValueError(f"extra_body.{owned[0]} cannot be set: use {_OWNED_FIELDS[owned[0]]}")
         guided = [k for k in _GUIDED_FIELDS if k in self.extra_body]
         if guided:
             raise ValueError(
@@ -272,7 +285,13 @@ class ModelConfig(_Config):
         return self
 
     def api_key(self) -> str | None:
-        """The API key from the environment (the one place it is read)."""
+        """The API key from the environment (the one place it is read).
+
+        Raises:
+            RecipeError: ``api_key_env`` names a variable that is not set.
+        """
+        if self.api_key_env and not os.environ.get(self.api_key_env):
+            raise RecipeError(f"model.api_key_env names ${self.api_key_env}, which is not set: export it, or remove api_key_env")
         names = (self.api_key_env,) if self.api_key_env else API_KEY_ENV_VARS
         return next((os.environ[n] for n in names if os.environ.get(n)), None)
 
@@ -309,13 +328,16 @@ class GenerateConfig(_Config):
                 raise ValueError("system_prompt only applies to mode 'chat'")
         return self
 
-    def fingerprint(self) -> str:
-        """A hash of what decides the generated text (not servers, keys, concurrency or retries)."""
+    def fingerprint(self, served_model: str | None = None) -> str:
+        """A hash of what decides the generated text (not servers, keys, concurrency or retries).
+
+        ``served_model``: the model the servers said they serve, when ``model.model`` is None.
+        """
         relevant = {
             "prompt": self.prompt.model_dump(mode="json"),
             "generation": self.generation.model_dump(mode="json"),
             "columns": self.columns.model_dump(mode="json"),
-            "model": self.model.model or (self.model.serve.model if self.model.serve else None),
+            "model": self.model.model or served_model or (self.model.serve.model if self.model.serve else None),
         }
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -384,17 +406,30 @@ class ProcessingConfig(_Config):
     def resolved_split(self) -> tuple[int, int]:
         """``(num_splits, split_id)``, from the recipe or the SLURM array environment."""
         num_splits, split_id = self.num_splits, self.split_id
+        from_slurm = []
         if num_splits is None and os.environ.get("SLURM_ARRAY_TASK_COUNT"):
-            num_splits = int(os.environ["SLURM_ARRAY_TASK_COUNT"])
+            num_splits = _env_int("SLURM_ARRAY_TASK_COUNT")
+            from_slurm.append("num_splits from SLURM_ARRAY_TASK_COUNT")
         if split_id is None and os.environ.get("SLURM_ARRAY_TASK_ID"):
-            split_id = int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+            split_id = _env_int("SLURM_ARRAY_TASK_ID") - _env_int("SLURM_ARRAY_TASK_MIN", 0)
+            from_slurm.append("split_id from SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN")
         num_splits, split_id = num_splits or 1, split_id or 0
-        if split_id >= num_splits:
+        if not 0 <= split_id < num_splits:
+            source = f"; {' and '.join(from_slurm)}" if from_slurm else ""
             raise RecipeError(
-                f"processing.split_id {split_id} is out of range for num_splits {num_splits} "
-                f"(use 0 to {num_splits - 1})"
+                f"processing.split_id {split_id} is out of range for num_splits {num_splits} (use 0 to {num_splits - 1}){source}"
             )
         return num_splits, split_id
+
+
+def _env_int(name: str, default: int | None = None) -> int:
+    value = os.environ.get(name)
+    if value is None and default is not None:
+        return default
+    try:
+        return int(value or "")
+    except ValueError:
+        raise RecipeError(f"${name} is {value!r}, not a whole number: set processing.split_id and num_splits instead") from None
 
 
 class LoggingConfig(_Config):
@@ -438,7 +473,8 @@ class Recipe(_Config):
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
 
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# ${NAME} or ${NAME:-default}; $${NAME} is the literal text ${NAME}
+_ENV_REF = re.compile(r"(\$?)\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 def _expand_env(value: Any, where: str, path: str) -> Any:
@@ -450,12 +486,17 @@ def _expand_env(value: Any, where: str, path: str) -> Any:
         return value
 
     def substitute(match: re.Match[str]) -> str:
-        name, default = match.group(1), match.group(2)
+        escaped, name, default = match.group(1), match.group(2), match.group(3)
+        if escaped:
+            return match.group(0)[1:]
         if name in os.environ:
             return os.environ[name]
         if default is not None:
             return default
-        raise RecipeError(f"{where}: {path}: environment variable ${{{name}}} is not set (export it or write ${{{name}:-default}})")
+        raise RecipeError(
+            f"{where}: {path}: environment variable ${{{name}}} is not set "
+            f"(export it, write ${{{name}:-default}}, or $${{{name}}} for the literal text)"
+        )
 
     return _ENV_REF.sub(substitute, value)
 
