@@ -213,6 +213,91 @@ def test_input_errors_name_the_path(tmp_path: Path) -> None:
         assert str(info.value) == message.format(path=path)
 
 
+def test_unreadable_and_empty_inputs_say_why(tmp_path: Path) -> None:
+    (tmp_path / "broken.jsonl").write_text('{"question": "fine"}\n{"question": \n')
+    (tmp_path / "empty.jsonl").write_text("")
+    pq.write_table(pa.table({"question": pa.array([], pa.string())}), tmp_path / "empty.parquet")
+    messages = {}
+    for name in ("broken.jsonl", "empty.jsonl", "empty.parquet"):
+        with pytest.raises(RecipeError) as info:
+            run(make_recipe(tmp_path, "http://127.0.0.1:9", tmp_path / name))
+        messages[name] = str(info.value)
+    assert messages["broken.jsonl"].startswith(f"data.input.path: cannot read {tmp_path / 'broken.jsonl'}: ")
+    assert "An error occurred while generating the dataset" not in messages["broken.jsonl"]  # the parser's own words
+    assert messages["empty.jsonl"] in (
+        f"data.input: {tmp_path / 'empty.jsonl'} has no rows",
+        f"data.input.path: cannot read {tmp_path / 'empty.jsonl'}: " + messages["empty.jsonl"].split(": ", 2)[-1],
+    )
+    assert messages["empty.parquet"] == f"data.input: {tmp_path / 'empty.parquet'} has no rows"
+
+
+@pytest.mark.parametrize(
+    ("column", "data", "message"),
+    [
+        (pa.array([1, 2, 3]), {}, "data.prompt_column: column 'question' of {input} holds int64, not text (use a template such as '{{question}}' to format other types)"),
+        (
+            pa.array([[{"role": "user", "content": "hi"}]] * 3),
+            {},
+            "data.prompt_column: column 'question' of {input} holds list<item: struct<role: string, content: string>>, not text (use messages_column for chat messages)",
+        ),
+        (
+            pa.array(["a", "b", "c"]),
+            {"prompt_column": None, "messages_column": "question"},
+            "data.messages_column: column 'question' of {input} holds string, not lists of {{role, content}} messages (use a template such as '{{question}}' to format other types)",
+        ),
+    ],
+    ids=["int-as-text", "messages-as-text", "text-as-messages"],
+)
+def test_a_prompt_column_of_the_wrong_type_fails_before_any_request(
+    tmp_path: Path, fake_server: FakeServer, column: pa.Array, data: dict[str, Any], message: str
+) -> None:
+    input_path = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": [0, 1, 2], "question": column}), input_path)
+    with pytest.raises(RecipeError) as info:
+        run(make_recipe(tmp_path, fake_server.url, input_path, data=data))
+    assert str(info.value) == message.format(input=input_path)
+    assert fake_server.log() == []
+
+
+def test_null_prompts_are_reported_up_front_and_get_an_error_without_a_request(
+    tmp_path: Path, fake_server: FakeServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    texts: list[str | None] = list(questions(30))
+    for i in (7, 21):
+        texts[i] = None
+    input_path = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": list(range(30)), "question": pa.array(texts, pa.string())}), input_path)
+    with caplog.at_level("WARNING", logger="vllm_generator"):
+        summary = run(make_recipe(tmp_path, fake_server.url, input_path, processing={"num_splits": 2, "split_id": 1}))
+
+    assert f"2 rows have a null prompt (rows 21 of {input_path}): they get an error and are not sent" not in caplog.text
+    assert f"1 rows have a null prompt (rows 21 of {input_path}): they get an error and are not sent" in caplog.text
+    assert (summary.rows, summary.failed, summary.generated_rows) == (15, 1, 15)
+    rows = pq.read_table(tmp_path / "out" / "answers.split-00001-of-00002.parquet").to_pylist()
+    assert rows[21 - 15]["error"] == "not sent: this row's prompt column 'question' is null (fill or filter such rows)"
+    assert sorted(sent_prompts(fake_server.log())) == sorted(t for t in texts[15:] if t is not None)
+
+
+def test_output_that_is_also_the_input_is_refused(tmp_path: Path, fake_server: FakeServer) -> None:
+    input_path = write_input(tmp_path / "data" / "in.parquet", questions(5))
+    recipe = write_recipe(tmp_path, fake_server.url, input_path, input_path)
+    with pytest.raises(RecipeError) as info:
+        run(recipe)
+    assert str(info.value) == f"data.output.path {input_path} is also an input file ({input_path}): write the output somewhere else"
+    glob_recipe = write_recipe(tmp_path, fake_server.url, tmp_path / "data" / "*.parquet", input_path, name="glob.yaml")
+    with pytest.raises(RecipeError, match="is also an input file"):
+        run(glob_recipe)
+    assert fake_server.log() == [] and pq.read_table(input_path).column_names == ["id", "question"]
+
+
+def test_an_output_folder_that_cannot_be_made_is_a_recipe_error(tmp_path: Path, fake_server: FakeServer) -> None:
+    input_path = write_input(tmp_path / "in.parquet", questions(5))
+    with pytest.raises(RecipeError) as info:
+        run(write_recipe(tmp_path, fake_server.url, input_path, input_path / "out.parquet"))
+    assert str(info.value) == f"data.output.path: cannot create the folder {input_path} (File exists)"
+    assert fake_server.log() == []
+
+
 # --------------------------------------------------------------------------- resume
 
 
@@ -306,6 +391,52 @@ def test_rerun_reuses_until_the_generation_changes(tmp_path: Path, fake_server: 
     assert sorted(sent_prompts(new)) == sorted(texts)
     assert all(entry["body"]["temperature"] == 0.5 for entry in new)
     assert len(chunk_files(out)) == 3  # the caches of the old temperature are gone
+
+
+def test_a_server_now_serving_another_model_is_not_answered_from_the_old_models_chunks(
+    tmp_path: Path, start_fake_server: Callable[..., FakeServer]
+) -> None:
+    # model.model is unset: the servers' only model decides, and it is part of the chunk keys
+    first_server = start_fake_server("--model", "model-a")
+    recipe = make_recipe(tmp_path, first_server.url, write_input(tmp_path / "in.parquet", questions(12)))
+    assert run(recipe).generated_rows == 12
+    same_model = start_fake_server("--model", "model-a")  # another server, same model: resumes
+    assert run(recipe, model__base_url=same_model.url).reused_rows == 12 and same_model.log() == []
+
+    other = start_fake_server("--model", "model-b")
+    summary = run(recipe, model__base_url=other.url)
+    assert (summary.generated_rows, summary.reused_rows) == (12, 0)
+    assert {entry["body"]["model"] for entry in other.log()} == {"model-b"} and len(other.log()) == 12
+
+
+def test_num_proc_runs_resume_and_retry_like_single_process_runs(tmp_path: Path, fake_server: FakeServer) -> None:
+    texts = questions(20, {3: "[[500:1]]", 14: "[[500:1]]"})
+    recipe = make_recipe(tmp_path, fake_server.url, write_input(tmp_path / "in.parquet", texts), processing={"num_proc": 2}, retry={"attempts": 1})
+    out = tmp_path / "out" / "answers.parquet"
+    first = run(recipe)
+    assert (first.rows, first.failed, first.generated_rows) == (20, 2, 20) and len(fake_server.log()) == 20
+    # map wrote each chunk as two shard files: they are the cache, and are kept
+    assert len(chunk_files(out)) == 4
+
+    again = run(recipe)
+    assert (again.generated_rows, again.reused_rows, again.failed) == (0, 20, 2) and len(fake_server.log()) == 20
+
+    fixed = run(recipe, retry__retry_failed=True)
+    assert (fixed.generated_rows, fixed.failed) == (2, 0)
+    assert sorted(sent_prompts(fake_server.log()[20:])) == sorted([texts[3], texts[14]])
+    rows = pq.read_table(out).to_pylist()
+    assert [r["response"] for r in rows] == [f"echo: {t}" for t in texts]
+    assert run(recipe).generated_rows == 0 and len(fake_server.log()) == 22  # the retried rows were saved
+
+
+def test_recipes_sharing_a_work_dir_keep_their_own_chunks(tmp_path: Path, fake_server: FakeServer) -> None:
+    input_path = write_input(tmp_path / "in.parquet", questions(10))
+    first = write_recipe(tmp_path, fake_server.url, input_path, tmp_path / "out" / "a.parquet", "a.yaml", processing={"work_dir": str(tmp_path / "wd")})
+    second = write_recipe(tmp_path, fake_server.url, input_path, tmp_path / "out" / "b.parquet", "b.yaml", processing={"work_dir": str(tmp_path / "wd")})
+    run(first)
+    run(second, generation__temperature=0.3)
+    assert run(first).reused_rows == 10 and run(second, generation__temperature=0.3).reused_rows == 10
+    assert len(fake_server.log()) == 20
 
 
 # --------------------------------------------------------------------------- retry_failed
@@ -406,7 +537,7 @@ def test_merge_refuses_mismatched_split_files(tmp_path: Path, split_outputs: tup
     run(recipe, processing__split_id=1, generation__temperature=0.9)
     with pytest.raises(MergeError) as info:
         merge_outputs(str(out))
-    assert str(info.value) == f"cannot merge {out}: the splits were generated with different settings; rerun the odd ones"
+    assert str(info.value) == f"cannot merge {out}: the splits were generated with different settings (split(s) 0, 2 vs split(s) 1); rerun the odd ones"
 
     foreign = out.parent / "answers.split-00001-of-00003.parquet"
     pq.write_table(pa.table({"id": [1]}), foreign)
@@ -417,7 +548,9 @@ def test_merge_refuses_mismatched_split_files(tmp_path: Path, split_outputs: tup
     pq.write_table(pa.table({"id": [1]}), out.parent / "answers.split-00000-of-00002.parquet")
     with pytest.raises(MergeError) as info:
         merge_outputs(str(out))
-    assert str(info.value) == f"split outputs of {out} disagree on the number of splits ([2, 3]): remove the stale ones"
+    stale = out.parent / "answers.split-00000-of-00002.parquet"
+    threes = ", ".join(str(out.parent / f"answers.split-0000{i}-of-00003.parquet") for i in range(3))
+    assert str(info.value) == f"split outputs of {out} disagree on the number of splits (2 splits: {stale}; 3 splits: {threes}): remove the stale ones"
     assert not out.exists()
 
 
@@ -514,11 +647,23 @@ def test_merge_pushes_one_file_and_removes_the_split_files(split_outputs: tuple[
     assert [r["id"] for r in api.uploaded["data/train-00000-of-00001.parquet"]] == list(range(30))
 
 
-def test_each_split_uploads_its_own_file(tmp_path: Path, fake_server: FakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_each_split_uploads_its_own_file_and_removes_files_of_other_split_counts(
+    tmp_path: Path, fake_server: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     created: list[RecordingHfApi] = []
+    # on the Hub already: an earlier 2-split run, an earlier merge, this run's split 1, another split
+    existing = [
+        "README.md",
+        "data/train-00000-of-00002.parquet",
+        "data/train-00001-of-00002.parquet",
+        "data/train-00000-of-00001.parquet",
+        "data/train-00001-of-00003.parquet",
+        "data/test-00000-of-00001.parquet",
+    ]
 
     def make_api(*args: Any, **kwargs: Any) -> RecordingHfApi:
-        created.append(RecordingHfApi())
+        assert args == () and kwargs == {}  # the token comes from HF_TOKEN or the login, as huggingface_hub reads them
+        created.append(RecordingHfApi(existing))
         return created[-1]
 
     monkeypatch.setattr(huggingface_hub, "HfApi", make_api)
@@ -535,18 +680,47 @@ def test_each_split_uploads_its_own_file(tmp_path: Path, fake_server: FakeServer
         api = created[split_id]
         name = f"data/train-{split_id:05d}-of-00003.parquet"
         staged = os.path.join(".vllm_generator_work", "org--answers", "train", f"split-{split_id:05d}-of-00003.parquet")
+        stale = ["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet", "data/train-00000-of-00001.parquet"]
         assert api.calls == [
             ("create_repo", ("org/answers",), {"repo_type": "dataset", "private": False, "exist_ok": True}),
+            ("list_repo_files", ("org/answers",), {"repo_type": "dataset"}),
             (
                 "create_commit",
                 ("org/answers",),
-                {"operations": [("add", name, staged)], "repo_type": "dataset", "commit_message": f"vllm-generator: upload {name}"},
+                {
+                    "operations": [("add", name, staged), *(("delete", f) for f in stale)],
+                    "repo_type": "dataset",
+                    "commit_message": f"vllm-generator: upload {name}",
+                },
             ),
         ]
         start = (0, 10, 20)[split_id]
         assert [r["response"] for r in api.uploaded[name]] == [f"echo: {t}" for t in texts[start : start + 10]]
     assert len(created) == 3
     assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_push_keeps_the_file_and_says_how_to_push_again(tmp_path: Path, fake_server: FakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    class RefusingHfApi(RecordingHfApi):
+        def create_commit(self, *args: Any, **kwargs: Any) -> None:
+            raise ConnectionError("[Errno 111] Connection refused")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda: RefusingHfApi())
+    recipe = make_recipe(tmp_path, fake_server.url, write_input(tmp_path / "in.parquet", questions(10)))
+    raw = yaml.safe_load(recipe.read_text())
+    raw["data"]["output"]["hub_repo_id"] = "org/answers"
+    recipe.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out" / "answers.parquet"
+
+    with pytest.raises(vllm_generator.HubError) as info:
+        run(recipe)
+    assert str(info.value) == (
+        f"pushing {out} to the Hub dataset org/answers failed (ConnectionError: [Errno 111] Connection refused); "
+        "the file is kept: check HF_TOKEN (or `hf auth login`) and the network, then run the same command again to push it"
+    )
+    assert pq.read_table(out).num_rows == 10 and (out.parent / "answers.metrics.json").exists()
+    assert run(recipe, data__output__hub_repo_id=None).reused_rows == 10  # nothing is sent again
+    assert len(fake_server.log()) == 10
 
 
 def test_hub_only_recipes_in_one_folder_keep_their_own_caches(tmp_path: Path, fake_server: FakeServer, monkeypatch: pytest.MonkeyPatch) -> None:

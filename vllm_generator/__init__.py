@@ -2,6 +2,7 @@
 
 from .errors import (
     GenerationError,
+    HubError,
     MergeError,
     ModelSelectionError,
     RecipeError,
@@ -29,5 +30,6 @@ __all__ = [
     "GenerationError",
     "ServerStartError",
     "MergeError",
+    "HubError",
     "__version__",
 ]

@@ -6,7 +6,8 @@
     ├── ModelSelectionError (LookupError)       the model to use cannot be decided from /v1/models
     ├── GenerationError (RuntimeError)          a row failed and ``on_error="raise"`` was asked for
     ├── ServerStartError (RuntimeError)         a managed vLLM server did not come up
-    └── MergeError (ValueError)                 split outputs are missing or incomplete
+    ├── MergeError (ValueError)                 split outputs are missing or incomplete
+    └── HubError (ConnectionError)              the Hub refused an upload (the local file is kept)
 
 Every message says what happened, where (file, field, row, URL) and what to do next.
 """
@@ -21,6 +22,7 @@ __all__ = [
     "GenerationError",
     "ServerStartError",
     "MergeError",
+    "HubError",
 ]
 
 
@@ -50,3 +52,7 @@ class ServerStartError(VllmGeneratorError, RuntimeError):
 
 class MergeError(VllmGeneratorError, ValueError):
     """The outputs of a split run cannot be merged: a split is missing or incomplete."""
+
+
+class HubError(VllmGeneratorError, ConnectionError):
+    """Pushing to the Hugging Face Hub failed; the Parquet file it was pushing is kept."""

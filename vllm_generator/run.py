@@ -31,11 +31,12 @@ from typing import Any
 import datasets
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from datasets import Dataset
 
 from .client import Result
-from .errors import MergeError, RecipeError
+from .errors import HubError, MergeError, RecipeError
 from .recipe import GenerateConfig, InputConfig, Recipe
 from .transform import VllmGenerate
 
@@ -91,15 +92,38 @@ def _load_input(cfg: InputConfig) -> Dataset:
             kinds = {_file_kind(f) for f in files}
             if len(kinds) != 1 or None in kinds:
                 raise RecipeError(f"data.input.path: {path} must name .parquet, .jsonl/.json or .csv files (found {', '.join(files[:3])})")
+            if kinds == {"parquet"} and _parquet_rows(files) == 0:  # datasets fails on these with a cryptic Arrow error
+                raise RecipeError(f"data.input: {path} has no rows")
             try:
                 ds = datasets.load_dataset(kinds.pop(), data_files=files, split="train")
             except Exception as err:  # a malformed file: name it, keep the cause
-                raise RecipeError(f"data.input.path: cannot read {path}: {err}") from err
+                raise RecipeError(f"data.input.path: cannot read {path}: {_cause(err)}") from err
     if not isinstance(ds, Dataset):
         raise RecipeError(f"data.input: expected one split, got {type(ds).__name__}")
+    if len(ds) == 0:
+        raise RecipeError(f"data.input: {cfg.path or cfg.hub_id} has no rows")
     if cfg.limit is not None and cfg.limit < len(ds):
         ds = ds.select(range(cfg.limit))
     return ds
+
+
+def _cause(err: BaseException) -> str:
+    """The innermost message of an exception chain: datasets wraps a parser's error in its own
+    "An error occurred while generating the dataset", which says nothing about the file."""
+    messages = []
+    current: BaseException | None = err
+    while current is not None and len(messages) < 10:
+        if str(current).strip():
+            messages.append(f"{type(current).__name__}: {str(current).strip()}")
+        current = current.__cause__ or current.__context__
+    return messages[-1] if messages else type(err).__name__
+
+
+def _parquet_rows(files: list[str]) -> int | None:
+    try:
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    except (OSError, pa.ArrowException):
+        return None  # not readable: datasets says why
 
 
 def _file_kind(path: str) -> str | None:
@@ -111,12 +135,37 @@ def _file_kind(path: str) -> str | None:
 
 
 def check_input_columns(config: GenerateConfig, ds: Dataset, where: str | None) -> None:
-    """Raise ``RecipeError`` naming the recipe field when the prompt reads a column ``ds`` lacks."""
-    missing = [c for c in config.prompt.required_columns() if c not in ds.column_names]
+    """Raise ``RecipeError`` naming the recipe field when the prompt reads a column ``ds`` lacks,
+    or a prompt or messages column of the wrong type (checked on the schema: no row is read)."""
+    prompt = config.prompt
+    field = "template" if prompt.template else "messages_column" if prompt.messages_column else "prompt_column"
+    missing = [c for c in prompt.required_columns() if c not in ds.column_names]
     if missing:
-        prompt = config.prompt
-        field = "template" if prompt.template else "messages_column" if prompt.messages_column else "prompt_column"
         raise RecipeError(f"data.{field}: column(s) {', '.join(map(repr, missing))} not in {where} (columns: {', '.join(ds.column_names)})")
+    if prompt.template:
+        return  # str.format takes any type
+    kind = ds.data.schema.field(prompt.column).type
+    text = pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
+    messages = pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_list_view(kind)
+    if pa.types.is_null(kind) or (text if prompt.source == "prompt" else messages):
+        return
+    want = "text" if prompt.source == "prompt" else "lists of {role, content} messages"
+    hint = "use messages_column for chat messages" if messages else "use a template such as '{" + prompt.column + "}' to format other types"
+    raise RecipeError(f"data.{field}: column {prompt.column!r} of {where} holds {kind}, not {want} ({hint})")
+
+
+def null_prompt_rows(config: GenerateConfig, ds: Dataset) -> tuple[int, list[int]]:
+    """How many rows of ``ds`` have a null prompt (they get an error and are not sent), and the first few."""
+    table = ds.data.table
+    nulls = None
+    for name in config.prompt.required_columns():
+        is_null = pc.is_null(table.column(name))
+        nulls = is_null if nulls is None else pc.or_(nulls, is_null)
+    if nulls is None:
+        return 0, []
+    count = int(pc.sum(nulls).as_py() or 0)
+    first = pc.indices_nonzero(nulls.combine_chunks() if isinstance(nulls, pa.ChunkedArray) else nulls)[:5].to_pylist() if count else []
+    return count, first
 
 
 def split_bounds(num_rows: int, num_splits: int, split_id: int) -> tuple[int, int]:
@@ -178,27 +227,42 @@ def read_output_metadata(path: str) -> dict[str, Any]:
     return dict(json.loads(meta[_META_KEY]))
 
 
-def push_to_hub(local_path: str, repo_id: str, path_in_repo: str, private: bool, api: Any = None, delete_patterns: list[str] | None = None) -> None:
-    """Upload one Parquet file to a Hub dataset repo, creating the repo if needed.
+def push_to_hub(
+    local_path: str, repo_id: str, path_in_repo: str, private: bool, api: Any = None,
+    delete_patterns: list[str] | None = None, keep_patterns: list[str] | None = None,
+) -> None:  # fmt: skip
+    """Upload one Parquet file to a Hub dataset repo, creating the repo if needed, in one commit
+    that also deletes the files matching ``delete_patterns`` but not ``keep_patterns``.
 
     Each split uploads its own file name (``data/<split>-<i>-of-<n>.parquet``), so splits pushing
     to one repo never delete each other's files, which ``Dataset.push_to_hub`` would do.
     The token comes from ``HF_TOKEN`` or the saved login (huggingface_hub reads them).
+
+    Raises:
+        HubError: the Hub refused or could not be reached; ``local_path`` is kept.
     """
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
-    api = api or HfApi()
-    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-    operations: list[Any] = [CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=local_path)]
-    if delete_patterns:
-        existing = api.list_repo_files(repo_id, repo_type="dataset")
-        operations += [
-            CommitOperationDelete(path_in_repo=f)
-            for f in existing
-            # the whole path must match: Path.match would also take "old/data/train-0.parquet"
-            if f != path_in_repo and any(fnmatch.fnmatchcase(f, p) for p in delete_patterns)
-        ]
-    api.create_commit(repo_id, operations=operations, repo_type="dataset", commit_message=f"vllm-generator: upload {path_in_repo}")
+    try:
+        api = api or HfApi()
+        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        operations: list[Any] = [CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=local_path)]
+        if delete_patterns:
+            existing = api.list_repo_files(repo_id, repo_type="dataset")
+            operations += [
+                CommitOperationDelete(path_in_repo=f)
+                for f in existing
+                # the whole path must match: Path.match would also take "old/data/train-0.parquet"
+                if f != path_in_repo
+                and any(fnmatch.fnmatchcase(f, p) for p in delete_patterns)
+                and not any(fnmatch.fnmatchcase(f, p) for p in keep_patterns or [])
+            ]
+        api.create_commit(repo_id, operations=operations, repo_type="dataset", commit_message=f"vllm-generator: upload {path_in_repo}")
+    except Exception as err:  # huggingface_hub and its HTTP client raise many types; all mean "not pushed"
+        raise HubError(
+            f"pushing {local_path} to the Hub dataset {repo_id} failed ({type(err).__name__}: {err}); the file is "
+            "kept: check HF_TOKEN (or `hf auth login`) and the network, then run the same command again to push it"
+        ) from err
     logger.info("pushed %s to https://huggingface.co/datasets/%s (%s)", local_path, repo_id, path_in_repo)
 
 
@@ -249,9 +313,23 @@ class _Chunk:
     path: str
     key: str  # hash of the input, these rows and the generation settings (also map's fingerprint)
 
+    def files(self) -> list[str]:
+        """The chunk's finished cache files: ``path``, or with ``num_proc`` N the N files
+        ``<path>_0000i_of_0000N.arrow`` that map writes instead; [] while it is not done."""
+        if os.path.exists(self.path):
+            return [self.path]
+        stem = self.path.removesuffix(".arrow")
+        shards: dict[int, list[str]] = {}
+        for f in glob.glob(f"{glob.escape(stem)}_*_of_*.arrow"):
+            parts = f[len(stem) + 1 : -len(".arrow")].split("_of_")
+            if len(parts) == 2 and all(p.isdigit() for p in parts):
+                shards.setdefault(int(parts[1]), []).append(f)
+        complete = [sorted(fs) for n, fs in shards.items() if len(fs) == n]
+        return complete[0] if complete else []
+
     @property
     def cached(self) -> bool:
-        return os.path.exists(self.path)
+        return bool(self.files())
 
 
 def _percentiles(values: Sequence[float]) -> dict[str, float]:
@@ -350,12 +428,13 @@ def _map_chunk(
     )
 
 
-def _retry_failed(transform: VllmGenerate, chunk: _Chunk, done: Dataset, batch_size: int, offset: int) -> Dataset:
-    """Send again the rows of a finished chunk whose ``error`` is set; rewrite the chunk's cache."""
+def _retry_failed(transform: VllmGenerate, chunk: _Chunk, done: Dataset, batch_size: int, offset: int) -> int:
+    """Send again the rows of a finished chunk whose ``error`` is set and rewrite the chunk's
+    cache; returns how many rows were sent."""
     errors = done.data.table.column(transform.config.columns.error)
     failed = np.flatnonzero(errors.is_valid().to_numpy(zero_copy_only=False))
     if failed.size == 0:
-        return done
+        return 0
     logger.info("chunk %d: sending %d failed rows again (retry_failed)", chunk.index, failed.size)
     key = hashlib.sha256(failed.tobytes()).hexdigest()[:12]
     retry_path = chunk.path.removesuffix(".arrow") + f".retry-{key}.arrow"
@@ -367,15 +446,18 @@ def _retry_failed(transform: VllmGenerate, chunk: _Chunk, done: Dataset, batch_s
     order[ok] = np.arange(ok.size)
     order[failed] = ok.size + np.arange(failed.size)
     merged = combined.take(order)
+    shards = [f for f in chunk.files() if f != chunk.path]  # written by map with num_proc > 1
     # replace the chunk's cache atomically: the next run sees only rows that still fail
     tmp = chunk.path + f".tmp-{os.getpid()}"
     with datasets.arrow_writer.ArrowWriter(path=tmp) as writer:
         writer.write_table(merged)
         writer.finalize()
     os.replace(tmp, chunk.path)
+    for shard in shards:  # map would prefer them to the new file when num_proc matches
+        os.remove(shard)
     with contextlib.suppress(FileNotFoundError):
         os.remove(retry_path)
-    return Dataset.from_file(chunk.path)
+    return int(failed.size)
 
 
 @contextlib.contextmanager
@@ -415,49 +497,94 @@ def _lookahead_batches(recipe: Recipe, num_servers: int) -> int:
 def run_recipe(recipe: Recipe, *, progress: bool = True, base_url: list[str] | None = None) -> RunSummary:
     """Run a recipe's split end to end; returns what it did (also written as the metrics file).
 
-    ``base_url`` replaces the recipe's servers (used with managed servers).
+    Everything that can be checked without a server (input, columns, split, output path) is
+    checked before managed servers start or any request is sent. ``base_url`` replaces the
+    recipe's servers.
 
     Raises:
         RecipeError: bad input (before any request). ServerUnavailableError, GenerationError:
         the run stopped; finished chunks are kept and the next run resumes from them.
     """
-    from . import __version__
-
     started = time.monotonic()
+    num_splits, split_id = recipe.processing.resolved_split()
+    data = recipe.data
+    ds = load_input(data.input)
+    where = data.input.path or data.input.hub_id
+    check_input_columns(recipe.generate_config(), ds, where)
+    if num_splits > len(ds):  # an empty split would crash in shard() and could never be merged
+        raise RecipeError(f"processing.num_splits {num_splits} is more than the {len(ds)} rows of {where}: use at most {len(ds)} splits")
+    out_path = split_output_path(data.output.path, num_splits, split_id) if data.output.path else None
+    if out_path is not None:
+        _check_output_path(out_path, data.output.path, data.input)
+    recipe.model.api_key()  # an unset api_key_env fails now, not at the first request
     if recipe.model.serve is not None and base_url is None:
         from .serve import serve_models
 
         with serve_models(recipe.model.serve) as urls:
-            return run_recipe(recipe, progress=progress, base_url=urls)
+            return _run_split(recipe, ds, num_splits, split_id, out_path, urls, progress, started)
+    return _run_split(recipe, ds, num_splits, split_id, out_path, base_url, progress, started)
 
-    num_splits, split_id = recipe.processing.resolved_split()
+
+def _check_output_path(path: str, output: str, cfg: InputConfig) -> None:
+    """Refuse an output that would overwrite the input or be read as input by the next run, and a
+    folder that cannot be made."""
+    if cfg.path:
+        source = os.path.abspath(cfg.path)
+        for candidate in {os.path.abspath(output), os.path.abspath(path)}:
+            inside = os.path.isdir(source) and candidate.startswith(source + os.sep)  # a save_to_disk folder
+            if candidate == source or fnmatch.fnmatch(candidate, source) or inside:
+                raise RecipeError(f"data.output.path {output} is also an input file ({cfg.path}): write the output somewhere else")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        raise RecipeError(f"data.output.path: cannot create the folder {folder} ({err.strerror or err})") from err
+
+
+def _run_split(
+    recipe: Recipe, ds: Dataset, num_splits: int, split_id: int, out_path: str | None,
+    base_url: list[str] | None, progress: bool, started: float,
+) -> RunSummary:  # fmt: skip
+    from . import __version__
+    from .client import run_on_loop
+
+    data = recipe.data
+    where = data.input.path or data.input.hub_id
     config = recipe.generate_config(base_url)
     transform = VllmGenerate(config)
-    data = recipe.data
-
-    ds = load_input(data.input)
-    where = data.input.path or data.input.hub_id
-    check_input_columns(config, ds, where)
     total_rows = len(ds)
-    if num_splits > total_rows:  # an empty split would crash in shard() and could never be merged
-        raise RecipeError(f"processing.num_splits {num_splits} is more than the {total_rows} rows of {where}: use at most {total_rows} splits")
     split_start, split_stop = split_bounds(total_rows, num_splits, split_id)
     split = ds.shard(num_splits, split_id, contiguous=True)
     assert len(split) == split_stop - split_start
+    nulls, first_nulls = null_prompt_rows(config, split)
+    if nulls:
+        logger.warning(
+            "%d rows have a null prompt (rows %s%s of %s): they get an error and are not sent",
+            nulls, ", ".join(str(split_start + i) for i in first_nulls), ", ..." if nulls > len(first_nulls) else "", where,
+        )
 
-    out_path = split_output_path(data.output.path, num_splits, split_id) if data.output.path else None
-    if recipe.processing.work_dir or data.output.path:
-        work_dir = recipe.processing.work_dir or f"{data.output.path}.work"
+    if recipe.processing.work_dir:
+        # several recipes may share a work_dir: each output gets its own folder in it
+        tag = hashlib.sha256(os.path.abspath(data.output.path or data.output.hub_repo_id or "").encode()).hexdigest()[:8]
+        work_dir = os.path.join(recipe.processing.work_dir, f"{Path(data.output.path or 'hub').stem}-{tag}")
+    elif data.output.path:
+        work_dir = f"{data.output.path}.work"
     else:  # Hub only: one folder per repo and split, or recipes run from one folder delete each other's caches
         assert data.output.hub_repo_id is not None
         work_dir = os.path.join(".vllm_generator_work", data.output.hub_repo_id.replace("/", "--"), data.output.hub_split)
     split_dir = os.path.join(work_dir, f"split-{split_id:05d}-of-{num_splits:05d}")
-    os.makedirs(split_dir, exist_ok=True)
+    try:
+        os.makedirs(split_dir, exist_ok=True)
+    except OSError as err:
+        raise RecipeError(f"processing.work_dir: cannot create {split_dir} ({err.strerror or err})") from err
     for leftover in glob.glob(os.path.join(split_dir, "tmp*")):
         os.remove(leftover)  # a chunk that map was writing when an earlier run was killed
 
+    # The model decides the text: with model.model unset, ask the servers which one they serve, so
+    # that a server now serving another model never resumes from the old model's chunks.
+    served_model = run_on_loop(transform.client.resolve_model()).result() if config.model.model is None else None
     size = recipe.processing.chunk_size
-    gen_key = config.fingerprint()
+    gen_key = config.fingerprint(served_model)
     chunks = []
     for index, start in enumerate(range(0, len(split), size)):
         stop = min(start + size, len(split))
@@ -480,6 +607,7 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, base_url: list[str] | N
     transform.client.on_result = bar
     feeder = None
     parts: list[Dataset] = []
+    retried = 0  # rows of finished chunks sent again (retry_failed)
     scope = contextlib.ExitStack()
     scope.enter_context(_datasets_bars_off())  # ours covers the whole split
     transform.interrupted = scope.enter_context(_sticky_interrupt())
@@ -490,7 +618,7 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, base_url: list[str] | N
             for chunk in cached:
                 piece = split.select(range(chunk.start, chunk.stop))
                 done = _map_chunk(transform, piece, chunk.path, chunk.key, batch_size, num_proc, split_start + chunk.start)
-                _retry_failed(transform, chunk, done, batch_size, split_start + chunk.start)
+                retried += _retry_failed(transform, chunk, done, batch_size, split_start + chunk.start)
         max_ahead = _lookahead_batches(recipe, len(config.model.base_url))
         if num_proc == 1 and ranges and max_ahead:
             feeder = _Feeder(transform, split, ranges, max_ahead, 2 * recipe.processing.max_concurrency * len(config.model.base_url))
@@ -515,9 +643,10 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, base_url: list[str] | N
     result = datasets.concatenate_datasets(parts) if parts else split
     wall = time.monotonic() - started
     stats = transform.client.stats
-    errors = result.data.table.column(config.columns.error) if len(result) else pa.chunked_array([], pa.string())
-    failed = int(errors.is_valid().to_numpy(zero_copy_only=False).sum()) if len(result) else 0
-    generated = stats.succeeded + stats.failed
+    table = result.data.table
+    failed = len(result) - table.column(config.columns.error).null_count
+    # rows, not requests: with num_proc > 1 the requests are counted in the workers, not here
+    generated = len(split) - reused + retried
     summary = RunSummary(
         rows=len(result),
         succeeded=len(result) - failed,
@@ -527,8 +656,8 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, base_url: list[str] | N
         generated_rows=generated,
         requests=stats.requests,
         retries=stats.retries,
-        prompt_tokens=int(pa.compute.sum(result.data.table.column(config.columns.prompt_tokens)).as_py() or 0) if len(result) else 0,
-        completion_tokens=int(pa.compute.sum(result.data.table.column(config.columns.completion_tokens)).as_py() or 0) if len(result) else 0,
+        prompt_tokens=int(pc.sum(table.column(config.columns.prompt_tokens)).as_py() or 0),
+        completion_tokens=int(pc.sum(table.column(config.columns.completion_tokens)).as_py() or 0),
         wall_time_s=round(wall, 3),
         rows_per_s=round(generated / wall, 2) if wall else 0.0,
         requests_per_s=round(stats.requests / wall, 2) if wall else 0.0,
@@ -556,13 +685,20 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, base_url: list[str] | N
         local = os.path.join(work_dir, f"split-{split_id:05d}-of-{num_splits:05d}.parquet")
     write_parquet(result, local, metadata)
     summary.output_path = out_path
-    if data.output.hub_repo_id:
-        path_in_repo = f"data/{data.output.hub_split}-{split_id:05d}-of-{num_splits:05d}.parquet"
-        push_to_hub(local, data.output.hub_repo_id, path_in_repo, data.output.private)
-        summary.hub_repo_id = data.output.hub_repo_id
     summary.metrics_path = local.removesuffix(".parquet") + ".metrics.json"
     _write_json(summary.metrics_path, summary.to_dict())
-    _remove_stale_chunks(split_dir, {c.path for c in chunks})
+    _remove_stale_chunks(split_dir, {f for c in chunks for f in c.files()})
+    if data.output.hub_repo_id:
+        path_in_repo = f"data/{data.output.hub_split}-{split_id:05d}-of-{num_splits:05d}.parquet"
+        # an earlier run with another number of splits (or a merge) left files that would
+        # duplicate these rows in the Hub split
+        push_to_hub(
+            local, data.output.hub_repo_id, path_in_repo, data.output.private,
+            delete_patterns=[f"data/{data.output.hub_split}-*-of-*.parquet"],
+            keep_patterns=[f"data/{data.output.hub_split}-*-of-{num_splits:05d}.parquet"],
+        )  # fmt: skip
+        summary.hub_repo_id = data.output.hub_repo_id
+        _write_json(summary.metrics_path, summary.to_dict())
     return summary
 
 
@@ -596,7 +732,8 @@ def merge_outputs(path: str, *, hub_repo_id: str | None = None, hub_split: str =
         raise MergeError(f"no split outputs next to {path} (expected files like {split_output_path(path, 2, 0)})")
     counts = {n for _, n, _ in found}
     if len(counts) != 1:
-        raise MergeError(f"split outputs of {path} disagree on the number of splits ({sorted(counts)}): remove the stale ones")
+        listed = "; ".join(f"{n} splits: {', '.join(f for _, c, f in found if c == n)}" for n in sorted(counts))
+        raise MergeError(f"split outputs of {path} disagree on the number of splits ({listed}): remove the stale ones")
     num_splits = counts.pop()
     by_id = {i: f for i, _, f in found}
     missing = [i for i in range(num_splits) if i not in by_id]
@@ -606,9 +743,12 @@ def merge_outputs(path: str, *, hub_repo_id: str | None = None, hub_split: str =
             f"run them with --split-id I --num-splits {num_splits} (finished splits are kept)"
         )
     metas = [read_output_metadata(by_id[i]) for i in range(num_splits)]
-    hashes = {m["generation_fingerprint"] for m in metas}
-    if len(hashes) != 1:
-        raise MergeError(f"cannot merge {path}: the splits were generated with different settings; rerun the odd ones")
+    groups: dict[str, list[str]] = {}
+    for i, m in enumerate(metas):
+        groups.setdefault(m["generation_fingerprint"], []).append(str(i))
+    if len(groups) != 1:
+        listed = " vs ".join(f"split(s) {', '.join(ids)}" for ids in groups.values())
+        raise MergeError(f"cannot merge {path}: the splits were generated with different settings ({listed}); rerun the odd ones")
     sizes = [m["input_rows"] for m in metas]
     if len(set(sizes)) != 1:
         # checked first: measured against split 0, a good split would be blamed for an odd split 0
