@@ -50,7 +50,8 @@ LAUNCHER = textwrap.dedent(
     if args.mode in ("hang", "stubborn"):
         time.sleep(3600)
     model = args.model or sys.argv[1]  # `vllm serve MODEL` form
-    os.execv(sys.executable, [sys.executable, FAKE_SERVER, "--port", args.port, "--model", model])
+    key = ["--api-key", os.environ["VLLM_API_KEY"]] if os.environ.get("VLLM_API_KEY") else []  # as vLLM reads it
+    os.execv(sys.executable, [sys.executable, FAKE_SERVER, "--port", args.port, "--model", model, *key])
     """
 )
 
@@ -310,3 +311,35 @@ def test_vllm_generate_serve_starts_again_after_close(launcher: list[str], tmp_p
     assert len(pids) == 2 and sum(map(_alive, pids)) == 1  # a new server; the first one stopped
     generate.close()
     assert not any(map(_alive, pids))
+
+
+def test_a_server_guarded_by_an_api_key_is_ready_and_answers_with_the_key(
+    launcher: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datasets import Dataset
+
+    from vllm_generator import vllm_generate
+
+    # vLLM reads VLLM_API_KEY itself and then answers 401 to /v1/models without it
+    monkeypatch.setenv("VLLM_API_KEY", "sk-serve-test")
+    config = _config(launcher, tmp_path, model="m1", startup_timeout=30)
+    with vllm_generate(serve=config) as generate:
+        out = Dataset.from_dict({"prompt": ["a"]}).map(generate, batched=True)
+    assert out["response"] == ["echo: a"]
+
+
+def test_a_recipe_checks_its_input_before_starting_servers(launcher: list[str], tmp_path: Path) -> None:
+    import yaml
+
+    from vllm_generator.recipe import load_recipe
+    from vllm_generator.run import run_recipe
+
+    (tmp_path / "in.jsonl").write_text('{"question": "q"}\n')
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "data": {"input": {"path": str(tmp_path / "in.jsonl")}, "prompt_column": "prompt", "output": {"path": str(tmp_path / "out.parquet")}},
+        "model": {"serve": {"model": "m1", "command": launcher, "port": 0, "env": {"RECORD_DIR": str(tmp_path)}}},
+    }))  # fmt: skip
+    with pytest.raises(RecipeError, match=r"^data.prompt_column: column\(s\) 'prompt' not in "):
+        run_recipe(load_recipe(recipe), progress=False)
+    assert _records(tmp_path) == []  # no server was started for a recipe that cannot run

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -151,12 +152,17 @@ def _url(host: str, port: int) -> str:
 
 
 def _answers(url: str) -> bool:
-    """Whether ``/health`` and then ``/v1/models`` return 200 (vLLM lists models once loaded)."""
+    """Whether ``/health`` and then ``/v1/models`` answer (vLLM lists models once loaded)."""
     for path in ("/health", "/v1/models"):
         try:
             with _OPENER.open(url + path, timeout=_POLL_TIMEOUT) as response:
                 if response.status != 200:
                     return False
+        except urllib.error.HTTPError as err:
+            # vLLM guards /v1 with the key from --api-key or $VLLM_API_KEY (which it reads itself):
+            # a 401 means the server is up; the client sends the key
+            if not (path == "/v1/models" and err.code in (401, 403)):
+                return False
         except (OSError, http.client.HTTPException):  # refused, reset, timeout, 5xx while loading
             return False
     return True
