@@ -109,9 +109,53 @@ def test_generate_flag_errors_name_the_flag(tmp_path: Path) -> None:
     result = cli("generate", "-i", "in.parquet", "-o", "out.csv", "-m", dead_url(), "--temprature", "0.2", cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
-        "error: generate: --output: output.path 'out.csv' must end with .parquet",
+        "error: generate: -o/--output: output.path 'out.csv' must end with .parquet",
         "generate: --temprature: unknown field (check the spelling; see the README's recipe reference)",
     ]
+
+
+def test_generate_text_flags_arrive_as_typed(tmp_path: Path, start_fake_server: Any) -> None:
+    """Fire would read '[terse]' as a list, '123' and '1' as ints; repeated -m kept only the last server."""
+    servers = [start_fake_server("--model", "123", "--latency", "0.05") for _ in range(2)]
+    texts = write_input(tmp_path / "in.parquet", 8, column="1")
+    result = cli(
+        "generate", "-i", "in.parquet", "-o", "out.parquet", "-m", servers[0].url, "--base-url", servers[1].url,
+        "--model", "123", "--prompt-column", "1", "--system_prompt=[terse]", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    logs = [server.log() for server in servers]
+    assert all(logs), "each -m server gets rows"
+    bodies = sorted((entry["body"] for log in logs for entry in log), key=lambda b: int(b["messages"][1]["content"].split()[1]))
+    assert bodies == [
+        {"model": "123", "messages": [{"role": "system", "content": "[terse]"}, {"role": "user", "content": t}]} for t in texts
+    ]
+
+
+@pytest.mark.parametrize("template", [["--template", "{question}"], ["--template={question}"], ["-t", "{question}"]], ids=["space", "equals", "short"])
+def test_generate_template_is_text(tmp_path: Path, fake_server: FakeServer, template: list[str]) -> None:
+    texts = write_input(tmp_path / "in.parquet", 3)
+    result = cli("generate", "-i", "in.parquet", "-o", "out.parquet", "-m", fake_server.url, *template, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(contents(fake_server.log())) == texts
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["-i", "123", "-o", "out.parquet"], "-i/--input: no file matches 123"),
+        (["-i", "", "-o", "out.parquet"], "generate: -i/--input: set exactly one of path (file, glob or folder) or hub_id"),
+        (["-i", "in.parquet", "-o", "1"], "generate: -o/--output: output.path '1' must end with .parquet"),
+        (["-i", "in.parquet", "-o", "out.parquet", "--template", "{topic}"], "--template: column(s) 'topic' not in in.parquet (columns: id, prompt)"),
+        (["-i", "in.parquet", "-o", "out.parquet", "--limit"], "--limit needs a number, e.g. --limit 2"),
+        (["-i", "in.parquet", "-o", "out.parquet", "--model"], "--model needs a value, e.g. --model TEXT"),
+    ],
+    ids=["input-number", "input-empty", "output-number", "template-column", "limit-without-value", "model-without-value"],
+)
+def test_generate_errors_name_the_flag_typed(tmp_path: Path, fake_server: FakeServer, flags: list[str], message: str) -> None:
+    write_input(tmp_path / "in.parquet", 2, column="prompt")
+    result = cli("generate", "-m", fake_server.url, *flags, cwd=tmp_path)
+    assert (result.returncode, result.stderr) == (1, f"error: {message}\n")
+    assert fake_server.log() == []
 
 
 def test_api_key_never_reaches_a_file_or_the_terminal(tmp_path: Path, start_fake_server: Any) -> None:
@@ -130,16 +174,25 @@ def test_api_key_never_reaches_a_file_or_the_terminal(tmp_path: Path, start_fake
     assert secret not in result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_ctrl_c_keeps_finished_chunks(tmp_path: Path, start_fake_server: Any, signum: int) -> None:
-    """SIGTERM (scancel, kill) unwinds like Ctrl-C; repeated since datasets can swallow a Ctrl-C."""
+def _ignore_sigint() -> None:
+    """What `cmd &` in a script does to the job: SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize(
+    ("signum", "preexec_fn"),
+    [(signal.SIGINT, None), (signal.SIGTERM, None), (signal.SIGTERM, _ignore_sigint)],
+    ids=["ctrl-c", "sigterm", "sigterm-sigint-ignored"],
+)
+def test_ctrl_c_keeps_finished_chunks(tmp_path: Path, start_fake_server: Any, signum: int, preexec_fn: Any) -> None:
+    """SIGTERM (scancel, kill) unwinds like Ctrl-C, also in a background job that ignores SIGINT."""
     server = start_fake_server("--latency", "0.05", "--slots", "4")
     write_input(tmp_path / "in.parquet", 200)
     write_recipe(tmp_path, server.url, processing={"chunk_size": 20, "batch_size": 10, "max_concurrency": 4})
     work = tmp_path / "out" / "answers.parquet.work" / "split-00000-of-00001"
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm_generator", "recipe.yaml", "--progress=false"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 30
@@ -155,6 +208,33 @@ def test_ctrl_c_keeps_finished_chunks(tmp_path: Path, start_fake_server: Any, si
     assert stderr.splitlines()[-1] == "interrupted: finished chunks are saved; run the same command again to resume"
     assert "Traceback" not in stderr
     assert list(work.glob("chunk-*.arrow")) and not (tmp_path / "out" / "answers.parquet").exists()
+
+
+def test_sigterm_stops_a_background_job_while_its_server_starts(tmp_path: Path) -> None:
+    """Outside the map nothing else catches SIGINT: with SIGINT ignored SIGTERM used to do nothing."""
+    write_input(tmp_path / "in.parquet", 5)
+    never_ready = [sys.executable, "-c", "import os, time; open('server.pid', 'w').write(str(os.getpid())); time.sleep(120)"]
+    write_recipe(tmp_path, "unused", model={"base_url": [], "serve": {"model": "m", "command": never_ready, "port": 0, "startup_timeout": 120}})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm_generator", "recipe.yaml", "--progress=false"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_ignore_sigint,
+        env={**os.environ, "VLLM_GENERATOR_SERVER_LOG_DIR": str(tmp_path / "logs")},
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "server.pid").exists() or not (tmp_path / "server.pid").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130
+    assert stderr.splitlines()[-1] == "interrupted: finished chunks are saved; run the same command again to resume"
+    assert "Traceback" not in stderr
+    with pytest.raises(ProcessLookupError):  # the managed server was stopped too
+        os.kill(int((tmp_path / "server.pid").read_text()), 0)
 
 
 # --------------------------------------------------------------------------- errors: one line, or a traceback with --debug
@@ -199,6 +279,71 @@ def test_bad_flag_value_is_refused(tmp_path: Path, fake_server: FakeServer) -> N
     result = cli("run", "recipe.yaml", "--progress=maybe", cwd=tmp_path)
     assert (result.returncode, result.stderr) == (1, "error: --progress takes true or false, not 'maybe'\n")
     assert fake_server.log() == []
+
+
+RUN_USAGE = "vllm-generator run RECIPE [--split-id I] [--num-splits N] [--progress=false] [--section.key=value ...]"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["recipe.yaml", "--temperature=0.9"],
+         f"unknown option --temperature for run: generation settings go as --generation.temperature=0.9 (usage: {RUN_USAGE})"),
+        (["recipe.yaml", "--split-id", "0", "--num-split", "4"], f"unknown option --num-split for run: did you mean --num-splits? (usage: {RUN_USAGE})"),
+        (["run", "recipe.yaml", "extra"], f"unexpected argument 'extra' for run (usage: {RUN_USAGE})"),
+        (["run", "recipe.yaml", "--split-id", "--num-splits", "2"], "--split-id needs a number, e.g. --split-id 2"),
+        (["validate", "recipe.yaml", "--check-servr"],
+         "unknown option --check-servr for validate: did you mean --check-server? "
+         "(usage: vllm-generator validate RECIPE [--check-server] [--section.key=value ...])"),
+        (["merge", "recipe.yaml", "out/answers.parquet"],
+         "unexpected argument 'out/answers.parquet' for merge "
+         "(usage: vllm-generator merge RECIPE|OUTPUT.parquet [--hub-repo-id ORG/NAME] [--hub-split SPLIT] [--private=false])"),
+        (["merge", "out/answers.parquet", "--generation.n=2"],
+         "merge out/answers.parquet: --generation.n overrides a recipe key, but out/answers.parquet is not a recipe; pass the recipe instead"),
+        (["list-models", "-m", "URL", "extra"], "unexpected argument 'extra' for list-models (usage: vllm-generator list-models -m URL [-m URL ...])"),
+        (["generate", "-i", "in.parquet", "-o", "out/answers.parquet", "-m", "URL", "--prompt-column", "question", "extra"],
+         "unexpected argument 'extra' for generate (usage: vllm-generator generate -i INPUT -o OUTPUT.parquet -m URL "
+         "[--model NAME] [--prompt-column C] [--temperature 0.7 ...])"),
+    ],
+    ids=["run-generation-flag", "run-typo", "run-extra-word", "run-flag-without-value", "validate-typo", "merge-extra-word",
+         "merge-override-without-recipe", "list-models-extra-word", "generate-extra-word"],
+)  # fmt: skip
+def test_unknown_option_is_refused_before_anything_runs(tmp_path: Path, fake_server: FakeServer, args: list[str], message: str) -> None:
+    """Fire complained about unused arguments only after the method ran: after the whole run."""
+    write_input(tmp_path / "in.parquet", 5)
+    write_recipe(tmp_path, fake_server.url)
+    result = cli(*[fake_server.url if a == "URL" else a for a in args], cwd=tmp_path)
+    assert (result.returncode, result.stdout, result.stderr) == (1, "", f"error: {message}\n")
+    assert fake_server.log() == []
+    assert not (tmp_path / "out").exists()
+
+
+def test_override_that_is_not_yaml_names_the_flag(tmp_path: Path, fake_server: FakeServer) -> None:
+    write_input(tmp_path / "in.parquet", 5)
+    write_recipe(tmp_path, fake_server.url)
+    result = cli("recipe.yaml", "--generation.stop=[a", cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == (
+        "error: --generation.stop: cannot parse '[a' (expected ',' or ']', but got '<stream end>'): "
+        """values parse as YAML; quote it to pass text, e.g. --generation.stop="'[a'"\n"""
+    )
+    assert fake_server.log() == []
+
+
+def test_log_file_gets_the_summary_and_the_error(tmp_path: Path, fake_server: FakeServer) -> None:
+    write_input(tmp_path / "in.parquet", 5)
+    write_recipe(tmp_path, fake_server.url, logging={"file": "run.log"})
+    ok = cli("recipe.yaml", "--progress=false", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    summary = "; ".join(line.strip() for line in ok.stdout.splitlines())
+    assert summary.startswith("done: 5 rows (5 ok, 0 failed) in ") and summary.endswith("; metrics: out/answers.metrics.json")
+    assert "done:" not in ok.stderr  # the console handler does not repeat it
+    assert (tmp_path / "run.log").read_text().splitlines()[-1].endswith(f" INFO vllm_generator {summary}")
+
+    failed = cli("recipe.yaml", "--data.template='Q: {topic}'", "--data.prompt_column=null", cwd=tmp_path)
+    message = "error: data.template: column(s) 'topic' not in in.parquet (columns: id, question)"
+    assert (failed.returncode, failed.stderr) == (1, message + "\n")  # once, not also from the console handler
+    assert (tmp_path / "run.log").read_text().splitlines()[-1].endswith(f" ERROR vllm_generator {message}")
 
 
 # --------------------------------------------------------------------------- validate and list-models
@@ -250,6 +395,19 @@ def test_list_models(tmp_path: Path, start_fake_server: Any) -> None:
     result = cli("list-models", "-m", f"{server.url}/v1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "org/model-a\tmax_model_len=512\nmodel-b\tmax_model_len=512\n"
+
+    other = start_fake_server("--model", "model-c")
+    both = cli("list-models", "-m", server.url, "-m", other.url, cwd=tmp_path)
+    assert both.returncode == 0, both.stderr
+    assert both.stdout == f"{server.url}:\norg/model-a\tmax_model_len=512\nmodel-b\tmax_model_len=512\n{other.url}:\nmodel-c\tmax_model_len=512\n"
+
+
+def test_list_models_without_a_scheme_is_one_line(tmp_path: Path) -> None:
+    result = cli("list-models", "-m", "localhost:8000", cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == (
+        "error: list-models: -m/--base-url: server URL 'localhost:8000' must start with http:// or https://, e.g. http://localhost:8000\n"
+    )
 
 
 # --------------------------------------------------------------------------- merge

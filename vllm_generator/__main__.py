@@ -3,7 +3,7 @@
     vllm-generator run recipe.yaml [--generation.temperature=0.2] [--split-id 0 --num-splits 4]
     vllm-generator generate -i in.parquet -o out.parquet -m http://localhost:8000 [--temperature 0.7 ...]
     vllm-generator validate recipe.yaml [--check-server]
-    vllm-generator list-models -m http://localhost:8000
+    vllm-generator list-models -m http://localhost:8000 [-m http://host2:8000]
     vllm-generator merge recipe.yaml | out.parquet [--hub-repo-id org/name]
 
 Errors print one line and exit 1 (``--debug`` shows the traceback); Ctrl-C exits 130 and keeps
@@ -12,14 +12,17 @@ every finished chunk, so the same command resumes.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import logging.handlers
 import os
+import shlex
 import signal
 import sys
 import threading
 from collections.abc import Sequence
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import fire
@@ -34,8 +37,19 @@ if TYPE_CHECKING:  # run imports datasets, which costs ~1 s: only commands that 
 logger = logging.getLogger("vllm_generator")
 
 _SECTIONS = ("data", "model", "generation", "processing", "retry", "logging")
-# short flags that Fire cannot map unambiguously
-_SHORT = {"-i": "--input", "-o": "--output", "-m": "--base-url"}
+# short flags that Fire cannot map unambiguously (-t it can, but then it would parse the template)
+_SHORT = {"-i": "--input", "-o": "--output", "-m": "--base-url", "-t": "--template"}
+# Flags whose value is text as typed: Fire would turn '{prompt}' into a set, '123' into an int.
+_TEXT_FLAGS = {"input", "output", "model", "prompt_column", "messages_column", "template", "system_prompt", "hub_repo_id", "hub_split"}
+# generate's errors name these flags, not the recipe fields they fill
+_GENERATE_FLAGS = {"data.input.path": "-i/--input", "data.input": "-i/--input", "data.output.path": "-o/--output", "data.output": "-o/--output", "model.base_url": "-m/--base-url"}
+_USAGE = {
+    "run": "vllm-generator run RECIPE [--split-id I] [--num-splits N] [--progress=false] [--section.key=value ...]",
+    "validate": "vllm-generator validate RECIPE [--check-server] [--section.key=value ...]",
+    "merge": "vllm-generator merge RECIPE|OUTPUT.parquet [--hub-repo-id ORG/NAME] [--hub-split SPLIT] [--private=false]",
+    "list-models": "vllm-generator list-models -m URL [-m URL ...]",
+    "generate": "vllm-generator generate -i INPUT -o OUTPUT.parquet -m URL [--model NAME] [--prompt-column C] [--temperature 0.7 ...]",
+}
 
 
 def configure_logging(cfg: LoggingConfig) -> None:
@@ -54,23 +68,78 @@ def configure_logging(cfg: LoggingConfig) -> None:
         root.addHandler(handler)
 
 
+def _log_to_file(level: int, text: str) -> None:
+    """Put in the recipe's log file what the terminal already got (the console handler would show it twice)."""
+    if not logger.isEnabledFor(level):
+        return
+    record = logger.makeRecord(logger.name, level, __file__, 0, text, (), None)
+    for handler in logger.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 def _print_summary(summary: RunSummary) -> None:
-    out = sys.stdout
     rate = f"{summary.rows_per_s:,.0f} rows/s, {summary.tokens_per_s:,.0f} tok/s" if summary.generated_rows else "nothing sent"
-    out.write(
-        f"done: {summary.rows} rows ({summary.succeeded} ok, {summary.failed} failed) in {summary.wall_time_s:.1f}s, {rate}\n"
-        f"  sent {summary.generated_rows} rows ({summary.retries} retries), reused {summary.reused_rows} from earlier runs\n"
-        f"  tokens: {summary.prompt_tokens:,} prompt, {summary.completion_tokens:,} completion\n"
-    )
+    lines = [
+        f"done: {summary.rows} rows ({summary.succeeded} ok, {summary.failed} failed) in {summary.wall_time_s:.1f}s, {rate}",
+        f"  sent {summary.generated_rows} rows ({summary.retries} retries), reused {summary.reused_rows} from earlier runs",
+        f"  tokens: {summary.prompt_tokens:,} prompt, {summary.completion_tokens:,} completion",
+    ]
     if summary.failed_by_type:
-        out.write(f"  failures this run: {json.dumps(summary.failed_by_type)}\n")
+        lines.append(f"  failures this run: {json.dumps(summary.failed_by_type)}")
     if summary.failed:
-        out.write("  rows with an error keep it in the error column; set retry.retry_failed: true and rerun to send them again\n")
+        lines.append("  rows with an error keep it in the error column; set retry.retry_failed: true and rerun to send them again")
     if summary.output_path:
-        out.write(f"  output: {summary.output_path}\n")
+        lines.append(f"  output: {summary.output_path}")
     if summary.hub_repo_id:
-        out.write(f"  hub: https://huggingface.co/datasets/{summary.hub_repo_id}\n")
-    out.write(f"  metrics: {summary.metrics_path}\n")
+        lines.append(f"  hub: https://huggingface.co/datasets/{summary.hub_repo_id}")
+    lines.append(f"  metrics: {summary.metrics_path}")
+    sys.stdout.write("".join(f"{line}\n" for line in lines))
+    _log_to_file(logging.INFO, "; ".join(line.strip() for line in lines))
+
+
+def _refuse_extras(command: str, rest: tuple[Any, ...], unknown: dict[str, Any], options: Sequence[str]) -> None:
+    """Refuse what Fire collected in ``*rest``/``**unknown``, before the command does any work.
+
+    Fire itself complains about unused arguments only once the method has returned: after the run.
+    """
+    if rest:
+        raise RecipeError(f"unexpected argument {rest[0]!r} for {command} (usage: {_USAGE[command]})")
+    for name, value in unknown.items():
+        flag = "--" + name.replace("_", "-")
+        section = next((s for s, f in Recipe.model_fields.items() if name in getattr(f.annotation, "model_fields", {})), None)
+        close = difflib.get_close_matches(name, options, n=1)
+        if close:
+            hint = f": did you mean --{close[0].replace('_', '-')}?"
+        elif section and command != "list-models":
+            shown = shlex.quote(str(value)) if isinstance(value, (str, int, float)) and not isinstance(value, bool) else "VALUE"
+            hint = f": {section} settings go as --{section}.{name}={shown}"
+        else:
+            hint = ""
+        raise RecipeError(f"unknown option {flag} for {command}{hint} (usage: {_USAGE[command]})")
+
+
+def _number(name: str, value: Any) -> Any:
+    """An integer flag: Fire passes a flag given without its value as True, which pydantic would take as 1."""
+    if isinstance(value, bool):
+        raise RecipeError(f"--{name.replace('_', '-')} needs a number, e.g. --{name.replace('_', '-')} 2")
+    return value
+
+
+def _flag_names(text: str) -> str:
+    """Name in generate's errors the flags the user typed (-i/--input, --max-tokens), not the recipe fields they fill."""
+    lines = []
+    for line in text.splitlines():
+        prefix = "generate: " if line.startswith("generate: ") else ""
+        loc, sep, msg = line.removeprefix(prefix).partition(": ")
+        if loc in _GENERATE_FLAGS:
+            line = f"{prefix}{_GENERATE_FLAGS[loc]}{sep}{msg}"
+        elif sep and " " not in loc and "." in loc and loc.split(".")[0] in _SECTIONS:
+            section = next((s for s in ("data.input.", "data.output.", "data.", "model.", "generation.", "processing.") if loc.startswith(s)), "")
+            name, dot, key = loc.removeprefix(section).partition(".")
+            line = f"{prefix}--{name.replace('_', '-')}{dot}{key}{sep}{msg}"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def _flag(name: str, value: Any) -> bool:
@@ -95,20 +164,26 @@ def _run(recipe: Recipe, progress: bool) -> None:
 class Commands:
     """Generate text for every row of a dataset with vLLM."""
 
+    # Options are keyword-only and every method takes *rest and **unknown: Fire would otherwise bind
+    # a stray word to an option (`run r.yaml extra` as split_id) and refuse unknown flags only after
+    # the method has run. _refuse_extras refuses both before any work.
+
     def __init__(self, overrides: dict[str, Any]) -> None:
         self._overrides = overrides
 
-    def run(self, recipe: str, split_id: int | None = None, num_splits: int | None = None, progress: bool = True) -> None:
+    def run(self, recipe: str, *rest: Any, split_id: int | None = None, num_splits: int | None = None, progress: bool = True, **unknown: Any) -> None:
         """Run a recipe. Override any key with --section.key=value."""
+        _refuse_extras("run", rest, unknown, ["split_id", "num_splits", "progress"])
         overrides = dict(self._overrides)
         if split_id is not None:
-            overrides["processing.split_id"] = split_id
+            overrides["processing.split_id"] = _number("split_id", split_id)
         if num_splits is not None:
-            overrides["processing.num_splits"] = num_splits
+            overrides["processing.num_splits"] = _number("num_splits", num_splits)
         _run(load_recipe(recipe, overrides), progress)
 
     def generate(
         self,
+        *rest: Any,
         input: str,
         output: str,
         base_url: str | list[str],
@@ -127,9 +202,11 @@ class Commands:
         **generation: Any,
     ) -> None:
         """Run without a recipe: -i INPUT -o OUTPUT.parquet -m URL, plus generation flags (--temperature 0.7)."""
-        data: dict[str, Any] = {"input": {"path": input, "limit": limit}, "output": {"path": output}}
+        _refuse_extras("generate", rest, {}, [])  # unknown flags are generation settings, which the Recipe checks
+        data: dict[str, Any] = {"input": {"path": input, "limit": _number("limit", limit)}, "output": {"path": output}}
         data |= {k: v for k, v in {"prompt_column": prompt_column, "messages_column": messages_column, "template": template, "system_prompt": system_prompt}.items() if v is not None}
-        processing = {k: v for k, v in {"batch_size": batch_size, "max_concurrency": max_concurrency, "chunk_size": chunk_size, "split_id": split_id, "num_splits": num_splits}.items() if v is not None}
+        numbers = {"batch_size": batch_size, "max_concurrency": max_concurrency, "chunk_size": chunk_size, "split_id": split_id, "num_splits": num_splits}
+        processing = {k: _number(k, v) for k, v in numbers.items() if v is not None}
         raw = {"data": data, "model": {"base_url": base_url, "model": model}, "generation": generation, "processing": processing}
         from pydantic import ValidationError
 
@@ -139,16 +216,17 @@ class Commands:
             _set_dotted(raw, key, value, "generate")
 
         try:
-            recipe = Recipe.model_validate(raw)
+            loaded = Recipe.model_validate(raw)
         except ValidationError as err:
-            text = format_validation_error(err, "generate")
-            for section in ("data.input.", "data.output.", "data.", "model.", "generation.", "processing."):
-                text = text.replace(f"generate: {section}", "generate: --")
-            raise RecipeError(text) from None
-        _run(recipe, progress)
+            raise RecipeError(_flag_names(format_validation_error(err, "generate"))) from None
+        try:
+            _run(loaded, progress)
+        except RecipeError as err:  # the input checks name data.input.path, which is -i here
+            raise RecipeError(_flag_names(str(err))) from err
 
-    def validate(self, recipe: str, check_server: bool = False) -> None:
+    def validate(self, recipe: str, *rest: Any, check_server: bool = False, **unknown: Any) -> None:
         """Check a recipe and its input (and with --check-server, that its servers serve the model)."""
+        _refuse_extras("validate", rest, unknown, ["check_server"])
         from .run import check_input_columns, load_input
 
         loaded = load_recipe(recipe, self._overrides)
@@ -175,16 +253,28 @@ class Commands:
                     raise ServerUnavailableError(f"{url} serves {len(ids)} models ({', '.join(ids)}): set model.model in {recipe}")
                 print(f"ok: {url} serves {', '.join(ids)}")
 
-    def list_models(self, base_url: str) -> None:
+    def list_models(self, base_url: str | list[str], *rest: Any, **unknown: Any) -> None:
         """List the models a server serves, with their maximum context length."""
-        from .recipe import ModelConfig
+        _refuse_extras("list-models", rest, unknown, ["base_url"])
+        if self._overrides:
+            raise RecipeError(f"list-models takes no recipe overrides such as --{next(iter(self._overrides))} (usage: {_USAGE['list-models']})")
+        from pydantic import ValidationError
 
-        cfg = ModelConfig(base_url=base_url)
-        for m in _list_models(cfg.base_url[0], cfg.api_key()):
-            print(f"{m['id']}\tmax_model_len={m.get('max_model_len', '?')}")
+        from .recipe import ModelConfig, format_validation_error
 
-    def merge(self, target: str, hub_repo_id: str | None = None, hub_split: str | None = None, private: bool | None = None) -> None:
+        try:
+            cfg = ModelConfig(base_url=base_url)
+        except ValidationError as err:
+            raise RecipeError(format_validation_error(err, "list-models").replace("list-models: base_url", "list-models: -m/--base-url")) from None
+        for url in cfg.base_url:
+            if len(cfg.base_url) > 1:
+                print(f"{url}:")
+            for m in _list_models(url, cfg.api_key()):
+                print(f"{m['id']}\tmax_model_len={m.get('max_model_len', '?')}")
+
+    def merge(self, target: str, *rest: Any, hub_repo_id: str | None = None, hub_split: str | None = None, private: bool | None = None, **unknown: Any) -> None:
         """Join the split outputs of a recipe (or of an output .parquet path) into one file or Hub split."""
+        _refuse_extras("merge", rest, unknown, ["hub_repo_id", "hub_split", "private"])
         from .run import merge_outputs
 
         path = target
@@ -196,6 +286,8 @@ class Commands:
             hub_repo_id = hub_repo_id or loaded.data.output.hub_repo_id
             hub_split = hub_split or loaded.data.output.hub_split
             private = loaded.data.output.private if private is None else _flag("private", private)
+        elif self._overrides:
+            raise RecipeError(f"merge {target}: --{next(iter(self._overrides))} overrides a recipe key, but {target} is not a recipe; pass the recipe instead")
         summary = merge_outputs(path, hub_repo_id=hub_repo_id, hub_split=hub_split or "train", private=True if private is None else _flag("private", private))
         print(f"merged {summary['splits']} splits: {summary['rows']} rows ({summary['rows_with_error']} with an error) -> {path}")
 
@@ -211,37 +303,65 @@ def _list_models(url: str, api_key: str | None) -> list[dict[str, Any]]:
 
 
 def _parse_argv(argv: Sequence[str]) -> tuple[list[str], dict[str, Any], bool]:
-    """Split ``--section.key=value`` overrides and ``--debug`` from Fire's arguments."""
+    """Split ``--section.key=value`` overrides and ``--debug`` from Fire's arguments.
+
+    Text flags reach Fire as ``--name='value'`` so that its literal parsing gives back the exact
+    text, and repeated ``-m``/``--base-url`` become one list.
+    """
     args: list[str] = []
     overrides: dict[str, Any] = {}
+    base_urls: list[str] = []
     debug = False
     i = 0
     while i < len(argv):
-        arg = argv[i]
+        arg = _SHORT.get(argv[i], argv[i])
         name = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
+        key = name.replace("-", "_")
         if arg == "--debug":
             debug = True
         elif "." in name and name.split(".", 1)[0] in _SECTIONS:
-            if "=" in arg:
-                value = arg.split("=", 1)[1]
-            elif i + 1 < len(argv):
-                i += 1
-                value = argv[i]
-            else:
-                raise RecipeError(f"{arg} needs a value, e.g. {arg}=0.2")
-            overrides[name] = yaml.safe_load(value) if value != "" else ""
+            value, i = _value(argv, i, f"e.g. {argv[i]}=0.2")
+            try:
+                overrides[name] = yaml.safe_load(value) if value != "" else ""
+            except yaml.YAMLError as err:
+                problem = getattr(err, "problem", None) or "not valid YAML"
+                raise RecipeError(f"--{name}: cannot parse {value!r} ({problem}): values parse as YAML; quote it to pass text, e.g. --{name}=\"'{value}'\"") from err
+        elif key == "base_url":
+            value, i = _value(argv, i, "e.g. -m http://localhost:8000")
+            base_urls.append(value)
+        elif key in _TEXT_FLAGS:
+            value, i = _value(argv, i, f"e.g. {argv[i]} TEXT")
+            args.append(f"--{key}={value!r}")
         else:
-            args.append(_SHORT.get(arg, arg))
+            args.append(arg)
         i += 1
+    if base_urls:
+        args.append(f"--base_url={(base_urls[0] if len(base_urls) == 1 else base_urls)!r}")
     # python -m vllm_generator recipe.yaml: a bare recipe path means "run"
     if args and args[0].endswith((".yaml", ".yml")):
         args.insert(0, "run")
+    if "--help" in args or "-h" in args:  # Fire shows help only for `COMMAND -- --help`; methods taking **unknown would get help=True
+        args = [*args[:1], "--", "--help"] if args[0] not in ("--help", "-h", "--") else ["--", "--help"]
     return args, overrides, debug
 
 
-def _interrupt_on_sigterm(signum: int, frame: object) -> None:
-    # scancel and `kill` send SIGTERM: unwind exactly like Ctrl-C so managed servers are stopped
-    signal.raise_signal(signal.SIGINT)
+def _value(argv: Sequence[str], i: int, example: str) -> tuple[str, int]:
+    """The value of the option at ``argv[i]``, as ``--name=value`` or ``--name value``, and the index of its last word."""
+    if argv[i].startswith("--") and "=" in argv[i]:
+        return argv[i].split("=", 1)[1], i
+    if i + 1 < len(argv):
+        return argv[i + 1], i + 1
+    raise RecipeError(f"{argv[i]} needs a value, {example}")
+
+
+def _interrupt_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    # scancel and `kill` send SIGTERM: unwind exactly like Ctrl-C, so managed servers are stopped,
+    # through the current Ctrl-C handler (the run's also sets a flag that datasets cannot swallow).
+    # Not raise_signal(SIGINT): a job started with `cmd &` from a script ignores SIGINT.
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+    raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -254,7 +374,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         fire.Fire(Commands(overrides), command=args, name="vllm-generator")
         return 0
     except KeyboardInterrupt:
-        sys.stderr.write("interrupted: finished chunks are saved; run the same command again to resume\n")
+        message = "interrupted: finished chunks are saved; run the same command again to resume"
+        sys.stderr.write(message + "\n")
+        _log_to_file(logging.WARNING, message)
         return 130
     except fire.core.FireExit as err:  # usage errors, --help
         return int(err.code or 0)
@@ -263,6 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         kind = "error" if isinstance(err, VllmGeneratorError) else f"error ({type(err).__name__})"
         sys.stderr.write(f"{kind}: {err}\n")
+        _log_to_file(logging.ERROR, f"{kind}: {err}")
         if not isinstance(err, VllmGeneratorError):
             sys.stderr.write("  this looks like a bug or an unexpected environment problem: rerun with --debug for the traceback\n")
         return 1
