@@ -390,6 +390,31 @@ def test_validate_names_a_missing_input_column(tmp_path: Path) -> None:
     assert result.stderr == "error: data.template: column(s) 'topic' not in in.parquet (columns: id, question)\n"
 
 
+def test_validate_warns_about_null_prompts_and_sends_nothing(tmp_path: Path, fake_server: FakeServer) -> None:
+    pq.write_table(pa.table({"id": [0, 1, 2], "question": [None, "fine", None]}), tmp_path / "in.parquet")
+    write_recipe(tmp_path, fake_server.url)
+    result = cli("validate", "recipe.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1:] == [
+        "ok: input has 3 rows, columns ['id', 'question']; split 0 of 1",
+        "warning: 2 rows have a null prompt (rows 0, 2): they will get an error and not be sent",
+        'ok: first request: {"messages": [{"role": "user", "content": "fine"}]}',
+    ]
+    assert fake_server.log() == []
+
+
+def test_log_file_rotates_and_keeps_backup_count_files(tmp_path: Path, fake_server: FakeServer) -> None:
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"question": [f"question {i} [[503:1]]" for i in range(40)]}), path)
+    write_recipe(tmp_path, fake_server.url, logging={"file": "logs/run.log", "max_bytes": 1000, "backup_count": 2})
+    result = cli("run", "recipe.yaml", "--progress=false", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    logs = sorted(p.name for p in (tmp_path / "logs").iterdir())
+    assert logs == ["run.log", "run.log.1", "run.log.2"]  # 40 retry warnings overflow 1,000 bytes many times
+    assert all((tmp_path / "logs" / name).stat().st_size <= 1000 for name in logs)
+    assert "done: 40 rows (40 ok, 0 failed)" in (tmp_path / "logs" / "run.log").read_text()
+
+
 def test_list_models(tmp_path: Path, start_fake_server: Any) -> None:
     server = start_fake_server("--model", "org/model-a", "--model", "model-b")
     result = cli("list-models", "-m", f"{server.url}/v1", cwd=tmp_path)
