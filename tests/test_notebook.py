@@ -64,14 +64,18 @@ def test_notebook_runs_top_to_bottom(tmp_path: Path, monkeypatch: pytest.MonkeyP
     client = NotebookClient(
         nb, timeout=300, kernel_name=KERNEL_NAME, resources={"metadata": {"path": str(NOTEBOOK.parent)}},
     )
+    failure: Exception | None = None
     try:
         client.execute()  # raises CellExecutionError, with the cell and its traceback, on any error
-    finally:
-        # the last cell stops the server; if a cell failed first, kernel exit must have stopped it
-        deadline = time.monotonic() + 30
-        while (left := vllm_server_groups() - servers_before) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert not left, f"the notebook left vLLM servers running: groups {left}, pids {[group_members(g) for g in left]}"
+    except Exception as err:  # reported below, after the check that no server was left behind
+        failure = err
+    # the last cell stops the server; if a cell failed first, kernel exit must have stopped it
+    deadline = time.monotonic() + 30
+    while (left := vllm_server_groups() - servers_before) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if failure is not None:
+        raise failure
+    assert not left, f"the notebook left vLLM servers running: groups {left}, pids {[group_members(g) for g in left]}"
 
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert [o for o in outputs if o.output_type == "error"] == []

@@ -554,6 +554,17 @@ def test_merge_refuses_mismatched_split_files(tmp_path: Path, split_outputs: tup
     assert not out.exists()
 
 
+def test_merge_refuses_an_incomplete_split(split_outputs: tuple[Path, Path]) -> None:
+    _, out = split_outputs
+    split = out.parent / "answers.split-00001-of-00003.parquet"
+    table = pq.read_table(split)
+    pq.write_table(table.slice(0, 5).replace_schema_metadata(table.schema.metadata), split)  # our metadata, half the rows
+    with pytest.raises(MergeError) as info:
+        merge_outputs(str(out))
+    assert str(info.value) == f"cannot merge {out}: split 1 ({split}) is incomplete: 5 rows, expected 10; rerun it"
+    assert not out.exists()
+
+
 # --------------------------------------------------------------------------- the Hub boundary
 
 
