@@ -158,6 +158,11 @@ INVALID: list[tuple[str, Callable[[dict[str, Any]], object], str]] = [
         "model.base_url: server URL 'localhost:8000' must start with http:// or https://, e.g. http://localhost:8000",
     ),
     (
+        "two-urls-in-one",
+        lambda r: r["model"].update(base_url="http://a:8000,http://b:8000"),
+        "model.base_url: server URL 'http://a:8000,http://b:8000' holds several URLs: give a list, e.g. [http://a:8000, http://b:8000] (or -m A -m B)",
+    ),
+    (
         "same-server-twice",
         lambda r: r["model"].update(base_url=["http://h:8000/v1", "http://h:8000"]),
         "model.base_url: base_url lists a server twice: ['http://h:8000', 'http://h:8000']",

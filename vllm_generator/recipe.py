@@ -246,6 +246,8 @@ class ServeConfig(_Config):
 
 def _normalize_url(url: str) -> str:
     url = url.strip().rstrip("/")
+    if "," in url or " " in url:
+        raise ValueError(f"server URL {url!r} holds several URLs: give a list, e.g. [http://a:8000, http://b:8000] (or -m A -m B)")
     if not re.match(r"^https?://[^/]+", url):
         raise ValueError(f"server URL {url!r} must start with http:// or https://, e.g. http://localhost:8000")
     # accept ".../v1" as users copy it from the OpenAI SDK; the client adds it back
