@@ -4,10 +4,15 @@ Run as a subprocess::
 
     python tests/fake_server.py --port 0 [--slots N] [--latency S]
         [--latency-model fixed|lognormal] [--model NAME ...] [--api-key KEY]
-        [--no-timeline] [--no-log]
+        [--no-timeline] [--no-log] [--bind-retry S] [--listen-delay S]
 
 It prints exactly one line, ``LISTENING <port>``, once bound to 127.0.0.1, and exits
-cleanly on SIGTERM/SIGINT. From Python, use :class:`FakeServer` (a context manager).
+cleanly on SIGTERM/SIGINT. From Python, use :class:`FakeServer` (a context manager);
+``FakeServer.restart()`` kills it and starts another on the same port (a restart blip).
+With ``--bind-retry S`` (what ``restart`` uses) it first prints ``WAITING <port>``, then
+retries binding a busy ``--port`` every 5 ms for up to S seconds before ``LISTENING``;
+``--listen-delay S`` holds the bound port S seconds before listening (connections to it
+are refused meanwhile: a longer restart blip).
 
 Generated text is derived from the prompt so tests can prove row/response alignment:
 chat content is ``"echo: " + <last user message>`` (``" #i"`` appended to choice i
@@ -26,9 +31,15 @@ later attempts succeed. K defaults to 1.
     [[500:K]]        500, after the request's latency, holding a slot
     [[drop:K]]       connection closed without a response, after the latency
     [[malformed:K]]  200 application/json with a truncated body, after the latency
+    [[truncate:K]]   200 whose ``Content-Length`` promises the whole completion but only
+                     its first half is sent before the connection closes (the client
+                     sees a truncated body: aiohttp's ``ClientPayloadError``), after the latency
+    [[408:K]]        408 Request Timeout (like a proxy's); immediate
     [[hang:K]]       sleeps 3600 s holding a slot (freed when the client disconnects)
-Uncounted:
+Uncounted (they apply once the prompt's counted faults, if any, are used up, so
+``[[503:2]] [[400]]`` answers 503, 503, then 400 for good):
     [[400]]          always 400 "maximum context length" (never succeeds)
+    [[403]]          always 403 Forbidden (a gateway refusing the key; never succeeds)
     [[sleep:S]]      this request's latency is S seconds (overrides the latency model)
     [[retry_after:S]]  Retry-After value for [[429]] (float seconds allowed)
     [[reasoning:field|legacy|inline|close_only|unclosed|field_unclosed]]  reasoning
@@ -45,7 +56,12 @@ so about 1 % of rows take more than 25x the median (mean ≈ 2.6x the median).
 The sleep happens while holding one of ``--slots`` (0 = unlimited) slots; requests
 beyond that queue, like vLLM's scheduler.
 
-Test-control endpoints: ``GET /_log``, ``GET /_stats``, ``POST /_reset``.
+Test-control endpoints: ``GET /_log`` (the generation requests, in order of arrival),
+``GET /_stats`` (counters, including ``models_requests``: the ``GET /v1/models`` calls,
+which ``/_log`` leaves out), ``POST /_reset``.
+
+:class:`BlackHole` is a listening socket that never completes a connection: a host whose
+SYNs are dropped, to test connect timeouts.
 """
 
 from __future__ import annotations
@@ -61,6 +77,7 @@ import os
 import re
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -68,7 +85,7 @@ import urllib.request
 from array import array
 from collections.abc import Awaitable, Callable, Mapping
 from statistics import NormalDist
-from typing import Any, Self
+from typing import Any, NoReturn, Self
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
@@ -83,7 +100,7 @@ _STANDARD_NORMAL = NormalDist()
 LOGNORMAL_SIGMA = math.log(25.0) / _STANDARD_NORMAL.inv_cdf(0.99)
 
 _DIRECTIVE = re.compile(r"\[\[([A-Za-z0-9_]+)(?::([^\]]*))?\]\]")
-_COUNTED = frozenset({"429", "500", "503", "drop", "hang", "malformed"})
+_COUNTED = frozenset({"408", "429", "500", "503", "drop", "hang", "malformed", "truncate"})
 _REASONING_SHAPES = frozenset(
     {"field", "legacy", "inline", "close_only", "unclosed", "field_unclosed"}
 )
@@ -104,11 +121,11 @@ class BadDirective(ValueError):
 class Directives:
     """What the ``[[...]]`` markers in one prompt ask for."""
 
-    __slots__ = ("always_400", "faults", "reasoning", "retry_after", "sleep")
+    __slots__ = ("always", "faults", "reasoning", "retry_after", "sleep")
 
     def __init__(self, text: str) -> None:
         self.faults: list[tuple[str, int]] = []  # counted faults, in prompt order
-        self.always_400 = False
+        self.always: str | None = None  # "400" or "403", once the counted faults are used up
         self.sleep: float | None = None
         self.retry_after: float | None = None
         self.reasoning: str | None = None
@@ -117,8 +134,8 @@ class Directives:
             try:
                 if name in _COUNTED:
                     self.faults.append((name, 1 if arg is None else int(arg)))
-                elif name == "400":
-                    self.always_400 = True
+                elif name in ("400", "403"):
+                    self.always = name
                 elif name == "sleep":
                     self.sleep = float(arg or "")
                 elif name == "retry_after":
@@ -146,6 +163,10 @@ def _error(
         content_type=_JSON,
         headers=headers,
     )
+
+
+def _forbidden() -> web.Response:
+    return _error(403, "Forbidden (fake_server [[403]]).", "PermissionDeniedError")
 
 
 def _unauthorized() -> web.Response:
@@ -212,6 +233,7 @@ class FakeVLLM:
 
     def reset(self) -> None:
         self.requests = 0
+        self.models_requests = 0  # GET /v1/models, kept out of the generation log
         self.max_in_flight = self.in_flight
         self.max_running = self.running
         # Tuples, turned into dicts only when /_log is read: keeps the hot path cheap.
@@ -227,13 +249,14 @@ class FakeVLLM:
             return _error(
                 404, f"Not Found: {request.method} {request.path}", "NotFoundError"
             )
-        if (
-            self.auth_header is not None
-            and request.path == "/v1/models"
-            and request.headers.get("Authorization") != self.auth_header
-        ):
-            # vLLM guards every /v1 path; generation requests check after logging.
-            return _unauthorized()
+        if request.path == "/v1/models":
+            self.models_requests += 1
+            if (
+                self.auth_header is not None
+                and request.headers.get("Authorization") != self.auth_header
+            ):
+                # vLLM guards every /v1 path; generation requests check after logging.
+                return _unauthorized()
         return await handler(request)
 
     # -- in-flight accounting -------------------------------------------------------
@@ -333,10 +356,12 @@ class FakeVLLM:
                     directives = Directives(key)
                 except BadDirective as exc:
                     return _error(400, str(exc), "BadRequestError")
-                if directives.always_400:
-                    return _error(400, _CONTEXT_LENGTH_MESSAGE, "BadRequestError")
                 if directives.faults:
                     fault = self._next_fault(key, directives.faults)
+                if fault is None and directives.always == "400":
+                    return _error(400, _CONTEXT_LENGTH_MESSAGE, "BadRequestError")
+                if fault is None and directives.always == "403":
+                    return _forbidden()
                 if fault == "429":
                     retry_after = (
                         1.0
@@ -354,6 +379,10 @@ class FakeVLLM:
                         503,
                         "Service unavailable (fake_server [[503]]).",
                         "ServiceUnavailableError",
+                    )
+                if fault == "408":
+                    return _error(
+                        408, "Request timeout (fake_server [[408]]).", "TimeoutError"
                     )
 
             if directives is not None and directives.sleep is not None:
@@ -420,11 +449,25 @@ class FakeVLLM:
                 raise asyncio.CancelledError
             if fault == "malformed":
                 return web.Response(body=_MALFORMED_BODY, content_type=_JSON)
-            return _json(
-                self._completion(body, chat, model, prompts, prompt_tokens, directives)
+            completion = self._completion(
+                body, chat, model, prompts, prompt_tokens, directives
             )
+            if fault == "truncate":
+                await self._send_truncated(request, json.dumps(completion).encode())
+            return _json(completion)
         finally:
             self.running -= 1
+
+    @staticmethod
+    async def _send_truncated(request: web.BaseRequest, body: bytes) -> NoReturn:
+        """Headers promising ``body``, half of it, then a closed connection."""
+        response = web.StreamResponse(headers={"Content-Type": _JSON})
+        response.content_length = len(body)
+        await response.prepare(request)
+        await response.write(body[: len(body) // 2])
+        assert request.protocol is not None
+        request.protocol.force_close()  # flushes what was written, then closes
+        raise asyncio.CancelledError  # as for [[drop]]: end the handler quietly
 
     def _completion(
         self,
@@ -564,6 +607,7 @@ class FakeVLLM:
         return _json(
             {
                 "requests": self.requests,
+                "models_requests": self.models_requests,
                 "in_flight": self.in_flight,
                 "max_in_flight": self.max_in_flight,
                 "running": self.running,
@@ -599,7 +643,36 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--no-timeline", action="store_true", help="do not record /_stats timeline"
     )
     parser.add_argument("--no-log", action="store_true", help="do not record /_log")
+    parser.add_argument(
+        "--bind-retry",
+        type=float,
+        default=0.0,
+        help="seconds to keep retrying a busy --port (a restart on the same port)",
+    )
+    parser.add_argument(
+        "--listen-delay",
+        type=float,
+        default=0.0,
+        help="seconds between binding and listening (connections are refused)",
+    )
     return parser.parse_args(argv)
+
+
+def _bind(port: int, retry_seconds: float) -> socket.socket:
+    """A socket bound to 127.0.0.1:port, retrying while another process holds the port."""
+    deadline = time.monotonic() + retry_seconds
+    while True:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # like asyncio's create_server: rebinding a port with TIME_WAIT connections works
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+            return sock
+        except OSError:
+            sock.close()
+            if time.monotonic() >= deadline:
+                raise
+        time.sleep(0.005)  # the restart blip lasts at most this long after the old exits
 
 
 async def _serve(args: argparse.Namespace) -> None:
@@ -632,10 +705,17 @@ async def _serve(args: argparse.Namespace) -> None:
     # On shutdown, give in-flight handlers (a [[hang]]) a moment, then cancel them.
     runner = web.ServerRunner(server, shutdown_timeout=0.2)
     await runner.setup()
+    if args.bind_retry > 0:
+        sys.stdout.write(f"WAITING {args.port}\n")
+        sys.stdout.flush()
+    sock = _bind(args.port, args.bind_retry)
+    if args.listen_delay > 0:
+        # bound but not listening: Linux answers a SYN with a reset (connection refused)
+        await asyncio.sleep(args.listen_delay)
     # A large backlog: 256+ clients connecting at once must not hit SYN retransmits.
-    site = web.TCPSite(runner, "127.0.0.1", args.port, backlog=4096)
+    site = web.SockSite(runner, sock, backlog=4096)
     await site.start()
-    port = runner.addresses[0][1]
+    port = sock.getsockname()[1]
     sys.stdout.write(f"LISTENING {port}\n")
     sys.stdout.flush()
 
@@ -660,7 +740,8 @@ class FakeServer:
     """``fake_server.py`` as a subprocess: ``with FakeServer("--slots", "8") as s:``.
 
     ``s.url`` is ``http://127.0.0.1:<port>``; ``log()``, ``stats()``, ``reset()`` call
-    the test-control endpoints; ``kill()`` SIGKILLs the server.
+    the test-control endpoints; ``kill()`` SIGKILLs the server; ``restart()`` kills it
+    and starts another on the same port.
     """
 
     STARTUP_TIMEOUT = 15.0
@@ -673,8 +754,7 @@ class FakeServer:
         self.url = ""
 
     def __enter__(self) -> Self:
-        cmd = [sys.executable, os.path.abspath(__file__), "--port", "0", *self.args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=self.env)
+        self.proc = self._spawn("--port", "0", *self.args)
         try:
             self.port = self._read_port(self.proc)
         except BaseException:
@@ -683,39 +763,80 @@ class FakeServer:
         self.url = f"http://127.0.0.1:{self.port}"
         return self
 
+    def _spawn(self, *args: str) -> subprocess.Popen[bytes]:
+        cmd = [sys.executable, os.path.abspath(__file__), *args]
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, env=self.env)
+
+    def restart(
+        self,
+        *args: str,
+        down: float = 0.0,
+        before_kill: Callable[[], object] | None = None,
+    ) -> None:
+        """SIGKILL the server and start a new one on the same port (``args`` replace the
+        arguments when given). The new process is started first and binds as soon as the
+        port is free, so connections are refused for ``down`` seconds plus a few
+        milliseconds (a restart blip); requests in flight are dropped, and the log and
+        stats start empty. ``before_kill`` runs once the new process waits for the port
+        (starting it takes a while): start the load there to kill the server mid-run."""
+        if args:
+            self.args = args
+        timing = ["--bind-retry", "30", "--listen-delay", repr(down)]
+        new = self._spawn("--port", str(self.port), *timing, *self.args)
+        try:
+            self._read_line(new, "WAITING")  # about to bind: the blip starts at the kill
+            if before_kill is not None:
+                before_kill()
+        except BaseException:
+            self._terminate(new)
+            raise
+        self.kill()
+        self._stop()
+        self.proc = new  # stopped by __exit__ even if it never listens
+        port = self._read_line(new, "LISTENING")
+        assert port == self.port, (port, self.port)
+
     def __exit__(self, *exc_info: object) -> None:
         self._stop()
 
     @classmethod
     def _read_port(cls, proc: subprocess.Popen[bytes]) -> int:
+        return cls._read_line(proc, "LISTENING")
+
+    @classmethod
+    def _read_line(cls, proc: subprocess.Popen[bytes], word: str) -> int:
+        """The port from the server's next line, which must be ``<word> <port>``."""
         assert proc.stdout is not None
         deadline = time.monotonic() + cls.STARTUP_TIMEOUT
         buf = b""
         with selectors.DefaultSelector() as sel:
             sel.register(proc.stdout, selectors.EVENT_READ)
-            while b"\n" not in buf:
+            # byte by byte: a second line must stay in the pipe for the next call
+            while not buf.endswith(b"\n"):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError(
-                        f"fake server not listening after {cls.STARTUP_TIMEOUT}s"
+                        f"fake server printed no {word} line in {cls.STARTUP_TIMEOUT}s"
                     )
                 if not sel.select(remaining):
                     continue
-                chunk = os.read(proc.stdout.fileno(), 4096)
+                chunk = os.read(proc.stdout.fileno(), 1)
                 if not chunk:
                     raise RuntimeError(
-                        f"fake server exited before listening (rc={proc.wait()})"
+                        f"fake server exited before {word} (rc={proc.wait()})"
                     )
                 buf += chunk
-        line = buf.split(b"\n", 1)[0].decode()
-        if not line.startswith("LISTENING "):
+        line = buf.decode().rstrip("\n")
+        if not line.startswith(word + " "):
             raise RuntimeError(f"unexpected fake server output: {line!r}")
         return int(line.split()[1])
 
     def _stop(self) -> None:
-        proc = self.proc
-        if proc is None:
-            return
+        if self.proc is not None:
+            self._terminate(self.proc)
+
+    @staticmethod
+    def _terminate(proc: subprocess.Popen[bytes]) -> None:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGTERM)
             try:
@@ -749,6 +870,52 @@ class FakeServer:
 
     def reset(self) -> None:
         self._call("POST", "/_reset")
+
+
+class BlackHole:
+    """A port where TCP connections never complete, like a host whose SYNs are dropped:
+    ``with BlackHole() as hole: hole.url``.
+
+    A listening socket with a backlog of 0 that never accepts: once one connection waits in
+    its accept queue, Linux drops every new SYN (``tcp_abort_on_overflow`` is 0 by default),
+    so a client's ``connect`` hangs until its own timeout, with no refusal. Checked on
+    entry: a probe connection must time out.
+    """
+
+    PROBE_SECONDS = 0.2
+
+    def __init__(self) -> None:
+        self.url = ""
+        self._sockets: list[socket.socket] = []
+
+    def __enter__(self) -> Self:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sockets.append(listener)
+        try:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(0)
+            address = listener.getsockname()
+            for _ in range(8):  # the queue holds backlog + 1 on Linux; a few more elsewhere
+                probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                probe.settimeout(self.PROBE_SECONDS)
+                try:
+                    probe.connect(address)
+                except TimeoutError:
+                    probe.close()
+                    break
+                self._sockets.append(probe)  # it fills the queue: keep it open
+            else:
+                raise RuntimeError("BlackHole: connections still complete (not Linux?)")
+        except BaseException:
+            self.__exit__()
+            raise
+        self.url = f"http://127.0.0.1:{address[1]}"
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for sock in self._sockets:
+            sock.close()
+        self._sockets.clear()
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import socket
 import threading
 import time
 import urllib.error
@@ -13,7 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from fake_server import LOGNORMAL_SIGMA, FakeServer, FakeVLLM, _parse_args
+from fake_server import LOGNORMAL_SIGMA, BlackHole, FakeServer, FakeVLLM, _parse_args
 
 # Never route 127.0.0.1 through a proxy from the environment.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -343,3 +344,130 @@ def test_kill() -> None:
         with pytest.raises((ConnectionError, urllib.error.URLError)):
             chat(srv.url, "x")
     assert srv.proc is not None and srv.proc.returncode == -9
+
+
+def test_408_then_success(srv: FakeServer) -> None:
+    statuses = [chat(srv.url, "r [[408:2]]")[0] for _ in range(3)]
+    assert statuses == [408, 408, 200]
+    status, _, out = chat(srv.url, "s [[408]]")
+    assert (status, out["error"]["code"]) == (408, 408)
+
+
+def test_truncate_sends_less_than_its_content_length(srv: FakeServer) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+    body = {"messages": [{"role": "user", "content": "row [[truncate]]"}]}
+    conn.request("POST", CHAT, json.dumps(body), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    promised = int(resp.headers["Content-Length"])
+    with pytest.raises(http.client.IncompleteRead) as info:
+        resp.read()
+    conn.close()
+    # the first half of the real completion, then the connection closed
+    assert 0 < len(info.value.partial) == promised // 2
+    assert info.value.partial.startswith(b'{"id": "chatcmpl-')
+    # the fault is counted: the next attempt gets the whole body
+    assert chat(srv.url, "row [[truncate]]")[2]["choices"][0]["message"]["content"] == (
+        "echo: row [[truncate]]"
+    )
+
+
+def test_403_always(srv: FakeServer) -> None:
+    for _ in range(2):
+        status, _, out = chat(srv.url, "x [[403]]")
+        assert (status, out["error"]["code"], out["error"]["type"]) == (
+            403,
+            403,
+            "PermissionDeniedError",
+        )
+
+
+def test_uncounted_errors_come_after_the_counted_faults(srv: FakeServer) -> None:
+    statuses = [chat(srv.url, "r [[503:2]] [[400]]")[0] for _ in range(4)]
+    assert statuses == [503, 503, 400, 400]
+
+
+def test_models_requests_are_counted_apart_from_the_log(srv: FakeServer) -> None:
+    assert srv.stats()["models_requests"] == 0
+    request(srv.url, "/v1/models")
+    request(srv.url, "/v1/models")
+    chat(srv.url, "x")
+    stats = srv.stats()
+    assert (stats["models_requests"], stats["requests"]) == (2, 1)
+    assert [e["path"] for e in srv.log()] == [CHAT]
+    srv.reset()
+    assert srv.stats()["models_requests"] == 0
+
+
+def test_models_requests_refused_for_the_key_are_counted() -> None:
+    with FakeServer("--api-key", "k1") as srv:
+        assert request(srv.url, "/v1/models")[0] == 401
+        assert srv.stats()["models_requests"] == 1
+
+
+def test_restart_keeps_the_port_and_takes_new_arguments() -> None:
+    with FakeServer("--api-key", "k1") as srv:
+        url, old = srv.url, srv.proc
+        key1 = {"Authorization": "Bearer k1"}
+        body = {"messages": [{"role": "user", "content": "x"}]}
+        assert request(srv.url, CHAT, body, headers=key1)[0] == 200
+        srv.restart("--api-key", "k2")
+        assert old is not None and old.returncode == -9  # killed, not stopped
+        assert srv.url == url and srv.proc is not None and srv.proc.pid != old.pid
+        assert srv.log() == []  # a new process
+        assert request(srv.url, CHAT, body, headers=key1)[0] == 401
+        key2 = {"Authorization": "Bearer k2"}
+        assert request(srv.url, CHAT, body, headers=key2)[0] == 200
+        srv.restart()  # same arguments again
+        assert request(srv.url, CHAT, body, headers=key2)[0] == 200
+    assert srv.proc is not None and srv.proc.returncode == 0
+
+
+def test_restart_after_a_kill() -> None:
+    with FakeServer() as srv:
+        srv.kill()
+        with pytest.raises((ConnectionError, urllib.error.URLError)):
+            chat(srv.url, "x")
+        srv.restart()
+        assert chat(srv.url, "x")[0] == 200
+
+
+def test_black_hole_never_completes_a_connection() -> None:
+    with BlackHole() as hole:
+        port = int(hole.url.rsplit(":", 1)[1])
+        for _ in range(2):
+            sock = socket.socket()
+            sock.settimeout(0.3)
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):  # not refused: no answer at all
+                sock.connect(("127.0.0.1", port))
+            assert time.monotonic() - started >= 0.3
+            sock.close()
+    # closed: now the port refuses
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+def test_restart_with_down_refuses_connections_meanwhile() -> None:
+    with FakeServer() as srv:
+        refused: list[float] = []
+        stop = threading.Event()
+
+        def knock() -> None:
+            while not stop.is_set():
+                try:
+                    socket.create_connection(("127.0.0.1", srv.port), timeout=5).close()
+                except ConnectionRefusedError:
+                    refused.append(time.monotonic())
+                time.sleep(0.01)
+
+        knocker = threading.Thread(target=knock)
+        knocker.start()
+        try:
+            srv.restart(down=0.4)
+        finally:
+            stop.set()
+            knocker.join()
+        assert chat(srv.url, "x")[0] == 200
+    # refused for at least the 0.4 s the new server held the port before listening
+    assert refused and refused[-1] - refused[0] >= 0.3
