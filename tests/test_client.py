@@ -1,19 +1,27 @@
-"""Unit tests without a server: response parsing, Retry-After, routing and backoff, and the
-config that decides what a request holds (request fields, prompt sources) with full error text."""
+"""The client: unit tests without a server (response parsing, Retry-After, routing and backoff,
+the config that decides what a request holds, with full error text), then ``Client`` against the
+fake vLLM server as a real subprocess, asserting on what the server received (``FakeServer.log``).
+"""
 
 from __future__ import annotations
 
 import email.utils
 import json
+import logging
 import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import pytest
+from fake_server import BlackHole, FakeServer
 from pydantic import ValidationError
 
 from vllm_generator import RecipeError, ServerUnavailableError, vllm_generate
 from vllm_generator.client import (
     Client,
+    Result,
     _parse_body,
     _retry_after,
     _RetryableError,
@@ -161,16 +169,41 @@ def test_pick_server_prefers_the_least_busy_healthy_server() -> None:
     assert client._pick_server() is c
 
 
-def test_pick_server_with_every_server_down_names_them() -> None:
+def test_pick_server_with_every_server_down_probes_the_one_down_longest() -> None:
+    # out of rotation routes around a bad server only while another is up: with none up,
+    # requests go on (each row with its own attempts) to the server that left first
+    client = Client(["http://a:1", "http://b:2", "http://c:3"])
+    a, b, c = client.servers
+    a.down_until, b.down_until, c.down_until = [time.monotonic() + s for s in (50, 20, 40)]
+    assert client._pick_server() is b
+    b.down_until = 0.0  # b answered
+    assert client._pick_server() is b
+
+
+def test_a_failed_probe_sends_the_next_probe_to_another_server() -> None:
     client = Client(["http://a:1", "http://b:2"])
-    for server in client.servers:
-        server.down_until = time.monotonic() + 60
-    with pytest.raises(ServerUnavailableError) as info:
-        client._pick_server()
-    assert str(info.value) == (
-        "no server is reachable (http://a:1, http://b:2 all refused connections): is `vllm serve` running? "
-        "try `vllm-generator list-models -m http://a:1`"
-    )
+    a, b = client.servers
+    for server in (a, b):
+        for _ in range(3):
+            client._server_refused(server)
+    assert client._pick_server() is a  # out of rotation first
+    client._server_refused(a)
+    assert client._pick_server() is b
+    client._server_refused(b)
+    assert client._pick_server() is a
+
+
+def test_three_refusals_of_the_only_server_keep_it_in_use(caplog: pytest.LogCaptureFixture) -> None:
+    client = Client(["http://a:1"])
+    (a,) = client.servers
+    caplog.set_level(logging.WARNING, logger="vllm_generator")
+    for _ in range(3):
+        client._server_refused(a)
+    assert a.down_until > time.monotonic() + 20
+    assert client._pick_server() is a
+    assert [r.getMessage() for r in caplog.records] == [
+        "http://a:1 did not accept 3 connections in a row, and no other server is up: rows keep trying it, with backoff"
+    ]
 
 
 def test_three_refusals_take_a_server_out_of_rotation() -> None:
@@ -332,3 +365,143 @@ def test_prompt_config_source_and_columns(kwargs: dict[str, str], source: str, c
     config = PromptConfig(**kwargs)
     assert config.source == source
     assert config.required_columns() == columns
+
+
+# --------------------------------------------------------------------------- Client against the fake server
+
+CHAT = "/v1/chat/completions"
+PARSE = partial(_parse_body, chat=True, n=1, parse_reasoning=True, want_logprobs=False)
+MakeClient = Callable[..., Client]
+
+
+@pytest.fixture
+def make_client() -> Iterator[MakeClient]:
+    """Clients with fast retries (``initial_wait``/``max_wait``/``attempts`` override them); closed after the test."""
+    clients: list[Client] = []
+
+    def make(urls: str | list[str], *, attempts: int = 3, initial_wait: float = 0.01, max_wait: float = 0.05, **kwargs: Any) -> Client:
+        retry = RetryConfig(attempts=attempts, initial_wait=initial_wait, max_wait=max_wait)
+        client = Client([urls] if isinstance(urls, str) else urls, retry=retry, **kwargs)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+def chat_bodies(prompts: list[str]) -> list[dict[str, Any]]:
+    return [{"messages": [{"role": "user", "content": p}]} for p in prompts]
+
+
+def send(client: Client, prompts: list[str], **kwargs: Any) -> list[Result]:
+    return client.submit(CHAT, chat_bodies(prompts), PARSE, **kwargs).result(timeout=120)
+
+
+def received(server: FakeServer) -> Counter[str]:
+    """How many generation requests the server got for each prompt."""
+    return Counter(entry["body"]["messages"][-1]["content"] for entry in server.log())
+
+
+def retry_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("retrying")]
+
+
+# -- one server restarting, all servers out of rotation
+
+
+def test_a_restart_blip_of_the_only_server_loses_no_row(
+    start_fake_server: Callable[..., FakeServer], make_client: MakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = start_fake_server("--latency", "0.02")
+    # backoff ceilings 0.5, 1, 2, 2 s: four jittered waits all but never fit in a 0.1 s blip
+    client = make_client(server.url, attempts=5, initial_wait=0.5, max_wait=2.0, max_concurrency=8)
+    prompts = [f"row {i}" for i in range(60)]
+    caplog.set_level(logging.INFO, logger="vllm_generator")
+    futures = []
+
+    def start_the_batch() -> None:
+        futures.append(client.submit(CHAT, chat_bodies(prompts), PARSE))
+        deadline = time.monotonic() + 60
+        while server.stats()["requests"] < 16 and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    # killed mid-batch: in-flight requests dropped, then 0.1 s of refused connections
+    server.restart(down=0.1, before_kill=start_the_batch)
+    results = futures[0].result(timeout=120)
+
+    assert [r.error for r in results] == [None] * 60
+    assert [r.response for r in results] == ["echo: " + p for p in prompts]
+    # the blip was real: connections were refused often enough to take the server out of rotation
+    warned = [r.getMessage() for r in caplog.records if "connections in a row" in r.getMessage()]
+    assert warned and warned[0].startswith(f"{server.url} did not accept ")
+    assert f"{server.url} answers again: back in rotation" in [r.getMessage() for r in caplog.records]
+    # the restarted server got rows, each once, and only rows the first server did not finish
+    after = received(server)
+    assert after and set(after) <= set(prompts) and set(after.values()) == {1}
+    assert client.stats.requests > 60 and client.stats.retries == client.stats.requests - 60
+
+
+def test_a_rerun_right_after_every_server_refused_sends_again(
+    start_fake_server: Callable[..., FakeServer], make_client: MakeClient
+) -> None:
+    server = start_fake_server()
+    client = make_client(server.url, attempts=2)
+    assert [r.response for r in send(client, ["a"])] == ["echo: a"]
+    server.kill()
+    with pytest.raises(ServerUnavailableError) as info:
+        send(client, ["b", "c", "d"])
+    assert str(info.value).startswith(f"cannot reach {server.url} after 2 attempts (cannot connect to {server.url} (")
+    assert str(info.value).endswith(f"is `vllm serve` running? try `vllm-generator list-models -m {server.url}`")
+    assert client.servers[0].down_until > time.monotonic()  # out of rotation, yet tried again:
+
+    server.restart()
+    assert [r.response for r in send(client, ["e", "f"])] == ["echo: e", "echo: f"]
+    assert received(server) == Counter({"e": 1, "f": 1})
+    assert client.servers[0].down_until == 0.0  # back in rotation
+
+
+def test_a_dead_server_at_the_start_still_fails_at_once(make_client: MakeClient) -> None:
+    server = FakeServer()
+    with server:
+        server.kill()
+    client = make_client(server.url, attempts=5, initial_wait=10.0, max_wait=10.0)
+    started = time.monotonic()
+    with pytest.raises(ServerUnavailableError, match=f"^cannot list models at {server.url}/v1/models \\(ClientConnectorError: "):
+        send(client, ["a"])
+    assert time.monotonic() - started < 9  # no backoff: the model lookup fails fast
+
+
+# -- connect timeouts
+
+
+def test_a_black_holed_server_costs_the_connect_timeout_and_leaves_the_rotation(
+    fake_server: FakeServer, make_client: MakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    prompts = [f"row {i}" for i in range(16)]
+    caplog.set_level(logging.WARNING, logger="vllm_generator")
+    with BlackHole() as hole:
+        # without a connect timeout every attempt sent to the hole would wait the full 300 s
+        client = make_client([fake_server.url, hole.url], timeout=300, connect_timeout=0.3, max_concurrency=4)
+        results = client.submit(CHAT, chat_bodies(prompts), PARSE).result(timeout=100)
+
+    assert [r.response for r in results] == ["echo: " + p for p in prompts]
+    assert received(fake_server) == Counter(prompts)  # each row once, all from the live server
+    sent_to_hole = client.stats.requests - len(prompts)
+    assert sent_to_hole >= 3 and all(r.attempts <= 2 for r in results)
+    warned = [r.getMessage() for r in caplog.records if "connections in a row" in r.getMessage()]
+    assert warned == [
+        f"{hole.url} did not accept 3 connections in a row: out of rotation for 30s; its requests go to {fake_server.url}"
+    ]
+    assert all(
+        m.endswith(f"cannot connect to {hole.url} (no answer within 0.3s)") for m in retry_lines(caplog)
+    ), retry_lines(caplog)
+
+
+def test_a_black_holed_server_at_the_start_fails_within_the_connect_timeout(make_client: MakeClient) -> None:
+    with BlackHole() as hole:
+        client = make_client(hole.url, timeout=300, connect_timeout=0.3)
+        with pytest.raises(ServerUnavailableError) as info:
+            send(client, ["a"])
+    assert str(info.value).startswith(f"cannot list models at {hole.url}/v1/models (ConnectionTimeoutError: ")
+    assert client.servers[0].failures == 1  # counted like a refusal

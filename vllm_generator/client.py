@@ -40,9 +40,16 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# A server refusing this many connections in a row leaves the rotation for _DOWN_SECONDS.
+# A server refusing this many connections in a row leaves the rotation for _DOWN_SECONDS
+# (while another server is up: see _pick_server).
 _FAILURES_BEFORE_DOWN = 3
 _DOWN_SECONDS = 30.0
+# A TCP handshake with a live host takes milliseconds however busy its server is (the kernel
+# answers it), but one whose SYNs vanish (powered off, firewalled, a dead route) would hold
+# every attempt for the whole request timeout (600 s by default) while Linux resends the SYN
+# for two minutes. So connecting has its own short bound, and a connect that times out counts
+# like a refused one for routing.
+_CONNECT_TIMEOUT = 10.0
 _THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
 
 
@@ -213,7 +220,7 @@ class _RetryableError(Exception):
         super().__init__(message)
         self.kind = kind
         self.retry_after = retry_after
-        self.refused = refused
+        self.refused = refused  # no connection: refused, or no answer to the SYN
 
 
 class _FinalError(Exception):
@@ -279,6 +286,7 @@ class Client:
         timeout: float = 600,
         max_concurrency: int = 256,
         retry: RetryConfig | None = None,
+        connect_timeout: float = _CONNECT_TIMEOUT,
     ) -> None:
         if not base_urls:
             raise ValueError("Client needs at least one base URL")
@@ -291,7 +299,8 @@ class Client:
         self._headers = {"Content-Type": "application/json"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._connect_seconds = min(timeout, connect_timeout)
+        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=self._connect_seconds)
         self._timeout_seconds = timeout
         self._session: aiohttp.ClientSession | None = None
         self._semaphore: asyncio.Semaphore | None = None
@@ -344,7 +353,8 @@ class Client:
         url = f"{server or self.servers[0].url}/v1/models"
         hint = f"is the vLLM server running? try `vllm-generator list-models -m {server or self.servers[0].url}`"
         try:
-            async with session.get(url, timeout=aiohttp.ClientTimeout(total=min(30.0, self._timeout_seconds))) as resp:
+            timeout = aiohttp.ClientTimeout(total=min(30.0, self._timeout_seconds), sock_connect=self._connect_seconds)
+            async with session.get(url, timeout=timeout) as resp:
                 body = await resp.read()
                 status = resp.status
         except (aiohttp.ClientError, asyncio.TimeoutError) as err:
@@ -370,7 +380,9 @@ class Client:
                 assert self.model is not None
                 return self.model
             first = self._pick_server()
-            candidates = [first, *(s for s in self.servers if s is not first and s.down_until <= time.monotonic())]
+            now = time.monotonic()
+            # servers out of rotation last: as a last resort, not skipped
+            candidates = [first, *sorted((s for s in self.servers if s is not first), key=lambda s: s.down_until > now)]
             errors: list[ServerUnavailableError] = []
             for server in candidates:
                 try:
@@ -379,7 +391,7 @@ class Client:
                 except ServerUnavailableError as err:
                     # one dead server must not stop a run that the others can serve
                     errors.append(err)
-                    if isinstance(err.__cause__, aiohttp.ClientConnectorError):
+                    if isinstance(err.__cause__, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)):
                         self._server_refused(server)
                     if server is not candidates[-1]:
                         logger.warning("%s; asking the next server", err)
@@ -406,27 +418,38 @@ class Client:
         now = time.monotonic()
         healthy = [s for s in self.servers if s.down_until <= now]
         if not healthy:
-            names = ", ".join(s.url for s in self.servers)
-            raise ServerUnavailableError(
-                f"no server is reachable ({names} all refused connections): is `vllm serve` running? "
-                f"try `vllm-generator list-models -m {self.servers[0].url}`"
-            )
+            # Leaving the rotation only routes around a bad server while another is up. With none
+            # up (one server restarting, say), try the one that left first: every row keeps its
+            # own attempts and backoff, and the first answer puts that server back (_attempt).
+            # ServerUnavailableError comes from request(), once a row used all its attempts.
+            return min(self.servers, key=lambda s: s.down_until)
         if len(healthy) == 1:
             return healthy[0]
         # a server that refused a connection in the last second goes last, even with nothing in flight
         return min(healthy, key=lambda s: (now - s.last_refused < 1.0, s.in_flight))
 
     def _server_refused(self, server: _Server) -> None:
+        """Count a connection that was refused or timed out."""
+        now = time.monotonic()
         server.failures += 1
-        server.last_refused = time.monotonic()
-        if server.failures >= _FAILURES_BEFORE_DOWN and server.down_until <= time.monotonic():
-            server.down_until = time.monotonic() + _DOWN_SECONDS
-            others = [s.url for s in self.servers if s is not server and s.down_until <= time.monotonic()]
-            logger.warning(
-                "%s refused %d connections in a row: out of rotation for %.0fs%s",
-                server.url, server.failures, _DOWN_SECONDS,
-                f"; its requests go to {', '.join(others)}" if others else "",
-            )
+        server.last_refused = now
+        if server.failures >= _FAILURES_BEFORE_DOWN:
+            was_down = server.down_until > now
+            # a failed probe starts the time out again: the next probe goes to another server
+            server.down_until = now + _DOWN_SECONDS
+            if was_down:
+                return
+            others = [s.url for s in self.servers if s is not server and s.down_until <= now]
+            if others:
+                logger.warning(
+                    "%s did not accept %d connections in a row: out of rotation for %.0fs; its requests go to %s",
+                    server.url, server.failures, _DOWN_SECONDS, ", ".join(others),
+                )
+            else:
+                logger.warning(
+                    "%s did not accept %d connections in a row, and no other server is up: rows keep trying it, with backoff",
+                    server.url, server.failures,
+                )
 
     # -- one attempt
 
@@ -434,6 +457,7 @@ class Client:
         assert self._semaphore is not None and self._session is not None
         async with self._semaphore:
             server = self._pick_server()
+            probe = server.down_until > time.monotonic()  # sent while out of rotation
             url = server.url + path
             server.in_flight += 1
             self.stats.in_flight += 1
@@ -447,6 +471,11 @@ class Client:
             except aiohttp.ClientConnectorError as err:
                 self._server_refused(server)
                 raise _RetryableError(f"cannot connect to {server.url} ({err.os_error or err})", "connection", refused=True) from err
+            except aiohttp.ConnectionTimeoutError as err:  # raised by sock_connect (see _CONNECT_TIMEOUT)
+                self._server_refused(server)
+                raise _RetryableError(
+                    f"cannot connect to {server.url} (no answer within {self._connect_seconds:g}s)", "connect_timeout", refused=True
+                ) from err
             except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as err:
                 raise _RetryableError(f"connection to {server.url} dropped ({type(err).__name__})", "dropped") from err
             except asyncio.TimeoutError as err:
@@ -457,6 +486,9 @@ class Client:
                 server.in_flight -= 1
                 self.stats.in_flight -= 1
             server.failures = 0
+            if probe and server.down_until > 0:  # it answers again (any status): back in rotation
+                server.down_until = 0.0
+                logger.info("%s answers again: back in rotation", server.url)
         if status == 200:
             try:
                 result = parse(json.loads(body))
@@ -516,7 +548,8 @@ class Client:
 
     async def request(self, path: str, body: dict[str, Any], parse: Callable[[Any], Result]) -> Result:
         """Send one request with retries. Failures become ``Result.error``, except that
-        ``ServerUnavailableError`` (no server reachable) and ``ModelSelectionError`` propagate."""
+        ``ServerUnavailableError`` (every attempt found no server reachable) and
+        ``ModelSelectionError`` propagate."""
         self._ensure_session()
         if not self._model_checked:
             await self.resolve_model()
