@@ -8,6 +8,8 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
+import pickle
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -18,10 +20,11 @@ import pytest
 from fake_server import BlackHole, FakeServer
 from pydantic import ValidationError
 
-from vllm_generator import RecipeError, ServerUnavailableError, vllm_generate
+from vllm_generator import GenerationError, RecipeError, ServerUnavailableError, vllm_generate
 from vllm_generator.client import (
     Client,
     Result,
+    RowFailedError,
     _parse_body,
     _retry_after,
     _RetryableError,
@@ -505,3 +508,153 @@ def test_a_black_holed_server_at_the_start_fails_within_the_connect_timeout(make
             send(client, ["a"])
     assert str(info.value).startswith(f"cannot list models at {hole.url}/v1/models (ConnectionTimeoutError: ")
     assert client.servers[0].failures == 1  # counted like a refusal
+
+
+# -- retry bookkeeping
+
+
+def test_a_row_that_always_503s_logs_one_line_per_retry(
+    fake_server: FakeServer, make_client: MakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="vllm_generator")
+    client = make_client(fake_server.url, attempts=3)
+    (result,) = send(client, ["x [[503:10]]"])
+
+    message = f"503 from {fake_server.url}{CHAT}: Service unavailable (fake_server [[503]])."
+    assert result.error == f"gave up after 3 attempts: {message}"
+    assert result.attempts == 3 and client.stats.retries == 2
+    assert received(fake_server) == Counter({"x [[503:10]]": 3})
+    lines = retry_lines(caplog)
+    assert [line.split("]")[0].split("[")[1] for line in lines] == ["2/3", "3/3"]  # no "[4/3]" after the last
+    assert all(line.endswith(": " + message) for line in lines)
+
+
+def test_503_503_then_400_counts_three_attempts(
+    fake_server: FakeServer, make_client: MakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="vllm_generator")
+    client = make_client(fake_server.url, attempts=5)
+    prompt = "x [[503:2]] [[400]]"
+    ok, failed = send(client, ["y", prompt])
+
+    assert ok.error is None and ok.attempts == 1
+    assert failed.error is not None and failed.error.startswith(f"400 from {fake_server.url}{CHAT}: This model's maximum")
+    assert failed.attempts == 3 and failed.error_type == "http_400"
+    assert client.stats.retries == 2 and client.stats.requests == 4
+    assert received(fake_server) == Counter({prompt: 3, "y": 1})
+    assert len(retry_lines(caplog)) == 2
+
+
+@pytest.mark.parametrize("fault", ["[[408]]", "[[truncate]]"])
+def test_a_408_or_a_truncated_body_is_retried(fake_server: FakeServer, make_client: MakeClient, fault: str) -> None:
+    prompts = [f"a {fault}", "b"]
+    client = make_client(fake_server.url)
+    results = send(client, prompts)
+
+    assert [r.response for r in results] == ["echo: " + p for p in prompts]
+    assert [r.attempts for r in results] == [2, 1]
+    assert received(fake_server) == Counter({prompts[0]: 2, "b": 1})
+
+
+# -- a refused API key
+
+
+def key_hint(url: str, status: str) -> str:
+    return (
+        f"{url}{CHAT} refused the API key ({status}): pass api_key=..., set VLLM_API_KEY, "
+        "or name the variable in a recipe's model.api_key_env"
+    )
+
+
+def test_a_key_revoked_mid_run_stops_the_batch(start_fake_server: Callable[..., FakeServer], make_client: MakeClient) -> None:
+    server = start_fake_server("--api-key", "key-one")
+    client = make_client(server.url, api_key="key-one", max_concurrency=2)
+    assert [r.response for r in send(client, ["a"])] == ["echo: a"]
+    server.restart("--api-key", "key-two")  # the model was checked already: only generation requests now
+
+    with pytest.raises(RecipeError) as info:
+        send(client, [f"row {i}" for i in range(40)])
+    assert str(info.value) == key_hint(server.url, "401: Unauthorized")
+    assert "key-one" not in str(info.value)
+    wait_until_idle(client)
+    assert 1 <= len(server.log()) <= 10  # not one 401 per row
+
+
+def test_a_403_stops_the_batch(fake_server: FakeServer, make_client: MakeClient) -> None:
+    client = make_client(fake_server.url, max_concurrency=2)
+    with pytest.raises(RecipeError) as info:
+        send(client, ["a [[403]]", *(f"row {i}" for i in range(1, 40))])
+    assert str(info.value) == key_hint(fake_server.url, "403: Forbidden (fake_server [[403]]).")
+    wait_until_idle(client)
+    assert len(fake_server.log()) <= 10
+
+
+# -- stop_on_error
+
+
+def wait_until_idle(client: Client) -> None:
+    """Until every row handed to the client has been sent or skipped."""
+    deadline = time.monotonic() + 30
+    while (client.unfinished or client.stats.in_flight) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert client.unfinished == 0
+
+
+def test_stop_on_error_fails_the_batch_at_the_first_failed_row(
+    start_fake_server: Callable[..., FakeServer], make_client: MakeClient
+) -> None:
+    server = start_fake_server("--latency", "0.05")
+    client = make_client(server.url, max_concurrency=4)
+    prompts = ["row 0 [[400]]", *(f"row {i}" for i in range(1, 40))]
+
+    with pytest.raises(RowFailedError) as info:
+        send(client, prompts, stop_on_error=True)
+    assert info.value.row == 0
+    assert info.value.result.error is not None and info.value.result.error.startswith(f"400 from {server.url}{CHAT}: ")
+    assert str(info.value) == f"row 0 of the batch failed: {info.value.result.error}"
+    assert isinstance(info.value, GenerationError)
+    wait_until_idle(client)
+    assert len(server.log()) <= 10  # the other rows were not sent
+
+    # without it, the batch runs to the end and the row records its error
+    server.reset()
+    results = send(client, prompts)
+    assert [r.error is not None for r in results] == [True] + [False] * 39
+    assert len(server.log()) == 40
+
+
+def test_stop_on_error_names_the_row_within_the_batch(fake_server: FakeServer, make_client: MakeClient) -> None:
+    client = make_client(fake_server.url, attempts=2)
+    prompts = ["a", "b", "c [[500:5]]", "d"]
+    with pytest.raises(RowFailedError) as info:
+        send(client, prompts, stop_on_error=True)
+    assert info.value.row == 2
+    assert info.value.result.error == (
+        f"gave up after 2 attempts: 500 from {fake_server.url}{CHAT}: Internal server error (fake_server [[500]])."
+    )
+
+
+def test_row_failed_error_pickles() -> None:
+    err = RowFailedError(3, Result(error="400 from x", error_type="http_400", attempts=1))
+    copy = pickle.loads(pickle.dumps(err))
+    assert (copy.row, copy.result, str(copy)) == (3, err.result, "row 3 of the batch failed: 400 from x")
+
+
+# -- no I/O before the first batch
+
+
+def test_creating_a_transform_does_no_network_io(fake_server: FakeServer) -> None:
+    from datasets import Dataset
+
+    transform = vllm_generate(fake_server.url)
+    repr(transform)
+    pickle.dumps(transform)
+    transform.client  # noqa: B018 (built, not used)
+    stats = fake_server.stats()
+    assert (stats["models_requests"], stats["requests"]) == (0, 0)
+
+    out = Dataset.from_dict({"prompt": ["a", "b"]}).map(transform, batched=True)
+    assert out["response"] == ["echo: a", "echo: b"]
+    stats = fake_server.stats()
+    assert (stats["models_requests"], stats["requests"]) == (1, 2)  # the model lookup, once
+    transform.close()

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import aiohttp
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
-from .errors import ModelSelectionError, RecipeError, ServerUnavailableError
+from .errors import GenerationError, ModelSelectionError, RecipeError, ServerUnavailableError
 from .recipe import RetryConfig
 
 __all__ = ["Result", "Stats", "Client", "parse_choice", "run_on_loop"]
@@ -221,14 +221,39 @@ class _RetryableError(Exception):
         self.kind = kind
         self.retry_after = retry_after
         self.refused = refused  # no connection: refused, or no answer to the SYN
+        self.attempts = 1  # of the request, when this error ends it (set by _retry)
 
 
 class _FinalError(Exception):
-    """An attempt failed in a way that retrying cannot fix (a 4xx other than 408/429)."""
+    """An attempt failed in a way that retrying cannot fix (a 4xx other than 401/403/408/429)."""
 
     def __init__(self, message: str, kind: str):
         super().__init__(message)
         self.kind = kind
+        self.attempts = 1  # of the request, this one included (set by _retry)
+
+
+class RowFailedError(GenerationError):
+    """A row of a ``submit(..., stop_on_error=True)`` batch failed for good, so the batch stopped.
+
+    ``row`` is its index in the submitted bodies; ``result`` its outcome (``error`` is set).
+    """
+
+    def __init__(self, row: int, result: Result) -> None:
+        super().__init__(f"row {row} of the batch failed: {result.error}")
+        self.row = row
+        self.result = result
+
+    def __reduce__(self) -> tuple[Any, ...]:  # map workers (num_proc>1) pickle exceptions
+        return (type(self), (self.row, self.result))
+
+
+def _key_refused(url: str, status: int, body: bytes) -> RecipeError:
+    """401/403: a setting to fix (the key is never in the message), not a server to wait for."""
+    return RecipeError(
+        f"{url} refused the API key ({status}: {_server_message(body)}): pass api_key=..., "
+        "set VLLM_API_KEY, or name the variable in a recipe's model.api_key_env"
+    )
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -359,11 +384,8 @@ class Client:
                 status = resp.status
         except (aiohttp.ClientError, asyncio.TimeoutError) as err:
             raise ServerUnavailableError(f"cannot list models at {url} ({type(err).__name__}: {err}): {hint}") from err
-        if status in (401, 403):  # a setting to fix, not a server to wait for
-            raise RecipeError(
-                f"{url} refused the API key ({status}: {_server_message(body)}): pass api_key=..., "
-                "set VLLM_API_KEY, or name the variable in a recipe's model.api_key_env"
-            )
+        if status in (401, 403):
+            raise _key_refused(url, status, body)
         if status != 200:
             raise ServerUnavailableError(f"GET {url} answered {status}: {_server_message(body)}")
         try:
@@ -497,6 +519,8 @@ class Client:
             server.completed += 1
             result.latency = time.monotonic() - sent  # the server's time, not our queueing
             return result
+        if status in (401, 403):  # on every row alike: stop the batch, do not record it on each
+            raise _key_refused(url, status, body)
         message = f"{status} from {url}: {_server_message(body)}"
         if status in (408, 429) or status >= 500:
             raise _RetryableError(message, f"http_{status}", retry_after=_retry_after(retry_after))
@@ -518,38 +542,47 @@ class Client:
         return random.uniform(0, ceiling) if ceiling > 0 else 0.0
 
     def _log_retry(self, err: BaseException | None, attempt: int, wait: float) -> None:
+        """One line per retry that will happen: ``attempt`` is the one that just failed."""
         logger.warning("retrying in %.1fs [%d/%d]: %s", wait, attempt + 1, self.retry.attempts, err)
 
     async def _retry(self, first: _RetryableError, path: str, payload: bytes, parse: Callable[[Any], Result]) -> tuple[Result, int]:
-        """Attempts 2..N after ``first`` failed; returns the result and the attempts made."""
+        """Attempts 2..N after ``first`` failed; returns the result and the attempts made.
+
+        An error that ends the request carries the attempts made in ``attempts``.
+        """
         self._leave_pool()
         wait = self._backoff(first, 1)
         self._log_retry(first, 1, wait)
         await asyncio.sleep(wait)
         attempts = 1
 
-        def wait_next(state: RetryCallState) -> float:
-            seconds = self._backoff(state.outcome.exception() if state.outcome else None, attempts)
-            self._log_retry(state.outcome.exception() if state.outcome else None, attempts, seconds)
-            return seconds
+        def error(state: RetryCallState) -> BaseException | None:
+            return state.outcome.exception() if state.outcome else None
 
-        # a fresh AsyncRetrying per failing request: tenacity keeps its state per thread, not per task
+        # a fresh AsyncRetrying per failing request: tenacity keeps its state per thread, not per
+        # task. It computes the wait before it checks stop, so the wait only computes and
+        # before_sleep (called only when a retry follows) logs.
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.retry.attempts - 1),
-            wait=wait_next,
+            wait=lambda state: self._backoff(error(state), attempts),
+            before_sleep=lambda state: self._log_retry(error(state), attempts, state.upcoming_sleep),
             retry=retry_if_exception_type(_RetryableError),
             reraise=True,
         )
-        async for attempt in retrying:
-            with attempt:
-                attempts += 1
-                result = await self._attempt(path, payload, parse)
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    attempts += 1
+                    result = await self._attempt(path, payload, parse)
+        except (_RetryableError, _FinalError) as err:
+            err.attempts = attempts
+            raise
         return result, attempts
 
     async def request(self, path: str, body: dict[str, Any], parse: Callable[[Any], Result]) -> Result:
         """Send one request with retries. Failures become ``Result.error``, except that
-        ``ServerUnavailableError`` (every attempt found no server reachable) and
-        ``ModelSelectionError`` propagate."""
+        ``ServerUnavailableError`` (every attempt found no server reachable),
+        ``ModelSelectionError`` and ``RecipeError`` (a 401/403: the API key) propagate."""
         self._ensure_session()
         if not self._model_checked:
             await self.resolve_model()
@@ -563,7 +596,7 @@ class Client:
                     raise
                 result, attempts = await self._retry(first, path, payload, parse)
         except _RetryableError as err:
-            attempts = self.retry.attempts
+            attempts = err.attempts
             if err.refused and all(s.failures for s in self.servers):
                 raise ServerUnavailableError(
                     f"cannot reach {', '.join(s.url for s in self.servers)} after {attempts} attempts "
@@ -571,6 +604,7 @@ class Client:
                 ) from None
             result = Result(error=f"gave up after {attempts} attempts: {err}", error_type=err.kind)
         except _FinalError as err:
+            attempts = err.attempts
             result = Result(error=str(err), error_type=err.kind)
         result.attempts = attempts
         self.stats.add(result)
@@ -581,14 +615,20 @@ class Client:
     # -- batches, from any thread
 
     def submit(
-        self, path: str, bodies: Sequence[dict[str, Any]], parse: Callable[[Any], Result]
+        self, path: str, bodies: Sequence[dict[str, Any]], parse: Callable[[Any], Result], stop_on_error: bool = False
     ) -> concurrent.futures.Future[list[Result]]:
-        """Send every body concurrently; the future resolves to results in the same order."""
+        """Send every body concurrently; the future resolves to results in the same order.
+
+        With ``stop_on_error`` the first row that ends with ``Result.error`` set fails the future
+        with ``RowFailedError`` at once, and the batch's other rows are not sent (or are cut).
+        """
 
         async def run() -> list[Result]:
             if not bodies:
                 return []
-            batch = _Batch(path, bodies, parse, asyncio.get_running_loop().create_future(), [None] * len(bodies), len(bodies))
+            batch = _Batch(
+                path, bodies, parse, asyncio.get_running_loop().create_future(), [None] * len(bodies), len(bodies), stop_on_error
+            )
             self.unfinished += len(bodies)
             self._queue.extend((batch, row) for row in range(len(bodies)))
             self._start_workers()
@@ -650,6 +690,10 @@ class Client:
                 finally:
                     del batch.running[row]
                     self.unfinished -= 1
+                if batch.stop_on_error and result.error is not None:
+                    if not batch.done.done():
+                        batch.done.set_exception(RowFailedError(row, result))
+                    continue
                 batch.results[row] = result
                 batch.remaining -= 1
                 if not batch.remaining and not batch.done.done():
@@ -671,4 +715,5 @@ class _Batch:
     done: asyncio.Future[list[Result]]
     results: list[Any]  # Result once each row is done
     remaining: int
+    stop_on_error: bool = False  # the first failed row fails the batch (RowFailedError)
     running: dict[int, asyncio.Task[None]] = field(default_factory=dict)  # row -> the worker sending it
