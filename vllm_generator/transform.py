@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from .client import Client, Result, _parse_body
+from .client import Client, Result, RowFailedError, _parse_body
 from .errors import GenerationError, RecipeError
 from .recipe import GenerateConfig, ServeConfig, format_validation_error
 
@@ -244,7 +244,9 @@ class VllmGenerate:
         if len(sent) < len(bodies) and self.config.retry.on_error == "raise":
             row = bodies.index(None)
             raise GenerationError(f"row {row} of the batch failed: {self._no_prompt()}")
-        return _Pending(bodies, self.client.submit(self._path, sent, self._parse))
+        # on_error="raise": the first failed row stops the batch, its other rows are not sent
+        stop = self.config.retry.on_error == "raise"
+        return _Pending(bodies, self.client.submit(self._path, sent, self._parse, stop_on_error=stop))
 
     def _results(self, pending: _Pending) -> list[Result]:
         """The rows' results in order, rows without a prompt included."""
@@ -331,14 +333,18 @@ class VllmGenerate:
         if pending is None:
             pending = self.submit(self.build_bodies(batch))
         bodies = pending.bodies
+        if indices is not None and offset:
+            indices = [i + offset for i in indices]
         try:
             results = self._results(pending)
+        except RowFailedError as err:
+            self.cancel_ahead()
+            row = [i for i, b in enumerate(bodies) if b is not None][err.row]  # err.row counts the rows sent
+            raise _row_failed(row, err.result.error, bodies, indices) from None
         except BaseException:
             pending.future.cancel()
             self.cancel_ahead()
             raise
-        if indices is not None and offset:
-            indices = [i + offset for i in indices]
         return self.columns(results, bodies, indices)
 
     def columns(self, results: list[Result], bodies: list[dict[str, Any] | None], indices: Sequence[int] | None = None) -> dict[str, np.ndarray]:
@@ -347,8 +353,7 @@ class VllmGenerate:
         if self.config.retry.on_error == "raise":
             for i, r in enumerate(results):
                 if r.error is not None:
-                    where = f"row {indices[i]}" if indices is not None else f"row {i} of the batch"
-                    raise GenerationError(f"{where} failed: {r.error} (prompt: {_prompt_text(bodies[i])[:120]!r})")
+                    raise _row_failed(i, r.error, bodies, indices)
         n = self.config.generation.n
 
         def text(values: list[Any]) -> np.ndarray:
@@ -370,6 +375,11 @@ class VllmGenerate:
         if self._want_logprobs:
             out[cols.logprobs] = np.array([r.logprobs for r in results], dtype=_TEXT)
         return out
+
+
+def _row_failed(i: int, error: str | None, bodies: list[dict[str, Any] | None], indices: Sequence[int] | None) -> GenerationError:
+    where = f"row {indices[i]}" if indices is not None else f"row {i} of the batch"
+    return GenerationError(f"{where} failed: {error} (prompt: {_prompt_text(bodies[i])[:120]!r})")
 
 
 def _prompt_text(body: dict[str, Any] | None) -> str:
