@@ -1,7 +1,7 @@
 """Exceptions raised by vllm-generator.
 
     VllmGeneratorError
-    ├── RecipeError (ValueError)               bad recipe, argument or input data; nothing was sent
+    ├── RecipeError (ValueError)               bad recipe, argument, input data or API key
     ├── ServerUnavailableError (ConnectionError)  no server could be reached
     ├── ModelSelectionError (LookupError)       the model to use cannot be decided from /v1/models
     ├── GenerationError (RuntimeError)          a row failed and ``on_error="raise"`` was asked for
@@ -31,7 +31,8 @@ class VllmGeneratorError(Exception):
 
 
 class RecipeError(VllmGeneratorError, ValueError):
-    """The recipe, an argument or the input data is invalid. Raised before any request."""
+    """The recipe, an argument or the input data is invalid (raised before any request), or a
+    server refused the API key."""
 
 
 class ServerUnavailableError(VllmGeneratorError, ConnectionError):
