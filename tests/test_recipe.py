@@ -320,16 +320,6 @@ def test_double_dollar_keeps_a_literal_env_reference(tmp_path: Path, monkeypatch
     assert load_recipe(path).data.template == "Is ${price} fair for {prompt}? 5"
 
 
-def test_api_key_env_naming_an_unset_variable_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("VG_TEST_KEY", raising=False)
-    config = ModelConfig(base_url="http://a:1", api_key_env="VG_TEST_KEY")
-    with pytest.raises(RecipeError) as info:
-        config.api_key()
-    assert str(info.value) == "model.api_key_env names $VG_TEST_KEY, which is not set: export it, or remove api_key_env"
-    monkeypatch.setenv("VG_TEST_KEY", "sk-test")
-    assert config.api_key() == "sk-test"
-
-
 def test_overrides_set_nested_keys_and_are_validated(tmp_path: Path) -> None:
     path = write_recipe(tmp_path, BASE)
     recipe = load_recipe(
@@ -402,6 +392,8 @@ def test_api_key_is_read_from_the_named_variable(monkeypatch: pytest.MonkeyPatch
     assert ModelConfig(base_url="http://a:1").api_key() == "sk-openai"
     monkeypatch.setenv("VLLM_API_KEY", "sk-vllm")
     assert ModelConfig(base_url="http://a:1").api_key() == "sk-vllm"
+    monkeypatch.delenv("VG_TEST_KEY", raising=False)
+    assert ModelConfig(base_url="http://a:1", api_key_env="VG_TEST_KEY").api_key() is None  # no fallback: a keyless server
     monkeypatch.setenv("VG_TEST_KEY", "sk-mine")
     assert ModelConfig(base_url="http://a:1", api_key_env="VG_TEST_KEY").api_key() == "sk-mine"
 

@@ -287,13 +287,8 @@ class ModelConfig(_Config):
         return self
 
     def api_key(self) -> str | None:
-        """The API key from the environment (the one place it is read).
-
-        Raises:
-            RecipeError: ``api_key_env`` names a variable that is not set.
-        """
-        if self.api_key_env and not os.environ.get(self.api_key_env):
-            raise RecipeError(f"model.api_key_env names ${self.api_key_env}, which is not set: export it, or remove api_key_env")
+        """The API key from the environment (the one place it is read); None when the variable
+        is unset, as for a server that needs no key."""
         names = (self.api_key_env,) if self.api_key_env else API_KEY_ENV_VARS
         return next((os.environ[n] for n in names if os.environ.get(n)), None)
 

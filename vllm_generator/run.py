@@ -516,7 +516,6 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, base_url: list[str] | N
     out_path = split_output_path(data.output.path, num_splits, split_id) if data.output.path else None
     if out_path is not None:
         _check_output_path(out_path, data.output.path, data.input)
-    recipe.model.api_key()  # an unset api_key_env fails now, not at the first request
     if recipe.model.serve is not None and base_url is None:
         from .serve import serve_models
 
