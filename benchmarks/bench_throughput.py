@@ -12,6 +12,8 @@ A fake vLLM server (tests/fake_server.py, its own process) runs ``--slots`` gene
 and queues the rest, as vLLM does. Every client runs in its own subprocess, on the same rows:
 
     bare       the limit: a bare aiohttp loop keeping exactly ``slots`` requests in flight
+    barrier    the same loop, but waiting for each batch of B rows before the next, as
+               ``Dataset.map`` does: the limit of any client inside a plain map
     pipeline   ``python -m vllm_generator recipe.yaml`` (load, chunks, map, write)
     map        ``ds.map(vllm_generate(...), batched=True, batch_size=B)`` for each B of the sweep
     openai     what users do today: ``AsyncOpenAI`` in an ``async def`` batched map (gather +
@@ -97,13 +99,16 @@ def _child_bare(spec: dict[str, Any]) -> dict[str, Any]:
     url = spec["url"] + "/v1/chat/completions"
     slots = spec["slots"]
 
+    # with "barrier": rows in batches of that size, each sent only once the one before is done,
+    # as Dataset.map hands them over: the best any client can do inside a plain map
+    barrier = spec.get("barrier") or len(rows)
+
     async def run() -> tuple[int, int]:
         ok = errors = 0
-        next_row = iter(range(len(rows)))
         connector = aiohttp.TCPConnector(limit=slots)
         async with aiohttp.ClientSession(connector=connector) as session:
 
-            async def worker() -> None:
+            async def worker(next_row: Any) -> None:
                 nonlocal ok, errors
                 for i in next_row:  # shared iterator: exactly `slots` requests in flight
                     payload = json.dumps(body(rows[i])).encode()
@@ -114,7 +119,9 @@ def _child_bare(spec: dict[str, Any]) -> dict[str, Any]:
                     else:
                         errors += 1
 
-            await asyncio.gather(*(worker() for _ in range(slots)))
+            for first in range(0, len(rows), barrier):
+                batch = iter(range(first, min(first + barrier, len(rows))))
+                await asyncio.gather(*(worker(batch) for _ in range(slots)))
         return ok, errors
 
     cpu, start = _cpu(), time.monotonic()
@@ -500,7 +507,7 @@ def bench_latency_model(bench: Bench, args: argparse.Namespace, model: str) -> N
     heavy = model == "lognormal"
     median = 0.2 if heavy else 0.05
     rows = args.rows or (args.heavy_rows if heavy else args.fixed_rows)
-    only = set((args.only or ("bare,pipeline,map" if heavy else "bare,pipeline,map,openai,sync")).split(","))
+    only = set((args.only or ("bare,pipeline,map" if heavy else "bare,barrier,pipeline,map,openai,sync")).split(","))
     default_sizes = args.heavy_map_batch_sizes if heavy else args.map_batch_sizes
     sizes = [int(b) for b in default_sizes.split(",")]
     rows_path = bench.rows_file(rows)
@@ -521,6 +528,9 @@ def bench_latency_model(bench: Bench, args: argparse.Namespace, model: str) -> N
         jobs.append((f"(2c) pipeline, lookahead {la}", "pipeline", {"batch_size": args.batch_size, "lookahead": la}))
     if "pipeline2x" in only:
         jobs.append((f"(2b) pipeline, max_concurrency {2 * slots}", "pipeline", {"batch_size": args.batch_size, "concurrency": 2 * slots}))
+    if "barrier" in only:
+        for b in sizes:
+            jobs.append((f"(1b) bare aiohttp, map's barrier, batch {b}", "bare", {"rows_path": rows_path, "slots": slots, "barrier": b}))
     if "map" in only:
         for b in sizes:
             jobs.append((f"(3) ds.map(vllm_generate), batch {b}", "map", {"rows_path": rows_path, "slots": slots, "batch_size": b}))
@@ -553,7 +563,7 @@ def bench_latency_model(bench: Bench, args: argparse.Namespace, model: str) -> N
                 for i, job in enumerate(jobs):
                     runs[i] += bench.measure([server], [with_url(f"{i}-{r}", *job, server.url)])
         results = [median_of(ms) for ms in runs]
-    bare = next((m for (_, kind, _), m in zip(jobs, results) if kind == "bare"), None)
+    bare = next((m for (name, kind, _), m in zip(jobs, results) if kind == "bare" and name.startswith("(1)")), None)
     pipeline = next((m for (name, kind, _), m in zip(jobs, results) if kind == "pipeline" and name.startswith("(2)")), None)
     maps = [m for (_, kind, _), m in zip(jobs, results) if kind == "map"]
 
@@ -673,7 +683,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="the server's concurrent generations; clients keep this many in flight (default 256; 64 with --servers 2, "
         "so that two servers and the client fit on two cores)",
     )
-    parser.add_argument("--only", default=None, help="comma-separated: bare,pipeline,pipeline2x,map,openai,sync "
+    parser.add_argument("--only", default=None, help="comma-separated: bare,barrier,pipeline,pipeline2x,map,openai,sync "
                         "(default: all but pipeline2x for fixed latency; bare,pipeline,map for heavy-tailed)")
     parser.add_argument("--sequential", action="store_true", help="heavy-tailed: run the clients one after another")
     parser.add_argument("--repeat", type=int, default=1, help="run each client N times (interleaved) and report medians (not heavy-tailed)")
