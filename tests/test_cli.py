@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +175,23 @@ def test_api_key_never_reaches_a_file_or_the_terminal(tmp_path: Path, start_fake
     assert secret not in result.stdout + result.stderr
 
 
+def interrupt_when(proc: subprocess.Popen[str], ready: Callable[[], bool], signum: int) -> None:
+    """Send ``signum`` once ``ready()`` holds, and check the run stopped as interrupted (exit 130)."""
+    try:
+        deadline = time.monotonic() + 30
+        while not ready():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.005)
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130
+    assert stderr.splitlines()[-1] == "interrupted: finished chunks are saved; run the same command again to resume"
+    assert "Traceback" not in stderr
+
+
 def _ignore_sigint() -> None:
     """What `cmd &` in a script does to the job: SIGINT ignored."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -194,19 +212,7 @@ def test_ctrl_c_keeps_finished_chunks(tmp_path: Path, start_fake_server: Any, si
         [sys.executable, "-m", "vllm_generator", "recipe.yaml", "--progress=false"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn,
     )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 30
-        while not list(work.glob("chunk-*.arrow")):
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.005)
-        proc.send_signal(signum)
-        _, stderr = proc.communicate(timeout=30)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == 130
-    assert stderr.splitlines()[-1] == "interrupted: finished chunks are saved; run the same command again to resume"
-    assert "Traceback" not in stderr
+    interrupt_when(proc, lambda: bool(list(work.glob("chunk-*.arrow"))), signum)
     assert list(work.glob("chunk-*.arrow")) and not (tmp_path / "out" / "answers.parquet").exists()
 
 
@@ -220,19 +226,8 @@ def test_sigterm_stops_a_background_job_while_its_server_starts(tmp_path: Path) 
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_ignore_sigint,
         env={**os.environ, "VLLM_GENERATOR_SERVER_LOG_DIR": str(tmp_path / "logs")},
     )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 30
-        while not (tmp_path / "server.pid").exists() or not (tmp_path / "server.pid").read_text():
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=10)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == 130
-    assert stderr.splitlines()[-1] == "interrupted: finished chunks are saved; run the same command again to resume"
-    assert "Traceback" not in stderr
+    pid_file = tmp_path / "server.pid"
+    interrupt_when(proc, lambda: pid_file.exists() and bool(pid_file.read_text()), signal.SIGTERM)
     with pytest.raises(ProcessLookupError):  # the managed server was stopped too
         os.kill(int((tmp_path / "server.pid").read_text()), 0)
 
