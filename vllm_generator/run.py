@@ -110,7 +110,7 @@ def _load_input(cfg: InputConfig) -> Dataset:
 def _cause(err: BaseException) -> str:
     """The innermost message of an exception chain: datasets wraps a parser's error in its own
     "An error occurred while generating the dataset", which says nothing about the file."""
-    messages = []
+    messages: list[str] = []
     current: BaseException | None = err
     while current is not None and len(messages) < 10:
         if str(current).strip():
@@ -513,8 +513,9 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, base_url: list[str] | N
     check_input_columns(recipe.generate_config(), ds, where)
     if num_splits > len(ds):  # an empty split would crash in shard() and could never be merged
         raise RecipeError(f"processing.num_splits {num_splits} is more than the {len(ds)} rows of {where}: use at most {len(ds)} splits")
-    out_path = split_output_path(data.output.path, num_splits, split_id) if data.output.path else None
-    if out_path is not None:
+    out_path = None
+    if data.output.path:
+        out_path = split_output_path(data.output.path, num_splits, split_id)
         _check_output_path(out_path, data.output.path, data.input)
     if recipe.model.serve is not None and base_url is None:
         from .serve import serve_models
