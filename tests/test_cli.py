@@ -392,9 +392,19 @@ def test_validate_warns_about_null_prompts_and_sends_nothing(tmp_path: Path, fak
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[1:] == [
         "ok: input has 3 rows, columns ['id', 'question']; split 0 of 1",
-        "warning: 2 rows have a null prompt (rows 0, 2): they will get an error and not be sent",
+        "warning: 2 rows have a null prompt (rows 0, 2 of in.parquet): they will get an error and not be sent",
         'ok: first request: {"messages": [{"role": "user", "content": "fine"}]}',
     ]
+    assert fake_server.log() == []
+
+
+def test_validate_refuses_what_run_would_refuse(tmp_path: Path, fake_server: FakeServer) -> None:
+    write_input(tmp_path / "in.parquet", 5)
+    write_recipe(tmp_path, fake_server.url)
+    too_many = cli("validate", "recipe.yaml", "--processing.num_splits=6", cwd=tmp_path)
+    assert (too_many.returncode, too_many.stderr) == (1, "error: processing.num_splits 6 is more than the 5 rows of in.parquet: use at most 5 splits\n")
+    onto_input = cli("validate", "recipe.yaml", "--data.output.path=in.parquet", cwd=tmp_path)
+    assert onto_input.returncode == 1 and "which data.input.path in.parquet reads" in onto_input.stderr
     assert fake_server.log() == []
 
 

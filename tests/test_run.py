@@ -283,11 +283,27 @@ def test_output_that_is_also_the_input_is_refused(tmp_path: Path, fake_server: F
     recipe = write_recipe(tmp_path, fake_server.url, input_path, input_path)
     with pytest.raises(RecipeError) as info:
         run(recipe)
-    assert str(info.value) == f"data.output.path {input_path} is also an input file ({input_path}): write the output somewhere else"
-    glob_recipe = write_recipe(tmp_path, fake_server.url, tmp_path / "data" / "*.parquet", input_path, name="glob.yaml")
-    with pytest.raises(RecipeError, match="is also an input file"):
+    assert str(info.value) == f"data.output.path {input_path} writes {input_path}, which data.input.path {input_path} reads: write the output somewhere else"
+    pattern = tmp_path / "data" / "*.parquet"
+    glob_recipe = write_recipe(tmp_path, fake_server.url, pattern, tmp_path / "data" / "out.parquet", name="glob.yaml")
+    with pytest.raises(RecipeError) as info:
         run(glob_recipe)
+    assert str(info.value) == (
+        f"data.output.path {tmp_path / 'data' / 'out.parquet'} writes {tmp_path / 'data' / 'out.parquet'}, "
+        f"which data.input.path {pattern} reads: write the output somewhere else"
+    )
+    # the metrics file beside the output counts too
+    (tmp_path / "data" / "in.json").write_text('{"question": "q"}\n')
+    json_recipe = write_recipe(tmp_path, fake_server.url, tmp_path / "data" / "*.json", tmp_path / "data" / "out.parquet", name="json.yaml")
+    with pytest.raises(RecipeError, match=r"writes .*/data/out\.metrics\.json, which data\.input\.path"):
+        run(json_recipe)
     assert fake_server.log() == [] and pq.read_table(input_path).column_names == ["id", "question"]
+
+
+def test_an_output_in_a_folder_below_an_input_glob_is_allowed(tmp_path: Path, fake_server: FakeServer) -> None:
+    write_input(tmp_path / "data" / "in.parquet", questions(5))
+    recipe = write_recipe(tmp_path, fake_server.url, tmp_path / "data" / "*.parquet", tmp_path / "data" / "generated" / "out.parquet")
+    assert run(recipe).rows == 5 and run(recipe).reused_rows == 5  # the rerun reads only data/in.parquet
 
 
 def test_an_output_folder_that_cannot_be_made_is_a_recipe_error(tmp_path: Path, fake_server: FakeServer) -> None:
@@ -407,6 +423,52 @@ def test_a_server_now_serving_another_model_is_not_answered_from_the_old_models_
     summary = run(recipe, model__base_url=other.url)
     assert (summary.generated_rows, summary.reused_rows) == (12, 0)
     assert {entry["body"]["model"] for entry in other.log()} == {"model-b"} and len(other.log()) == 12
+
+
+def test_a_finished_run_writes_its_output_again_with_no_server_up(tmp_path: Path, start_fake_server: Callable[..., FakeServer]) -> None:
+    # model.model is unset: the model the servers served is saved with the chunks
+    server = start_fake_server("--model", "model-a")
+    recipe = make_recipe(tmp_path, server.url, write_input(tmp_path / "in.parquet", questions(20)))
+    out = tmp_path / "out" / "answers.parquet"
+    first = run(recipe)
+    before = pq.read_table(out)
+    out.unlink()
+    server.kill()
+    again = run(recipe)  # e.g. after a failed Hub push: nothing to send, so no server needed
+    assert (again.reused_rows, again.generated_rows) == (20, 0) and first.rows == 20
+    assert pq.read_table(out).equals(before)
+
+    # the same output, other rows: the model is saved, but rows are left to send
+    more = make_recipe(tmp_path, server.url, write_input(tmp_path / "more.parquet", questions(30)), name="more.yaml")
+    with pytest.raises(ServerUnavailableError, match="cannot list models at"):
+        run(more)
+
+
+def test_null_prompts_with_on_error_raise_fail_before_any_request(tmp_path: Path, fake_server: FakeServer) -> None:
+    input_path = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"question": pa.array(["a", None, "c"], pa.string())}), input_path)
+    with pytest.raises(RecipeError) as info:
+        run(make_recipe(tmp_path, fake_server.url, input_path, retry={"on_error": "raise"}))
+    assert str(info.value) == (
+        f"1 rows have a null prompt (rows 1 of {input_path}) and retry.on_error is raise: fill or filter those rows, or set on_error: record"
+    )
+    assert fake_server.log() == []
+
+
+def test_hub_only_recipes_sharing_a_work_dir_keep_apart_by_split(tmp_path: Path, fake_server: FakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda *args, **kwargs: RecordingHfApi())
+    input_path = write_input(tmp_path / "in.parquet", questions(10))
+    recipes = []
+    for hub_split in ("first", "second"):
+        recipe = make_recipe(tmp_path, fake_server.url, input_path, name=f"{hub_split}.yaml", processing={"work_dir": str(tmp_path / "wd")})
+        raw = yaml.safe_load(recipe.read_text())
+        raw["data"]["output"] = {"hub_repo_id": "org/answers", "hub_split": hub_split}
+        recipe.write_text(yaml.safe_dump(raw))
+        recipes.append(recipe)
+    run(recipes[0])
+    run(recipes[1], generation__temperature=0.5)
+    assert run(recipes[0]).reused_rows == 10 and len(fake_server.log()) == 20
+    assert len(list((tmp_path / "wd").iterdir())) == 2
 
 
 def test_num_proc_runs_resume_and_retry_like_single_process_runs(tmp_path: Path, fake_server: FakeServer) -> None:
@@ -670,6 +732,7 @@ def test_each_split_uploads_its_own_file_and_removes_files_of_other_split_counts
         "data/train-00000-of-00001.parquet",
         "data/train-00001-of-00003.parquet",
         "data/test-00000-of-00001.parquet",
+        "data/train-v2-00000-of-00001.parquet",  # another split whose name starts like ours
     ]
 
     def make_api(*args: Any, **kwargs: Any) -> RecordingHfApi:

@@ -229,12 +229,29 @@ def test_a_null_prompt_with_on_error_raise_stops_before_any_request(fake_server:
     assert fake_server.log() == []
 
 
+def test_a_null_prompt_with_on_error_raise_names_the_dataset_row(fake_server: FakeServer) -> None:
+    with pytest.raises(GenerationError, match=r"^row 3 failed: not sent: this row's prompt column 'prompt' is null"):
+        Dataset.from_dict({"prompt": ["a", "b", "c", None]}).map(
+            vllm_generate(fake_server.url, on_error="raise"), batched=True, batch_size=2, with_indices=True
+        )
+
+
 def test_a_map_without_batched_is_refused_before_any_request(fake_server: FakeServer) -> None:
     with pytest.raises(RecipeError, match=r"^vllm_generate is a batched transform: use ds.map\(generate, batched=True"):
         Dataset.from_dict({"prompt": ["hello", "world"]}).map(vllm_generate(fake_server.url))
     with pytest.raises(RecipeError, match="batched transform"):
         Dataset.from_dict({"chat": [[{"role": "user", "content": "hi"}]]}).map(vllm_generate(fake_server.url, messages_column="chat"))
+    with pytest.raises(RecipeError, match="batched transform"):  # a list column: one request per element
+        Dataset.from_dict({"tags": [["a", "b"]]}).map(vllm_generate(fake_server.url, template="T: {tags}"))
+    with pytest.raises(RecipeError, match="batched transform"):
+        Dataset.from_dict({"prompt": ["hello"]}).with_format("numpy").map(vllm_generate(fake_server.url))
     assert fake_server.log() == []
+
+
+@pytest.mark.parametrize("format", ["numpy", "pandas"])
+def test_batched_maps_in_other_formats_work(fake_server: FakeServer, format: str) -> None:
+    out = Dataset.from_dict({"prompt": ["a", "b", None]}).with_format(format).map(vllm_generate(fake_server.url), batched=True)
+    assert out.with_format(None)["response"] == ["echo: a", "echo: b", None]
 
 
 def test_completion_mode_sends_the_raw_prompt_to_completions(fake_server: FakeServer) -> None:

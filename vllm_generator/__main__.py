@@ -227,21 +227,16 @@ class Commands:
     def validate(self, recipe: str, *rest: Any, check_server: bool = False, **unknown: Any) -> None:
         """Check a recipe and its input (and with --check-server, that its servers serve the model)."""
         _refuse_extras("validate", rest, unknown, ["check_server"])
-        from .run import check_input_columns, load_input, null_prompt_rows
+        from .run import check_recipe
+        from .transform import VllmGenerate
 
         loaded = load_recipe(recipe, self._overrides)
         print(f"ok: {recipe} is a valid recipe")
-        num_splits, split_id = loaded.processing.resolved_split()
-        ds = load_input(loaded.data.input)
-        config = loaded.generate_config()
-        check_input_columns(config, ds, loaded.data.input.path or loaded.data.input.hub_id)
-        from .transform import VllmGenerate
-
-        print(f"ok: input has {len(ds)} rows, columns {ds.column_names}; split {split_id} of {num_splits}")
-        nulls, first = null_prompt_rows(config, ds)
-        if nulls:
-            print(f"warning: {nulls} rows have a null prompt (rows {', '.join(map(str, first))}{', ...' if nulls > len(first) else ''}): "
-                  "they will get an error and not be sent")  # fmt: skip
+        checked = check_recipe(loaded)  # what run checks before it starts servers or sends anything
+        ds, config = checked.ds, loaded.generate_config()
+        print(f"ok: input has {len(ds)} rows, columns {ds.column_names}; split {checked.split_id} of {checked.num_splits}")
+        if checked.nulls:
+            print(f"warning: {checked.nulls_text()}: they will get an error and not be sent")
         bodies = [b for b in VllmGenerate(config).build_bodies(ds[: min(len(ds), 100)]) if b is not None]
         if bodies:
             print(f"ok: first request: {json.dumps(bodies[0])[:300]}")

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -36,7 +37,7 @@ import pyarrow.parquet as pq
 from datasets import Dataset
 
 from .client import Result
-from .errors import HubError, MergeError, RecipeError
+from .errors import HubError, MergeError, RecipeError, ServerUnavailableError
 from .recipe import GenerateConfig, InputConfig, Recipe
 from .transform import VllmGenerate
 
@@ -474,11 +475,19 @@ def _sticky_interrupt() -> Iterator[threading.Event]:
         flag.set()
         raise KeyboardInterrupt
 
+    def unraisable(info: Any) -> None:
+        # A Ctrl-C that lands in a __del__ (tqdm's, say) is "ignored" with a traceback on stderr;
+        # the flag stops the run anyway, so say nothing
+        if not isinstance(info.exc_value, KeyboardInterrupt):
+            previous_hook(info)
+
     previous = signal.signal(signal.SIGINT, interrupt)
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
         yield flag
     finally:
         signal.signal(signal.SIGINT, previous)
+        sys.unraisablehook = previous_hook
 
 
 def _lookahead_batches(recipe: Recipe, num_servers: int) -> int:
@@ -506,34 +515,74 @@ def run_recipe(recipe: Recipe, *, progress: bool = True, base_url: list[str] | N
         the run stopped; finished chunks are kept and the next run resumes from them.
     """
     started = time.monotonic()
+    checked = check_recipe(recipe)
+    if checked.nulls:
+        logger.warning("%s: they get an error and are not sent", checked.nulls_text())
+    if recipe.model.serve is not None and base_url is None:
+        from .serve import serve_models
+
+        with serve_models(recipe.model.serve) as urls:
+            return _run_split(recipe, checked, urls, progress, started)
+    return _run_split(recipe, checked, base_url, progress, started)
+
+
+@dataclass
+class CheckedRecipe:
+    """What ``check_recipe`` found: the input, this run's split and where its output goes."""
+
+    ds: Dataset
+    where: str
+    num_splits: int
+    split_id: int
+    out_path: str | None
+    nulls: int  # rows of the split with a null prompt
+    first_nulls: list[int]  # the first few, as rows of the input
+
+    def nulls_text(self) -> str:
+        more = ", ..." if self.nulls > len(self.first_nulls) else ""
+        return f"{self.nulls} rows have a null prompt (rows {', '.join(map(str, self.first_nulls))}{more} of {self.where})"
+
+
+def check_recipe(recipe: Recipe) -> CheckedRecipe:
+    """Every check that needs no server: the split, the input and its prompt columns, the output
+    path, and null prompts (an error with ``on_error: raise``). Used by run and validate alike.
+
+    Raises:
+        RecipeError: naming the field and what to do.
+    """
     num_splits, split_id = recipe.processing.resolved_split()
     data = recipe.data
     ds = load_input(data.input)
-    where = data.input.path or data.input.hub_id
-    check_input_columns(recipe.generate_config(), ds, where)
+    where = str(data.input.path or data.input.hub_id)
+    config = recipe.generate_config()
+    check_input_columns(config, ds, where)
     if num_splits > len(ds):  # an empty split would crash in shard() and could never be merged
         raise RecipeError(f"processing.num_splits {num_splits} is more than the {len(ds)} rows of {where}: use at most {len(ds)} splits")
     out_path = None
     if data.output.path:
         out_path = split_output_path(data.output.path, num_splits, split_id)
         _check_output_path(out_path, data.output.path, data.input)
-    if recipe.model.serve is not None and base_url is None:
-        from .serve import serve_models
-
-        with serve_models(recipe.model.serve) as urls:
-            return _run_split(recipe, ds, num_splits, split_id, out_path, urls, progress, started)
-    return _run_split(recipe, ds, num_splits, split_id, out_path, base_url, progress, started)
+    start, stop = split_bounds(len(ds), num_splits, split_id)
+    nulls, first = null_prompt_rows(config, ds.select(range(start, stop)) if num_splits > 1 else ds)
+    checked = CheckedRecipe(ds, where, num_splits, split_id, out_path, nulls, [start + i for i in first])
+    if nulls and recipe.retry.on_error == "raise":
+        raise RecipeError(f"{checked.nulls_text()} and retry.on_error is raise: fill or filter those rows, or set on_error: record")
+    return checked
 
 
 def _check_output_path(path: str, output: str, cfg: InputConfig) -> None:
-    """Refuse an output that would overwrite the input or be read as input by the next run, and a
-    folder that cannot be made."""
+    """Refuse an output that would overwrite the input or be read as input by the next run (the
+    Parquet file or the metrics JSON beside it), and a folder that cannot be made."""
     if cfg.path:
         source = os.path.abspath(cfg.path)
-        for candidate in {os.path.abspath(output), os.path.abspath(path)}:
+        written = {os.path.abspath(p) for p in (output, path)}
+        written |= {p.removesuffix(".parquet") + ".metrics.json" for p in written}
+        for candidate in sorted(written):
             inside = os.path.isdir(source) and candidate.startswith(source + os.sep)  # a save_to_disk folder
-            if candidate == source or fnmatch.fnmatch(candidate, source) or inside:
-                raise RecipeError(f"data.output.path {output} is also an input file ({cfg.path}): write the output somewhere else")
+            if candidate == source or inside or _glob_matches(candidate, source):
+                raise RecipeError(
+                    f"data.output.path {output} writes {candidate}, which data.input.path {cfg.path} reads: write the output somewhere else"
+                )
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
@@ -541,31 +590,28 @@ def _check_output_path(path: str, output: str, cfg: InputConfig) -> None:
         raise RecipeError(f"data.output.path: cannot create the folder {folder} ({err.strerror or err})") from err
 
 
-def _run_split(
-    recipe: Recipe, ds: Dataset, num_splits: int, split_id: int, out_path: str | None,
-    base_url: list[str] | None, progress: bool, started: float,
-) -> RunSummary:  # fmt: skip
+def _glob_matches(path: str, pattern: str) -> bool:
+    """Whether ``glob.glob(pattern)`` would list ``path`` (its ``*`` stops at a ``/``)."""
+    names, parts = path.split(os.sep), pattern.split(os.sep)
+    return glob.has_magic(pattern) and len(names) == len(parts) and all(fnmatch.fnmatchcase(n, p) for n, p in zip(names, parts))
+
+
+def _run_split(recipe: Recipe, checked: CheckedRecipe, base_url: list[str] | None, progress: bool, started: float) -> RunSummary:
     from . import __version__
-    from .client import run_on_loop
 
     data = recipe.data
-    where = data.input.path or data.input.hub_id
+    ds, where, num_splits, split_id, out_path = checked.ds, checked.where, checked.num_splits, checked.split_id, checked.out_path
     config = recipe.generate_config(base_url)
     transform = VllmGenerate(config)
     total_rows = len(ds)
     split_start, split_stop = split_bounds(total_rows, num_splits, split_id)
     split = ds.shard(num_splits, split_id, contiguous=True)
     assert len(split) == split_stop - split_start
-    nulls, first_nulls = null_prompt_rows(config, split)
-    if nulls:
-        logger.warning(
-            "%d rows have a null prompt (rows %s%s of %s): they get an error and are not sent",
-            nulls, ", ".join(str(split_start + i) for i in first_nulls), ", ..." if nulls > len(first_nulls) else "", where,
-        )
 
     if recipe.processing.work_dir:
         # several recipes may share a work_dir: each output gets its own folder in it
-        tag = hashlib.sha256(os.path.abspath(data.output.path or data.output.hub_repo_id or "").encode()).hexdigest()[:8]
+        owner = os.path.abspath(data.output.path) if data.output.path else f"hub:{data.output.hub_repo_id}:{data.output.hub_split}"
+        tag = hashlib.sha256(owner.encode()).hexdigest()[:8]
         work_dir = os.path.join(recipe.processing.work_dir, f"{Path(data.output.path or 'hub').stem}-{tag}")
     elif data.output.path:
         work_dir = f"{data.output.path}.work"
@@ -580,17 +626,13 @@ def _run_split(
     for leftover in glob.glob(os.path.join(split_dir, "tmp*")):
         os.remove(leftover)  # a chunk that map was writing when an earlier run was killed
 
-    # The model decides the text: with model.model unset, ask the servers which one they serve, so
-    # that a server now serving another model never resumes from the old model's chunks.
-    served_model = run_on_loop(transform.client.resolve_model()).result() if config.model.model is None else None
+    served_model, unreachable = _served_model(transform, split_dir)
     size = recipe.processing.chunk_size
     gen_key = config.fingerprint(served_model)
-    chunks = []
-    for index, start in enumerate(range(0, len(split), size)):
-        stop = min(start + size, len(split))
-        key = hashlib.sha256(f"{split._fingerprint}|{start}|{stop}|{gen_key}".encode()).hexdigest()[:16]
-        chunks.append(_Chunk(index, start, stop, os.path.join(split_dir, f"chunk-{index:06d}-{key}.arrow"), key))
+    chunks = _chunks(split, split_dir, size, gen_key)
     cached = [c for c in chunks if c.cached]
+    if unreachable is not None and len(cached) < len(chunks):
+        raise unreachable  # rows are left to send, and no server answers
     reused = sum(c.stop - c.start for c in cached)
     if cached:
         logger.info("resuming: %d of %d chunks (%d rows) are done and will not be sent again", len(cached), len(chunks), reused)
@@ -694,12 +736,51 @@ def _run_split(
         # duplicate these rows in the Hub split
         push_to_hub(
             local, data.output.hub_repo_id, path_in_repo, data.output.private,
-            delete_patterns=[f"data/{data.output.hub_split}-*-of-*.parquet"],
-            keep_patterns=[f"data/{data.output.hub_split}-*-of-{num_splits:05d}.parquet"],
+            delete_patterns=[_hub_file(data.output.hub_split)],
+            keep_patterns=[_hub_file(data.output.hub_split, num_splits)],
         )  # fmt: skip
         summary.hub_repo_id = data.output.hub_repo_id
         _write_json(summary.metrics_path, summary.to_dict())
     return summary
+
+
+def _chunks(split: Dataset, split_dir: str, size: int, gen_key: str) -> list[_Chunk]:
+    chunks = []
+    for index, start in enumerate(range(0, len(split), size)):
+        stop = min(start + size, len(split))
+        key = hashlib.sha256(f"{split._fingerprint}|{start}|{stop}|{gen_key}".encode()).hexdigest()[:16]
+        chunks.append(_Chunk(index, start, stop, os.path.join(split_dir, f"chunk-{index:06d}-{key}.arrow"), key))
+    return chunks
+
+
+def _served_model(transform: VllmGenerate, split_dir: str) -> tuple[str | None, ServerUnavailableError | None]:
+    """With ``model.model`` unset, the model the servers serve: it decides the text, so it is part
+    of the chunk keys (a server now serving another model never resumes from the old one's chunks).
+
+    It is saved in the split's folder, so that a run with nothing left to send (every chunk done,
+    only the output or the Hub push to redo) works with no server up: then this returns the saved
+    model and the error, which the caller raises if a chunk is left to send after all.
+    """
+    if transform.config.model.model is not None:
+        return None, None
+    from .client import run_on_loop
+
+    saved = os.path.join(split_dir, "served_model.json")
+    try:
+        model = run_on_loop(transform.client.resolve_model()).result()
+    except ServerUnavailableError as err:
+        if not os.path.exists(saved):
+            raise
+        return str(json.loads(Path(saved).read_text())["model"]), err
+    _write_json(saved, {"model": model})
+    return model, None
+
+
+def _hub_file(hub_split: str, num_splits: int | None = None) -> str:
+    """The pattern of a Hub split's data files, of any number of splits or of ``num_splits``
+    (exact digits: "train" must not take "train-v2-00000-of-00001.parquet")."""
+    five = "[0-9]" * 5
+    return f"data/{hub_split}-{five}-of-{five if num_splits is None else f'{num_splits:05d}'}.parquet"
 
 
 def _remove_stale_chunks(split_dir: str, keep: set[str]) -> None:
@@ -794,6 +875,6 @@ def merge_outputs(path: str, *, hub_repo_id: str | None = None, hub_split: str =
     summary = {"output_path": path, "rows": input_rows, "splits": num_splits, "rows_with_error": errors, **summed}
     _write_json(path.removesuffix(".parquet") + ".metrics.json", summary)
     if hub_repo_id:
-        push_to_hub(path, hub_repo_id, f"data/{hub_split}-00000-of-00001.parquet", private, api=api, delete_patterns=[f"data/{hub_split}-*.parquet"])
+        push_to_hub(path, hub_repo_id, f"data/{hub_split}-00000-of-00001.parquet", private, api=api, delete_patterns=[_hub_file(hub_split)])
         summary["hub_repo_id"] = hub_repo_id
     return summary

@@ -169,9 +169,11 @@ class VllmGenerate:
             )
 
     def _check_batched(self, batch: Mapping[str, Sequence[Any]]) -> None:
+        # Without batched=True map hands over one row (a LazyRow; a dict of scalars with the numpy
+        # format), whose text would be sent a character at a time. By name: importing datasets
+        # here would slow down every import of this package.
         value = batch[self._required[0]]
-        # without batched=True map hands over one row: its text would be sent a character at a time
-        if not isinstance(value, list) or (self.config.prompt.source == "messages" and value and isinstance(value[0], Mapping)):
+        if type(batch).__name__ == "LazyRow" or isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
             raise RecipeError("vllm_generate is a batched transform: use ds.map(generate, batched=True, batch_size=8192)")
 
     def build_bodies(self, batch: Mapping[str, Sequence[Any]]) -> list[dict[str, Any] | None]:
@@ -194,7 +196,7 @@ class VllmGenerate:
             columns = {n: batch[n] for n in names}
             size = len(columns[names[0]])
             texts = [
-                None if any(columns[n][i] is None for n in names) else prompt.template.format(**{n: columns[n][i] for n in names})
+                None if any(_is_null(columns[n][i]) for n in names) else prompt.template.format(**{n: columns[n][i] for n in names})
                 for i in range(size)
             ]
         else:
@@ -202,7 +204,7 @@ class VllmGenerate:
         bodies: list[dict[str, Any] | None] = []
         if chat and prompt.source == "messages":
             for i, messages in enumerate(texts):
-                if messages is None:
+                if _is_null(messages):
                     bodies.append(None)
                     continue
                 if not isinstance(messages, list) or not all(isinstance(m, Mapping) and "role" in m for m in messages):
@@ -216,7 +218,7 @@ class VllmGenerate:
                 bodies.append({"messages": msgs, **fields})
             return bodies
         for i, text in enumerate(texts):
-            if text is None:
+            if _is_null(text):
                 bodies.append(None)
             elif not isinstance(text, str):
                 raise RecipeError(
@@ -238,12 +240,11 @@ class VllmGenerate:
 
     # -- submitting and collecting
 
-    def submit(self, bodies: list[dict[str, Any] | None]) -> _Pending:
+    def submit(self, bodies: list[dict[str, Any] | None], indices: Sequence[int] | None = None) -> _Pending:
         """Hand a batch to the background loop now; collect its results later."""
         sent = [b for b in bodies if b is not None]
         if len(sent) < len(bodies) and self.config.retry.on_error == "raise":
-            row = bodies.index(None)
-            raise GenerationError(f"row {row} of the batch failed: {self._no_prompt()}")
+            raise _row_failed(bodies.index(None), self._no_prompt(), bodies, indices)
         # on_error="raise": the first failed row stops the batch, its other rows are not sent
         stop = self.config.retry.on_error == "raise"
         return _Pending(bodies, self.client.submit(self._path, sent, self._parse, stop_on_error=stop))
@@ -326,15 +327,15 @@ class VllmGenerate:
     ) -> dict[str, np.ndarray]:
         if self.interrupted is not None and self.interrupted.is_set():
             raise KeyboardInterrupt
+        if indices is not None and offset:
+            indices = [i + offset for i in indices]
         pending = None
         if self._ahead or self._feeding:
             self._check_columns(list(batch.keys()))  # before row_key reads them (build_bodies checks too)
             pending = self._take(self.row_key(batch))
         if pending is None:
-            pending = self.submit(self.build_bodies(batch))
+            pending = self.submit(self.build_bodies(batch), indices)
         bodies = pending.bodies
-        if indices is not None and offset:
-            indices = [i + offset for i in indices]
         try:
             results = self._results(pending)
         except RowFailedError as err:
@@ -375,6 +376,11 @@ class VllmGenerate:
         if self._want_logprobs:
             out[cols.logprobs] = np.array([r.logprobs for r in results], dtype=_TEXT)
         return out
+
+
+def _is_null(value: Any) -> bool:
+    # the pandas format shows a null text as NaN
+    return value is None or (isinstance(value, float) and value != value)
 
 
 def _row_failed(i: int, error: str | None, bodies: list[dict[str, Any] | None], indices: Sequence[int] | None) -> GenerationError:
