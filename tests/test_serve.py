@@ -49,6 +49,8 @@ LAUNCHER = textwrap.dedent(
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if args.mode in ("hang", "stubborn"):
         time.sleep(3600)
+    if args.mode == "slow":  # loads for a while, then serves
+        time.sleep(2)
     model = args.model or sys.argv[1]  # `vllm serve MODEL` form
     key = ["--api-key", os.environ["VLLM_API_KEY"]] if os.environ.get("VLLM_API_KEY") else []  # as vLLM reads it
     os.execv(sys.executable, [sys.executable, FAKE_SERVER, "--port", args.port, "--model", model, *key])
@@ -343,3 +345,20 @@ def test_a_recipe_checks_its_input_before_starting_servers(launcher: list[str], 
     with pytest.raises(RecipeError, match=r"^data.prompt_column: column\(s\) 'prompt' not in "):
         run_recipe(load_recipe(recipe), progress=False)
     assert _records(tmp_path) == []  # no server was started for a recipe that cannot run
+
+
+def test_a_recipe_s_rates_leave_out_the_servers_start_up(launcher: list[str], tmp_path: Path) -> None:
+    import yaml
+
+    from vllm_generator.recipe import load_recipe
+    from vllm_generator.run import run_recipe
+
+    (tmp_path / "in.jsonl").write_text("".join(f'{{"prompt": "q{i}"}}\n' for i in range(20)))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "data": {"input": {"path": str(tmp_path / "in.jsonl")}, "output": {"path": str(tmp_path / "out.parquet")}},
+        "model": {"serve": {"model": "m1", "command": launcher, "args": ["--mode", "slow"], "port": 0, "env": {"RECORD_DIR": str(tmp_path)}}},
+    }))  # fmt: skip
+    summary = run_recipe(load_recipe(recipe), progress=False)
+    assert summary.rows == 20 and summary.wall_time_s >= 2  # the server took 2 s to start
+    assert summary.rows_per_s > 2 * summary.rows / summary.wall_time_s  # measured once it answered
