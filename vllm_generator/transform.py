@@ -75,7 +75,7 @@ class VllmGenerate:
         self._fields = gen.request_fields()
         # Decided from the body actually sent, so extra_body and chat_template_kwargs count too.
         # logprobs is a flag in chat mode and a count (0 included) in completion mode.
-        want_logprobs = self._fields.get("logprobs") is not None and self._fields.get("logprobs") is not False
+        want_logprobs = self._fields.get("logprobs", False) is not False  # None values are never sent
         self._want_logprobs = want_logprobs
         # With thinking off the chat template closes the think block in the prompt: everything
         # generated is answer, even a stray "</think>" (vLLM's parser leaves those in content).
@@ -235,8 +235,9 @@ class VllmGenerate:
 
     def _no_prompt(self) -> str:
         names = ", ".join(repr(c) for c in self._required)
-        return f"not sent: this row's prompt column {names} is null (fill or filter such rows)" if len(self._required) == 1 else \
-            f"not sent: a column of this row's template ({names}) is null (fill or filter such rows)"
+        if len(self._required) == 1:
+            return f"not sent: this row's prompt column {names} is null (fill or filter such rows)"
+        return f"not sent: a column of this row's template ({names}) is null (fill or filter such rows)"
 
     # -- submitting and collecting
 
@@ -346,15 +347,11 @@ class VllmGenerate:
             pending.future.cancel()
             self.cancel_ahead()
             raise
-        return self.columns(results, bodies, indices)
+        return self.columns(results)
 
-    def columns(self, results: list[Result], bodies: list[dict[str, Any] | None], indices: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+    def columns(self, results: list[Result]) -> dict[str, np.ndarray]:
         """Arrow columns with fixed types, so batches of all-null values never change the schema."""
         cols = self.config.columns
-        if self.config.retry.on_error == "raise":
-            for i, r in enumerate(results):
-                if r.error is not None:
-                    raise _row_failed(i, r.error, bodies, indices)
         n = self.config.generation.n
 
         def text(values: list[Any]) -> np.ndarray:
