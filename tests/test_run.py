@@ -243,7 +243,7 @@ def test_unreadable_and_empty_inputs_say_why(tmp_path: Path) -> None:
         (
             pa.array(["a", "b", "c"]),
             {"prompt_column": None, "messages_column": "question"},
-            "data.messages_column: column 'question' of {input} holds string, not lists of {{role, content}} messages (use a template such as '{{question}}' to format other types)",
+            "data.messages_column: column 'question' of {input} holds string, not lists of {{role, content}} messages (use prompt_column for text)",
         ),
     ],
     ids=["int-as-text", "messages-as-text", "text-as-messages"],

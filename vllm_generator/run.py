@@ -151,7 +151,8 @@ def check_input_columns(config: GenerateConfig, ds: Dataset, where: str | None) 
     if pa.types.is_null(kind) or (text if prompt.source == "prompt" else messages):
         return
     want = "text" if prompt.source == "prompt" else "lists of {role, content} messages"
-    hint = "use messages_column for chat messages" if messages else "use a template such as '{" + prompt.column + "}' to format other types"
+    other = "use messages_column for chat messages" if messages else "use prompt_column for text" if text else None
+    hint = other or "use a template such as '{" + prompt.column + "}' to format other types"
     raise RecipeError(f"data.{field}: column {prompt.column!r} of {where} holds {kind}, not {want} ({hint})")
 
 
