@@ -267,15 +267,19 @@ def test_null_prompts_are_reported_up_front_and_get_an_error_without_a_request(
         texts[i] = None
     input_path = tmp_path / "in.parquet"
     pq.write_table(pa.table({"id": list(range(30)), "question": pa.array(texts, pa.string())}), input_path)
+    recipe = make_recipe(tmp_path, fake_server.url, input_path, processing={"num_splits": 2, "split_id": 1})
     with caplog.at_level("WARNING", logger="vllm_generator"):
-        summary = run(make_recipe(tmp_path, fake_server.url, input_path, processing={"num_splits": 2, "split_id": 1}))
+        summary = run(recipe)
 
     assert f"2 rows have a null prompt (rows 21 of {input_path}): they get an error and are not sent" not in caplog.text
     assert f"1 rows have a null prompt (rows 21 of {input_path}): they get an error and are not sent" in caplog.text
-    assert (summary.rows, summary.failed, summary.generated_rows) == (15, 1, 15)
+    assert (summary.rows, summary.failed, summary.generated_rows, summary.failed_by_type) == (15, 1, 14, {"no_prompt": 1})
     rows = pq.read_table(tmp_path / "out" / "answers.split-00001-of-00002.parquet").to_pylist()
     assert rows[21 - 15]["error"] == "not sent: this row's prompt column 'question' is null (fill or filter such rows)"
     assert sorted(sent_prompts(fake_server.log())) == sorted(t for t in texts[15:] if t is not None)
+    # retry_failed cannot give such a row a prompt: it is left alone
+    again = run(recipe, retry__retry_failed=True)
+    assert (again.generated_rows, again.failed, again.reused_rows) == (0, 1, 15) and len(fake_server.log()) == 14
 
 
 def test_output_that_is_also_the_input_is_refused(tmp_path: Path, fake_server: FakeServer) -> None:

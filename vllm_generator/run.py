@@ -156,18 +156,19 @@ def check_input_columns(config: GenerateConfig, ds: Dataset, where: str | None) 
     raise RecipeError(f"data.{field}: column {prompt.column!r} of {where} holds {kind}, not {want} ({hint})")
 
 
-def null_prompt_rows(config: GenerateConfig, ds: Dataset) -> tuple[int, list[int]]:
-    """How many rows of ``ds`` have a null prompt (they get an error and are not sent), and the first few."""
+def null_prompt_mask(config: GenerateConfig, ds: Dataset) -> np.ndarray:
+    """True for the rows of ``ds`` whose prompt is null (they get an error and are not sent)."""
     table = ds.data.table
-    nulls = None
+    mask = np.zeros(len(ds), dtype=bool)
     for name in config.prompt.required_columns():
-        is_null = pc.is_null(table.column(name))
-        nulls = is_null if nulls is None else pc.or_(nulls, is_null)
-    if nulls is None:
-        return 0, []
-    count = int(pc.sum(nulls).as_py() or 0)
-    first = pc.indices_nonzero(nulls.combine_chunks() if isinstance(nulls, pa.ChunkedArray) else nulls)[:5].to_pylist() if count else []
-    return count, first
+        mask |= table.column(name).is_null().to_numpy(zero_copy_only=False)
+    return mask
+
+
+def null_prompt_rows(config: GenerateConfig, ds: Dataset) -> tuple[int, list[int]]:
+    """How many rows of ``ds`` have a null prompt, and the first few."""
+    rows = np.flatnonzero(null_prompt_mask(config, ds))
+    return int(rows.size), rows[:5].tolist()
 
 
 def split_bounds(num_rows: int, num_splits: int, split_id: int) -> tuple[int, int]:
@@ -435,14 +436,15 @@ def _retry_failed(transform: VllmGenerate, chunk: _Chunk, done: Dataset, batch_s
     """Send again the rows of a finished chunk whose ``error`` is set and rewrite the chunk's
     cache; returns how many rows were sent."""
     errors = done.data.table.column(transform.config.columns.error)
-    failed = np.flatnonzero(errors.is_valid().to_numpy(zero_copy_only=False))
+    # rows with no prompt stay as they are: sending them again cannot help
+    failed = np.flatnonzero(errors.is_valid().to_numpy(zero_copy_only=False) & ~null_prompt_mask(transform.config, done))
     if failed.size == 0:
         return 0
     logger.info("chunk %d: sending %d failed rows again (retry_failed)", chunk.index, failed.size)
     key = hashlib.sha256(failed.tobytes()).hexdigest()[:12]
     retry_path = chunk.path.removesuffix(".arrow") + f".retry-{key}.arrow"
     retried = _map_chunk(transform, done.select(failed), retry_path, f"retry-{key}", batch_size, 1, offset)
-    ok = np.flatnonzero(~errors.is_valid().to_numpy(zero_copy_only=False))
+    ok = np.setdiff1d(np.arange(len(done)), failed)
     table = done.data.table
     combined = pa.concat_tables([table.take(ok), retried.data.table.select(table.column_names).cast(table.schema)])
     order = np.empty(len(done), dtype=np.int64)
@@ -692,12 +694,14 @@ def _run_split(recipe: Recipe, checked: CheckedRecipe, base_url: list[str] | Non
     table = result.data.table
     failed = len(result) - table.column(config.columns.error).null_count
     # rows, not requests: with num_proc > 1 the requests are counted in the workers, not here
-    generated = len(split) - reused + retried
+    no_prompt = null_prompt_mask(config, split)
+    unsent = int(sum(no_prompt[c.start : c.stop].sum() for c in todo))
+    generated = len(split) - reused + retried - unsent
     summary = RunSummary(
         rows=len(result),
         succeeded=len(result) - failed,
         failed=failed,
-        failed_by_type=dict(stats.failed_by_type),
+        failed_by_type=dict(stats.failed_by_type) | ({"no_prompt": unsent} if unsent else {}),
         reused_rows=reused,
         generated_rows=generated,
         requests=stats.requests,
