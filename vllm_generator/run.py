@@ -165,11 +165,6 @@ def null_prompt_mask(config: GenerateConfig, ds: Dataset) -> np.ndarray:
     return mask
 
 
-def null_prompt_rows(config: GenerateConfig, ds: Dataset) -> tuple[int, list[int]]:
-    """How many rows of ``ds`` have a null prompt, and the first few."""
-    rows = np.flatnonzero(null_prompt_mask(config, ds))
-    return int(rows.size), rows[:5].tolist()
-
 
 def split_bounds(num_rows: int, num_splits: int, split_id: int) -> tuple[int, int]:
     """Row range of ``Dataset.shard(num_splits, split_id, contiguous=True)``."""
@@ -539,12 +534,17 @@ class CheckedRecipe:
     num_splits: int
     split_id: int
     out_path: str | None
-    nulls: int  # rows of the split with a null prompt
-    first_nulls: list[int]  # the first few, as rows of the input
+    split_start: int  # the split's first row in the input
+    no_prompt: np.ndarray  # True for the rows of the split whose prompt is null
+
+    @property
+    def nulls(self) -> int:
+        return int(self.no_prompt.sum())
 
     def nulls_text(self) -> str:
-        more = ", ..." if self.nulls > len(self.first_nulls) else ""
-        return f"{self.nulls} rows have a null prompt (rows {', '.join(map(str, self.first_nulls))}{more} of {self.where})"
+        rows = np.flatnonzero(self.no_prompt)
+        shown = ", ".join(str(self.split_start + i) for i in rows[:5]) + (", ..." if rows.size > 5 else "")
+        return f"{rows.size} rows have a null prompt (rows {shown} of {self.where})"
 
 
 def check_recipe(recipe: Recipe) -> CheckedRecipe:
@@ -567,9 +567,9 @@ def check_recipe(recipe: Recipe) -> CheckedRecipe:
         out_path = split_output_path(data.output.path, num_splits, split_id)
         _check_output_path(out_path, data.output.path, data.input)
     start, stop = split_bounds(len(ds), num_splits, split_id)
-    nulls, first = null_prompt_rows(config, ds.select(range(start, stop)) if num_splits > 1 else ds)
-    checked = CheckedRecipe(ds, where, num_splits, split_id, out_path, nulls, [start + i for i in first])
-    if nulls and recipe.retry.on_error == "raise":
+    no_prompt = null_prompt_mask(config, ds)[start:stop]
+    checked = CheckedRecipe(ds, where, num_splits, split_id, out_path, start, no_prompt)
+    if checked.nulls and recipe.retry.on_error == "raise":
         raise RecipeError(f"{checked.nulls_text()} and retry.on_error is raise: fill or filter those rows, or set on_error: record")
     return checked
 
@@ -694,8 +694,7 @@ def _run_split(recipe: Recipe, checked: CheckedRecipe, base_url: list[str] | Non
     table = result.data.table
     failed = len(result) - table.column(config.columns.error).null_count
     # rows, not requests: with num_proc > 1 the requests are counted in the workers, not here
-    no_prompt = null_prompt_mask(config, split)
-    unsent = int(sum(no_prompt[c.start : c.stop].sum() for c in todo))
+    unsent = int(sum(checked.no_prompt[c.start : c.stop].sum() for c in todo))
     generated = len(split) - reused + retried - unsent
     summary = RunSummary(
         rows=len(result),
