@@ -510,6 +510,39 @@ def test_a_black_holed_server_at_the_start_fails_within_the_connect_timeout(make
     assert client.servers[0].failures == 1  # counted like a refusal
 
 
+# -- request timeouts (enforced by the client's watchdog, not a timer per request)
+
+
+def test_the_timeout_counts_from_the_attempt_not_from_the_queue(fake_server: FakeServer, make_client: MakeClient) -> None:
+    # one slot: the last row waits ~1 s for it, more than the timeout, but its own request takes 0.2 s
+    client = make_client(fake_server.url, timeout=0.6, attempts=1, max_concurrency=1)
+    prompts = [f"row {i} [[sleep:0.2]]" for i in range(5)]
+    results = send(client, prompts)
+
+    assert [r.error for r in results] == [None] * 5
+    assert received(fake_server) == Counter(prompts)
+
+
+def test_a_hung_request_times_out_while_the_others_keep_flowing(fake_server: FakeServer, make_client: MakeClient) -> None:
+    client = make_client(fake_server.url, timeout=0.5, attempts=1, max_concurrency=4)
+    prompts = ["stuck [[hang:5]]"] + [f"row {i} [[sleep:0.05]]" for i in range(30)]
+    started = time.monotonic()
+    results = send(client, prompts)
+    took = time.monotonic() - started
+
+    assert results[0].error == f"gave up after 1 attempts: no answer from {fake_server.url} within 0.5s"
+    assert results[0].error_type == "timeout"
+    assert [r.response for r in results[1:]] == ["echo: " + p for p in prompts[1:]]
+    # the deadline is checked every timeout/10: the hung row ends by ~0.55 s, not at 5 s
+    assert 0.5 <= took < 2.0
+    # once nothing is in flight the watchdog stops, and a later batch starts it again
+    deadline = time.monotonic() + 5
+    while client._watchdog is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert client._watchdog is None
+    assert send(client, ["again [[hang:5]]"])[0].error_type == "timeout"
+
+
 # -- retry bookkeeping
 
 

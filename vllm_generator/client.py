@@ -325,8 +325,13 @@ class Client:
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._connect_seconds = min(timeout, connect_timeout)
-        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=self._connect_seconds)
+        # No total timeout per request: aiohttp's costs a timer and a context per request, ~14 us
+        # of the loop's ~180 (benchmarks/bench_throughput.py). The watchdog enforces it instead.
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._connect_seconds)
         self._timeout_seconds = timeout
+        self._deadlines: dict[asyncio.Task[Any], float] = {}  # attempt in flight -> when it times out
+        self._timed_out: set[asyncio.Task[Any]] = set()  # cancelled by the watchdog
+        self._watchdog: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._semaphore: asyncio.Semaphore | None = None
         self._model_lock: asyncio.Lock | None = None
@@ -347,7 +352,10 @@ class Client:
         if self._session is None or self._session.closed:
             total = self.max_concurrency * len(self.servers)
             connector = aiohttp.TCPConnector(limit=total + len(self.servers), ttl_dns_cache=300)
-            self._session = aiohttp.ClientSession(connector=connector, headers=self._headers, raise_for_status=False)
+            # a vLLM server sets no cookies: the default jar would still be searched on every request
+            self._session = aiohttp.ClientSession(
+                connector=connector, headers=self._headers, raise_for_status=False, cookie_jar=aiohttp.DummyCookieJar()
+            )
             # `ds.map(vllm_generate(...))` drops the transform without closing it: close the session
             # then, or aiohttp reports an unclosed session and connector when it is collected.
             weakref.finalize(self, _close_dropped_session, self._session, asyncio.get_running_loop(), os.getpid()).atexit = False
@@ -358,7 +366,7 @@ class Client:
     async def aclose(self) -> None:
         # stop the work first: a request cut by the closing session would be logged as a retry
         self._queue.clear()
-        tasks = list(self._tasks)
+        tasks = list(self._tasks) + ([self._watchdog] if self._watchdog is not None else [])
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -485,11 +493,23 @@ class Client:
             self.stats.in_flight += 1
             self.stats.requests += 1
             sent = time.monotonic()
+            task = asyncio.current_task()
+            assert task is not None
+            self._deadlines[task] = sent + self._timeout_seconds
+            if self._watchdog is None:
+                self._watchdog = asyncio.get_running_loop().create_task(self._watch())
             try:
                 async with self._session.post(url, data=payload, timeout=self._timeout) as resp:
                     body = await resp.read()
                     status = resp.status
                     retry_after = resp.headers.get("Retry-After")
+            except asyncio.CancelledError:
+                if task not in self._timed_out:
+                    raise
+                self._timed_out.discard(task)
+                if task.uncancel():  # cancelled by the batch (or a close) as well: that wins
+                    raise
+                raise _RetryableError(f"no answer from {server.url} within {self._timeout_seconds:g}s", "timeout") from None
             except aiohttp.ClientConnectorError as err:
                 self._server_refused(server)
                 raise _RetryableError(f"cannot connect to {server.url} ({err.os_error or err})", "connection", refused=True) from err
@@ -505,6 +525,7 @@ class Client:
             except aiohttp.ClientError as err:
                 raise _RetryableError(f"request to {server.url} failed ({type(err).__name__}: {err})", "client_error") from err
             finally:
+                del self._deadlines[task]
                 server.in_flight -= 1
                 self.stats.in_flight -= 1
             server.failures = 0
@@ -525,6 +546,20 @@ class Client:
         if status in (408, 429) or status >= 500:
             raise _RetryableError(message, f"http_{status}", retry_after=_retry_after(retry_after))
         raise _FinalError(message, f"http_{status}")
+
+    async def _watch(self) -> None:
+        """Cancel attempts that are past their deadline (see _timed_out), while any is in flight."""
+        tick = min(1.0, max(0.01, self._timeout_seconds / 10))
+        try:
+            while self._deadlines:
+                await asyncio.sleep(tick)
+                now = time.monotonic()
+                for task, deadline in list(self._deadlines.items()):
+                    if deadline <= now and task not in self._timed_out:
+                        self._timed_out.add(task)
+                        task.cancel()
+        finally:
+            self._watchdog = None
 
     # -- one request, with retries
 
