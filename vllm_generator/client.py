@@ -483,7 +483,8 @@ class Client:
 
     # -- one attempt
 
-    async def _attempt(self, path: str, payload: bytes, parse: Callable[[Any], Result]) -> Result:
+    async def _attempt(self, path: str, payload: bytes, parse: Callable[[Any], Result], task: asyncio.Task[Any]) -> Result:
+        """One request; ``task`` is the worker sending it (the watchdog cancels it at the deadline)."""
         assert self._semaphore is not None and self._session is not None
         async with self._semaphore:
             server = self._pick_server()
@@ -493,8 +494,6 @@ class Client:
             self.stats.in_flight += 1
             self.stats.requests += 1
             sent = time.monotonic()
-            task = asyncio.current_task()
-            assert task is not None
             self._deadlines[task] = sent + self._timeout_seconds
             if self._watchdog is None:
                 self._watchdog = asyncio.get_running_loop().create_task(self._watch())
@@ -580,7 +579,9 @@ class Client:
         """One line per retry that will happen: ``attempt`` is the one that just failed."""
         logger.warning("retrying in %.1fs [%d/%d]: %s", wait, attempt + 1, self.retry.attempts, err)
 
-    async def _retry(self, first: _RetryableError, path: str, payload: bytes, parse: Callable[[Any], Result]) -> tuple[Result, int]:
+    async def _retry(
+        self, first: _RetryableError, path: str, payload: bytes, parse: Callable[[Any], Result], task: asyncio.Task[Any]
+    ) -> tuple[Result, int]:
         """Attempts 2..N after ``first`` failed; returns the result and the attempts made.
 
         An error that ends the request carries the attempts made in ``attempts``.
@@ -608,14 +609,14 @@ class Client:
             async for attempt in retrying:
                 with attempt:
                     attempts += 1
-                    result = await self._attempt(path, payload, parse)
+                    result = await self._attempt(path, payload, parse, task)
         except (_RetryableError, _FinalError) as err:
             err.attempts = attempts
             raise
         return result, attempts
 
-    async def request(self, path: str, body: dict[str, Any], parse: Callable[[Any], Result]) -> Result:
-        """Send one request with retries. Failures become ``Result.error``, except that
+    async def request(self, path: str, body: dict[str, Any], parse: Callable[[Any], Result], task: asyncio.Task[Any]) -> Result:
+        """Send one request with retries, from the worker ``task``. Failures become ``Result.error``, except that
         ``ServerUnavailableError`` (every attempt found no server reachable),
         ``ModelSelectionError`` and ``RecipeError`` (a 401/403: the API key) propagate."""
         self._ensure_session()
@@ -625,11 +626,11 @@ class Client:
         attempts = 1
         try:
             try:
-                result = await self._attempt(path, payload, parse)
+                result = await self._attempt(path, payload, parse, task)
             except _RetryableError as first:
                 if self.retry.attempts == 1:
                     raise
-                result, attempts = await self._retry(first, path, payload, parse)
+                result, attempts = await self._retry(first, path, payload, parse, task)
         except _RetryableError as err:
             attempts = err.attempts
             if err.refused and all(s.failures for s in self.servers):
@@ -704,6 +705,7 @@ class Client:
 
     async def _work(self) -> None:
         me = asyncio.current_task()
+        assert me is not None
         queue = self._queue
         try:
             while queue and me in self._workers:
@@ -713,7 +715,7 @@ class Client:
                     continue
                 batch.running[row] = me
                 try:
-                    result = await self.request(batch.path, batch.bodies[row], batch.parse)
+                    result = await self.request(batch.path, batch.bodies[row], batch.parse, me)
                 except Exception as err:  # no server left, no such model, a bug: raised by the batch's future
                     if not batch.done.done():
                         batch.done.set_exception(err)
