@@ -413,6 +413,31 @@ def test_rerun_reuses_until_the_generation_changes(tmp_path: Path, fake_server: 
     assert len(chunk_files(out)) == 3  # the caches of the old temperature are gone
 
 
+def test_chunk_caches_hold_only_the_new_columns_and_an_input_column_of_the_same_name_is_replaced(
+    tmp_path: Path, fake_server: FakeServer
+) -> None:
+    texts = questions(12)
+    input_path = tmp_path / "in.parquet"
+    # an input that already has a "response" column (the output of an earlier run, say)
+    pq.write_table(pa.table({"question": texts, "response": ["old"] * 12, "notes": ["n"] * 12}), input_path)
+    recipe = make_recipe(tmp_path, fake_server.url, input_path, processing={"chunk_size": 5})
+    out = tmp_path / "out" / "answers.parquet"
+    run(recipe)
+
+    table = pq.read_table(out)
+    assert table.column_names == ["question", "notes", *OUTPUT_COLUMNS]
+    assert table.column("response").to_pylist() == [f"echo: {t}" for t in texts]
+    assert table.column("notes").to_pylist() == ["n"] * 12
+    # the caches do not copy the input: a resume joins it back
+    chunks = chunk_files(out)
+    assert len(chunks) == 3
+    for path in chunks:
+        assert datasets.Dataset.from_file(str(path)).column_names == OUTPUT_COLUMNS
+    again = run(recipe)
+    assert (again.reused_rows, again.requests) == (12, 0)
+    assert pq.read_table(out).equals(table)
+
+
 def test_a_server_now_serving_another_model_is_not_answered_from_the_old_models_chunks(
     tmp_path: Path, start_fake_server: Callable[..., FakeServer]
 ) -> None:

@@ -422,6 +422,23 @@ def test_n_above_one_gives_lists_of_length_n_also_for_failed_rows(fake_server: F
     assert all(e["body"]["n"] == 3 for e in fake_server.log())
 
 
+@pytest.mark.parametrize("n", [1, 3])
+def test_the_runner_s_arrow_table_matches_the_map_columns(fake_server: FakeServer, n: int) -> None:
+    # the recipe runner maps generated_table (new columns only, as Arrow); the public transform
+    # returns numpy columns: both must give the same types and values, failed rows included
+    ds = Dataset.from_dict({"prompt": ["a", "b [[400]]", "c"], "other": [1, 2, 3]})
+    transform = fast(fake_server.url, n=n, logprobs=True)
+    public = ds.map(transform, batched=True)
+    runner = ds.map(transform.generated_table, batched=True, input_columns=transform.prompt_columns, with_indices=True)
+
+    assert runner.column_names == [*(c for c in public.column_names if c not in ("prompt", "other"))]
+    assert runner.features == Features({k: v for k, v in public.features.items() if k in runner.column_names})
+    # the fake server's logprobs differ per request: compare the rest
+    keep = [c for c in runner.column_names if c != "logprobs"]
+    assert runner.select_columns(keep).to_list() == public.select_columns(keep).to_list()
+    assert [x is None for x in runner["logprobs"]] == [False, True, False]
+
+
 def test_output_columns_can_be_renamed(fake_server: FakeServer) -> None:
     transform = vllm_generate(fake_server.url, columns={"response": "answer", "error": "failure"})
     out = Dataset.from_dict({"prompt": ["a"]}).map(transform, batched=True)

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import ValidationError
@@ -20,6 +20,9 @@ from pydantic import ValidationError
 from .client import Client, Result, RowFailedError, _parse_body
 from .errors import GenerationError, RecipeError
 from .recipe import GenerateConfig, ServeConfig, format_validation_error
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 __all__ = ["vllm_generate", "VllmGenerate"]
 
@@ -326,6 +329,22 @@ class VllmGenerate:
     def __call__(
         self, batch: Mapping[str, Sequence[Any]], indices: Sequence[int] | None = None, offset: int = 0
     ) -> dict[str, np.ndarray]:
+        return self.columns(self._generate(batch, indices, offset))
+
+    def generated_table(self, *args: Any, offset: int = 0) -> pa.Table:
+        """The map function of ``ds.map(..., input_columns=self.prompt_columns, with_indices=True)``
+        (the recipe runner's): the prompt columns, then the indices, in; only the new columns out,
+        as an Arrow table, so that map neither re-encodes the input columns nor copies them into
+        its cache file (the runner joins them back)."""
+        *values, indices = args
+        return self.table(self._generate(dict(zip(self._required, values)), indices, offset))
+
+    @property
+    def prompt_columns(self) -> list[str]:
+        """The columns a request is built from."""
+        return list(self._required)
+
+    def _generate(self, batch: Mapping[str, Sequence[Any]], indices: Sequence[int] | None, offset: int) -> list[Result]:
         if self.interrupted is not None and self.interrupted.is_set():
             raise KeyboardInterrupt
         if indices is not None and offset:
@@ -347,7 +366,32 @@ class VllmGenerate:
             pending.future.cancel()
             self.cancel_ahead()
             raise
-        return self.columns(results)
+        return results
+
+    def table(self, results: list[Result]) -> pa.Table:
+        """The new columns as an Arrow table with the same types as ``columns``."""
+        import pyarrow as pa  # here: importing the package stays light
+
+        cols = self.config.columns
+        n = self.config.generation.n
+        text = pa.list_(pa.string()) if n > 1 else pa.string()
+
+        def texts(values: list[Any]) -> pa.Array:
+            if n > 1:  # a failed row gets n nulls, as in columns()
+                values = [v if v is not None else [None] * n for v in values]
+            return pa.array(values, type=text)
+
+        arrays = {
+            cols.response: texts([r.response for r in results]),
+            cols.reasoning: texts([r.reasoning for r in results]),
+            cols.finish_reason: texts([r.finish_reason for r in results]),
+            cols.prompt_tokens: pa.array([r.prompt_tokens or 0 for r in results], type=pa.int64()),
+            cols.completion_tokens: pa.array([r.completion_tokens or 0 for r in results], type=pa.int64()),
+            cols.error: pa.array([r.error for r in results], type=pa.string()),
+        }
+        if self._want_logprobs:
+            arrays[cols.logprobs] = pa.array([r.logprobs for r in results], type=pa.string())
+        return pa.table(arrays)
 
     def columns(self, results: list[Result]) -> dict[str, np.ndarray]:
         """Arrow columns with fixed types, so batches of all-null values never change the schema."""
