@@ -25,6 +25,8 @@ from vllm_generator.client import (
     Client,
     Result,
     RowFailedError,
+    _dumps,
+    _loads,
     _parse_body,
     _retry_after,
     _RetryableError,
@@ -124,6 +126,25 @@ def test_parse_body_with_the_wrong_number_of_choices_is_a_broken_body() -> None:
         _parse_body(body(chat_choice("a")), chat=True, n=2, parse_reasoning=True, want_logprobs=False)
     with pytest.raises(KeyError):
         _parse_body({"object": "error"}, chat=True, n=1, parse_reasoning=True, want_logprobs=False)
+
+
+# --------------------------------------------------------------------------- JSON on the hot path (orjson, json's answers where it differs)
+
+
+def test_request_bodies_encode_what_json_encodes() -> None:
+    import numpy as np
+
+    body = {"logit_bias": {50256: -100}, "content": "café ✓", "seed": np.int64(3)}
+    assert json.loads(_dumps(body)) == {"logit_bias": {"50256": -100}, "content": "café ✓", "seed": 3}
+    assert json.loads(_dumps({"big": 2**70})) == {"big": 2**70}  # over 64 bits: json writes it
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        _dumps({"x": object()})
+
+
+def test_responses_with_nan_or_infinity_still_parse() -> None:
+    assert _loads(b'{"logprob": -Infinity, "other": NaN}')["logprob"] == float("-inf")
+    with pytest.raises(ValueError):
+        _loads(b'{"truncated": ')
 
 
 # --------------------------------------------------------------------------- Retry-After and server messages
