@@ -505,7 +505,7 @@ def test_the_command_collects_less_often_but_leaves_a_disabled_collector_off() -
     try:
         gc.set_threshold(700, 10, 10)
         _tune_gc()
-        assert gc.get_threshold() == (50_000, 10, 10)
+        assert gc.get_threshold() == (10_000, 10, 10)
         assert gc.get_freeze_count() > 0  # the imports' objects are out of the collector's way
         gc.set_threshold(0, 10, 10)  # the user turned collection off: it stays off
         _tune_gc()

@@ -162,14 +162,16 @@ def _tune_gc() -> None:
     default gen-0 threshold (700) collects about once per 200 rows; with datasets, pandas and
     pyarrow imported, the collections that reach the older generations walk ~120,000 objects
     (70-90 ms each) while holding the GIL, and the loop sends nothing meanwhile. Freezing what
-    the imports made and collecting gen 0 every 50,000 allocations instead took the pipeline
-    from 0.83x to 0.90x the bare loop's rows/s (benchmarks/bench_throughput.py). Library use
-    (``ds.map(vllm_generate(...))`` in a notebook) leaves the user's process as it is.
+    the imports made and collecting gen 0 every 10,000 allocations instead took the pipeline
+    from 0.83x to 0.90x the bare loop's rows/s (benchmarks/bench_throughput.py). Not rarer: a
+    full collection then comes every million allocations, and cyclic garbage that outlived the
+    younger generations waits for it (at 50,000, peak memory grew with the number of rows).
+    Library use (``ds.map(vllm_generate(...))`` in a notebook) leaves the user's process alone.
     """
     gc.freeze()
     gen0, gen1, gen2 = gc.get_threshold()
     if gen0:  # 0: the user turned collection off
-        gc.set_threshold(max(gen0, 50_000), gen1, gen2)
+        gc.set_threshold(max(gen0, 10_000), gen1, gen2)
 
 
 def _run(recipe: Recipe, progress: bool) -> None:
