@@ -368,55 +368,50 @@ class VllmGenerate:
             raise
         return results
 
+    def _new_columns(self, results: list[Result]) -> list[tuple[str, str, list[Any]]]:
+        """(name, kind, values) of each new column. kind "texts": a text per row, or with n > 1 a
+        list of n (a failed row gets n nulls); "text": a text per row; "count": token counts, 0 on
+        failed rows (nothing was generated)."""
+        cols = self.config.columns
+        n = self.config.generation.n
+
+        def per_row(values: list[Any]) -> list[Any]:
+            return [v if v is not None else [None] * n for v in values] if n > 1 else values
+
+        out = [
+            (cols.response, "texts", per_row([r.response for r in results])),
+            (cols.reasoning, "texts", per_row([r.reasoning for r in results])),
+            (cols.finish_reason, "texts", per_row([r.finish_reason for r in results])),
+            (cols.prompt_tokens, "count", [r.prompt_tokens or 0 for r in results]),
+            (cols.completion_tokens, "count", [r.completion_tokens or 0 for r in results]),
+            (cols.error, "text", [r.error for r in results]),
+        ]
+        if self._want_logprobs:
+            out.append((cols.logprobs, "text", [r.logprobs for r in results]))
+        return out
+
     def table(self, results: list[Result]) -> pa.Table:
         """The new columns as an Arrow table with the same types as ``columns``."""
         import pyarrow as pa  # here: importing the package stays light
 
-        cols = self.config.columns
-        n = self.config.generation.n
-        text = pa.list_(pa.string()) if n > 1 else pa.string()
-
-        def texts(values: list[Any]) -> pa.Array:
-            if n > 1:  # a failed row gets n nulls, as in columns()
-                values = [v if v is not None else [None] * n for v in values]
-            return pa.array(values, type=text)
-
-        arrays = {
-            cols.response: texts([r.response for r in results]),
-            cols.reasoning: texts([r.reasoning for r in results]),
-            cols.finish_reason: texts([r.finish_reason for r in results]),
-            cols.prompt_tokens: pa.array([r.prompt_tokens or 0 for r in results], type=pa.int64()),
-            cols.completion_tokens: pa.array([r.completion_tokens or 0 for r in results], type=pa.int64()),
-            cols.error: pa.array([r.error for r in results], type=pa.string()),
-        }
-        if self._want_logprobs:
-            arrays[cols.logprobs] = pa.array([r.logprobs for r in results], type=pa.string())
-        return pa.table(arrays)
+        texts = pa.list_(pa.string()) if self.config.generation.n > 1 else pa.string()
+        types = {"texts": texts, "text": pa.string(), "count": pa.int64()}
+        return pa.table({name: pa.array(values, type=types[kind]) for name, kind, values in self._new_columns(results)})
 
     def columns(self, results: list[Result]) -> dict[str, np.ndarray]:
         """Arrow columns with fixed types, so batches of all-null values never change the schema."""
-        cols = self.config.columns
         n = self.config.generation.n
-
-        def text(values: list[Any]) -> np.ndarray:
-            if n > 1:  # a failed row gets n nulls, so the column is always list<string> of length n
-                values = [v if v is not None else [None] * n for v in values]
-            return np.array(values, dtype=_TEXT).reshape(len(values), n) if n > 1 else np.array(values, dtype=_TEXT)
 
         # Typed numpy arrays, not lists: datasets fixes a column's Arrow type from the first batch
         # written, and a batch whose values are all None would make it a null column that later
-        # batches cannot fill. Token counts are 0 on failed rows (nothing was generated).
-        out = {
-            cols.response: text([r.response for r in results]),
-            cols.reasoning: text([r.reasoning for r in results]),
-            cols.finish_reason: text([r.finish_reason for r in results]),
-            cols.prompt_tokens: np.array([r.prompt_tokens or 0 for r in results], dtype=np.int64),
-            cols.completion_tokens: np.array([r.completion_tokens or 0 for r in results], dtype=np.int64),
-            cols.error: np.array([r.error for r in results], dtype=_TEXT),
-        }
-        if self._want_logprobs:
-            out[cols.logprobs] = np.array([r.logprobs for r in results], dtype=_TEXT)
-        return out
+        # batches cannot fill.
+        def array(kind: str, values: list[Any]) -> np.ndarray:
+            if kind == "count":
+                return np.array(values, dtype=np.int64)
+            text = np.array(values, dtype=_TEXT)
+            return text.reshape(len(values), n) if kind == "texts" and n > 1 else text
+
+        return {name: array(kind, values) for name, kind, values in self._new_columns(results)}
 
 
 def _is_null(value: Any) -> bool:
