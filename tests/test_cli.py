@@ -498,18 +498,19 @@ def test_merge_refuses_a_split_of_another_input_size(tmp_path: Path, three_split
     assert not out.exists()
 
 
-def test_the_command_collects_less_often_but_leaves_a_disabled_collector_off() -> None:
+def test_the_command_collects_less_often_during_a_run_and_puts_the_collector_back() -> None:
     from vllm_generator.__main__ import _tune_gc
 
     before = gc.get_threshold()
     try:
         gc.set_threshold(700, 10, 10)
-        _tune_gc()
-        assert gc.get_threshold() == (10_000, 10, 10)
-        assert gc.get_freeze_count() > 0  # the imports' objects are out of the collector's way
+        with _tune_gc():
+            assert gc.get_threshold() == (10_000, 10, 10)
+            assert gc.get_freeze_count() > 0  # the imports' objects are out of the collector's way
+        assert gc.get_threshold() == (700, 10, 10) and gc.get_freeze_count() == 0
         gc.set_threshold(0, 10, 10)  # the user turned collection off: it stays off
-        _tune_gc()
-        assert gc.get_threshold() == (0, 10, 10)
+        with _tune_gc():
+            assert gc.get_threshold() == (0, 10, 10)
     finally:
         gc.set_threshold(*before)
         gc.unfreeze()

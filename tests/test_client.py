@@ -5,6 +5,7 @@ fake vLLM server as a real subprocess, asserting on what the server received (``
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import json
 import logging
@@ -32,6 +33,7 @@ from vllm_generator.client import (
     _RetryableError,
     _server_message,
     parse_choice,
+    run_on_loop,
 )
 from vllm_generator.recipe import GenerationConfig, PromptConfig, RetryConfig
 
@@ -562,6 +564,25 @@ def test_a_hung_request_times_out_while_the_others_keep_flowing(fake_server: Fak
         time.sleep(0.01)
     assert client._watchdog is None
     assert send(client, ["again [[hang:5]]"])[0].error_type == "timeout"
+
+
+def test_a_watchdog_cancelled_before_its_first_step_is_replaced(fake_server: FakeServer, make_client: MakeClient) -> None:
+    # a close in the same loop turn as the watchdog's creation cancels it before it ever runs
+    client = make_client(fake_server.url, timeout=0.3, attempts=1)
+    send(client, ["warm up"])
+    deadline = time.monotonic() + 5
+    while client._watchdog is not None and time.monotonic() < deadline:  # the warm-up's watchdog ends
+        time.sleep(0.01)
+
+    async def cancel_early() -> None:
+        client._watchdog = asyncio.get_running_loop().create_task(client._watch())
+        client._watchdog.cancel()
+        await asyncio.sleep(0)
+
+    run_on_loop(cancel_early()).result(timeout=5)
+    assert client._watchdog is not None and client._watchdog.done()
+    result = client.submit(CHAT, chat_bodies(["stuck [[hang:5]]"]), PARSE).result(timeout=20)[0]
+    assert result.error_type == "timeout"
 
 
 # -- retry bookkeeping

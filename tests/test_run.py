@@ -438,6 +438,33 @@ def test_chunk_caches_hold_only_the_new_columns_and_an_input_column_of_the_same_
     assert pq.read_table(out).equals(table)
 
 
+def test_chunk_caches_of_the_older_layout_that_copied_the_input_still_resume(tmp_path: Path, fake_server: FakeServer) -> None:
+    texts = questions(12)
+    input_path = write_input(tmp_path / "in.parquet", texts)
+    recipe = make_recipe(tmp_path, fake_server.url, input_path, processing={"chunk_size": 5})
+    out = tmp_path / "out" / "answers.parquet"
+    run(recipe)
+    expected = pq.read_table(out)
+    # rewrite each cache as versions before this one wrote them: the input's columns, then the new ones
+    source = pq.read_table(input_path)
+    start = 0
+    for path in chunk_files(out):
+        new = datasets.Dataset.from_file(str(path)).data.table
+        combined = source.slice(start, len(new))
+        for name in new.column_names:
+            combined = combined.append_column(name, new.column(name))
+        start += len(new)
+        with datasets.arrow_writer.ArrowWriter(path=f"{path}.new") as writer:  # not over the mapped file
+            writer.write_table(combined)
+            writer.finalize()
+        os.replace(f"{path}.new", path)
+    assert datasets.Dataset.from_file(str(chunk_files(out)[0])).column_names == ["id", "question", *OUTPUT_COLUMNS]
+
+    again = run(recipe)
+    assert (again.reused_rows, again.requests) == (12, 0) and len(fake_server.log()) == 12
+    assert pq.read_table(out).equals(expected)
+
+
 def test_a_server_now_serving_another_model_is_not_answered_from_the_old_models_chunks(
     tmp_path: Path, start_fake_server: Callable[..., FakeServer]
 ) -> None:

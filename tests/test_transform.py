@@ -39,6 +39,7 @@ from vllm_generator import (
     VllmGeneratorError,
     vllm_generate,
 )
+from vllm_generator.client import Result
 from vllm_generator.recipe import GenerationConfig, ModelConfig, RetryConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -437,6 +438,16 @@ def test_the_runner_s_arrow_table_matches_the_map_columns(fake_server: FakeServe
     keep = [c for c in runner.column_names if c != "logprobs"]
     assert runner.select_columns(keep).to_list() == public.select_columns(keep).to_list()
     assert [x is None for x in runner["logprobs"]] == [False, True, False]
+
+
+def test_a_non_text_field_from_a_server_is_written_as_text_by_both_paths() -> None:
+    # vLLM always sends text; another server might not: the row is written, not the run aborted
+    transform = vllm_generate("http://127.0.0.1:9", model="m")
+    results = [Result(response="a", reasoning={"x": 1}, finish_reason="stop", prompt_tokens=1, completion_tokens=True)]  # type: ignore[arg-type]
+    table = transform.table(results).to_pylist()
+    columns = {k: v.tolist() for k, v in transform.columns(results).items()}
+    assert table == [{k: v[0] for k, v in columns.items()}]
+    assert table[0]["reasoning"] == "{'x': 1}" and table[0]["completion_tokens"] == 1
 
 
 def test_output_columns_can_be_renamed(fake_server: FakeServer) -> None:

@@ -12,6 +12,7 @@ every finished chunk, so the same command resumes.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import gc
 import json
@@ -22,7 +23,7 @@ import shlex
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -155,7 +156,8 @@ def _flag(name: str, value: Any) -> bool:
     raise RecipeError(f"--{name.replace('_', '-')} takes true or false, not {value!r}")
 
 
-def _tune_gc() -> None:
+@contextlib.contextmanager
+def _tune_gc() -> Iterator[None]:
     """The command owns its process: spare the HTTP loop the garbage collector's pauses.
 
     A run allocates a few objects per row that live until the row's batch is written, so the
@@ -166,20 +168,27 @@ def _tune_gc() -> None:
     from 0.83x to 0.90x the bare loop's rows/s (benchmarks/bench_throughput.py). Not rarer: a
     full collection then comes every million allocations, and cyclic garbage that outlived the
     younger generations waits for it (at 50,000, peak memory grew with the number of rows).
-    Library use (``ds.map(vllm_generate(...))`` in a notebook) leaves the user's process alone.
+    Library use (``ds.map(vllm_generate(...))`` in a notebook) leaves the user's process alone,
+    and the settings are put back when the run ends.
     """
+    threshold = gc.get_threshold()
     gc.freeze()
-    gen0, gen1, gen2 = gc.get_threshold()
-    if gen0:  # 0: the user turned collection off
-        gc.set_threshold(max(gen0, 10_000), gen1, gen2)
+    if threshold[0]:  # 0: the user turned collection off
+        gc.set_threshold(max(threshold[0], 10_000), *threshold[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*threshold)
+        gc.unfreeze()
 
 
 def _run(recipe: Recipe, progress: bool) -> None:
     from .run import run_recipe
 
     configure_logging(recipe.logging)
-    _tune_gc()
-    _print_summary(run_recipe(recipe, progress=_flag("progress", progress)))
+    with _tune_gc():
+        summary = run_recipe(recipe, progress=_flag("progress", progress))
+    _print_summary(summary)
 
 
 class Commands:

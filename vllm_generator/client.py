@@ -515,7 +515,7 @@ class Client:
             self.stats.requests += 1
             sent = time.monotonic()
             self._deadlines[task] = sent + self._timeout_seconds
-            if self._watchdog is None:
+            if self._watchdog is None or self._watchdog.done():  # done: cancelled before its first step
                 self._watchdog = asyncio.get_running_loop().create_task(self._watch())
             try:
                 async with self._session.post(url, data=payload, timeout=self._timeout) as resp:
@@ -545,6 +545,9 @@ class Client:
                 raise _RetryableError(f"request to {server.url} failed ({type(err).__name__}: {err})", "client_error") from err
             finally:
                 del self._deadlines[task]
+                if task in self._timed_out:  # the watchdog's cancel was swallowed on the way: forget it
+                    self._timed_out.discard(task)
+                    task.uncancel()
                 server.in_flight -= 1
                 self.stats.in_flight -= 1
             server.failures = 0

@@ -394,24 +394,37 @@ class VllmGenerate:
         """The new columns as an Arrow table with the same types as ``columns``."""
         import pyarrow as pa  # here: importing the package stays light
 
-        texts = pa.list_(pa.string()) if self.config.generation.n > 1 else pa.string()
-        types = {"texts": texts, "text": pa.string(), "count": pa.int64()}
-        return pa.table({name: pa.array(values, type=types[kind]) for name, kind, values in self._new_columns(results)})
+        n = self.config.generation.n
+        types = {"texts": pa.list_(pa.string()) if n > 1 else pa.string(), "text": pa.string(), "count": pa.int64()}
+
+        def array(kind: str, values: list[Any]) -> pa.Array:
+            try:
+                return pa.array(values, type=types[kind])
+            except (pa.ArrowTypeError, pa.ArrowInvalid):  # a server that sent a non-text field: as columns() does
+                return pa.array(_numpy_column(kind, values, n).tolist(), type=types[kind])
+
+        return pa.table({name: array(kind, values) for name, kind, values in self._new_columns(results)})
+
+    @property
+    def new_column_names(self) -> list[str]:
+        """The columns the transform adds, in order."""
+        return [name for name, _, _ in self._new_columns([])]
 
     def columns(self, results: list[Result]) -> dict[str, np.ndarray]:
         """Arrow columns with fixed types, so batches of all-null values never change the schema."""
-        n = self.config.generation.n
-
         # Typed numpy arrays, not lists: datasets fixes a column's Arrow type from the first batch
         # written, and a batch whose values are all None would make it a null column that later
         # batches cannot fill.
-        def array(kind: str, values: list[Any]) -> np.ndarray:
-            if kind == "count":
-                return np.array(values, dtype=np.int64)
-            text = np.array(values, dtype=_TEXT)
-            return text.reshape(len(values), n) if kind == "texts" and n > 1 else text
+        n = self.config.generation.n
+        return {name: _numpy_column(kind, values, n) for name, kind, values in self._new_columns(results)}
 
-        return {name: array(kind, values) for name, kind, values in self._new_columns(results)}
+
+def _numpy_column(kind: str, values: list[Any], n: int) -> np.ndarray:
+    """A new column's values (see ``VllmGenerate._new_columns``) as a typed numpy array."""
+    if kind == "count":
+        return np.array(values, dtype=np.int64)
+    text = np.array(values, dtype=_TEXT)
+    return text.reshape(len(values), n) if kind == "texts" and n > 1 else text
 
 
 def _is_null(value: Any) -> bool:
