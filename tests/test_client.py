@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
+import aiohttp
 import pytest
 from fake_server import BlackHole, FakeServer
 from pydantic import ValidationError
@@ -583,6 +584,31 @@ def test_a_watchdog_cancelled_before_its_first_step_is_replaced(fake_server: Fak
     assert client._watchdog is not None and client._watchdog.done()
     result = client.submit(CHAT, chat_bodies(["stuck [[hang:5]]"]), PARSE).result(timeout=20)[0]
     assert result.error_type == "timeout"
+
+
+def test_a_watchdog_cancel_swallowed_below_the_client_does_not_stop_later_timeouts(
+    fake_server: FakeServer, make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = aiohttp.ClientSession._request
+    swallowed: list[bool] = []
+
+    async def request(self: aiohttp.ClientSession, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await real(self, *args, **kwargs)
+        except asyncio.CancelledError:
+            if swallowed:
+                raise
+            swallowed.append(True)  # as library code that suppresses a cancel and carries on
+            return await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(aiohttp.ClientSession, "_request", request)
+    # one worker: the hung row is sent by the task whose cancel was swallowed
+    client = make_client(fake_server.url, timeout=0.3, attempts=1, max_concurrency=1)
+    results = client.submit(CHAT, chat_bodies(["slow [[sleep:0.6]]", "stuck [[hang:5]]"]), PARSE).result(timeout=20)
+
+    assert swallowed
+    assert results[0].response == "echo: slow [[sleep:0.6]]"
+    assert results[1].error_type == "timeout"
 
 
 # -- retry bookkeeping
