@@ -563,7 +563,7 @@ def bench_latency_model(bench: Bench, args: argparse.Namespace, model: str) -> N
                 for i, job in enumerate(jobs):
                     runs[i] += bench.measure([server], [with_url(f"{i}-{r}", *job, server.url)])
         results = [median_of(ms) for ms in runs]
-    bare = next((m for (name, kind, _), m in zip(jobs, results) if kind == "bare" and name.startswith("(1)")), None)
+    bare = next((m for (_, kind, spec), m in zip(jobs, results) if kind == "bare" and "barrier" not in spec), None)
     pipeline = next((m for (name, kind, _), m in zip(jobs, results) if kind == "pipeline" and name.startswith("(2)")), None)
     maps = [m for (_, kind, _), m in zip(jobs, results) if kind == "map"]
 

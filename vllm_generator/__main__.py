@@ -263,11 +263,11 @@ class Commands:
         loaded = load_recipe(recipe, self._overrides)
         print(f"ok: {recipe} is a valid recipe")
         checked = check_recipe(loaded)  # what run checks before it starts servers or sends anything
-        ds, config = checked.ds, loaded.generate_config()
+        ds, config = checked.ds, checked.config
         print(f"ok: input has {len(ds)} rows, columns {ds.column_names}; split {checked.split_id} of {checked.num_splits}")
         if checked.nulls:
             print(f"warning: {checked.nulls_text()}: they will get an error and not be sent")
-        bodies = [b for b in VllmGenerate(config).build_bodies(ds[: min(len(ds), 100)]) if b is not None]
+        bodies = [b for b in VllmGenerate(config).build_bodies(ds[:100]) if b is not None]
         if bodies:
             print(f"ok: first request: {json.dumps(bodies[0])[:300]}")
         if _flag("check_server", check_server):

@@ -93,11 +93,12 @@ def _load_input(cfg: InputConfig) -> Dataset:
             kinds = {_file_kind(f) for f in files}
             if len(kinds) != 1 or None in kinds:
                 raise RecipeError(f"data.input.path: {path} must name .parquet, .jsonl/.json or .csv files (found {', '.join(files[:3])})")
-            if kinds == {"parquet"} and _parquet_rows(files) == 0:  # datasets fails on these with a cryptic Arrow error
-                raise RecipeError(f"data.input: {path} has no rows")
+            kind = kinds.pop()
             try:
-                ds = datasets.load_dataset(kinds.pop(), data_files=files, split="train")
+                ds = datasets.load_dataset(kind, data_files=files, split="train")
             except Exception as err:  # a malformed file: name it, keep the cause
+                if kind == "parquet" and _parquet_rows(files) == 0:  # datasets fails on these with a cryptic Arrow error
+                    raise RecipeError(f"data.input: {path} has no rows") from None
                 raise RecipeError(f"data.input.path: cannot read {path}: {_cause(err)}") from err
     if not isinstance(ds, Dataset):
         raise RecipeError(f"data.input: expected one split, got {type(ds).__name__}")
@@ -443,19 +444,22 @@ def _with_input(piece: Dataset, generated: Dataset) -> Dataset:
     return datasets.concatenate_datasets([piece.remove_columns(clash) if clash else piece, generated], axis=1)
 
 
-def _retry_failed(transform: VllmGenerate, chunk: _Chunk, piece: Dataset, done: Dataset, batch_size: int, offset: int) -> int:
+def _retry_failed(
+    transform: VllmGenerate, chunk: _Chunk, piece: Dataset, done: Dataset, no_prompt: np.ndarray, batch_size: int, offset: int
+) -> int:
     """Send again the rows of a finished chunk (input ``piece``, new columns ``done``) whose
     ``error`` is set and rewrite the chunk's cache; returns how many rows were sent."""
     errors = done.data.table.column(transform.config.columns.error)
-    # rows with no prompt stay as they are: sending them again cannot help
-    failed = np.flatnonzero(errors.is_valid().to_numpy(zero_copy_only=False) & ~null_prompt_mask(transform.config, piece))
+    # rows with no prompt (``no_prompt``) stay as they are: sending them again cannot help
+    retry = errors.is_valid().to_numpy(zero_copy_only=False) & ~no_prompt
+    failed = np.flatnonzero(retry)
     if failed.size == 0:
         return 0
     logger.info("chunk %d: sending %d failed rows again (retry_failed)", chunk.index, failed.size)
     key = hashlib.sha256(failed.tobytes()).hexdigest()[:12]
     retry_path = chunk.path.removesuffix(".arrow") + f".retry-{key}.arrow"
     retried = _map_chunk(transform, piece.select(failed), retry_path, f"retry-{key}", batch_size, 1, offset)
-    ok = np.setdiff1d(np.arange(len(done)), failed)
+    ok = np.flatnonzero(~retry)
     table = done.data.table
     combined = pa.concat_tables([table.take(ok), retried.data.table.select(table.column_names).cast(table.schema)])
     order = np.empty(len(done), dtype=np.int64)
@@ -546,11 +550,13 @@ class CheckedRecipe:
     """What ``check_recipe`` found: the input, this run's split and where its output goes."""
 
     ds: Dataset
+    config: GenerateConfig
     where: str
     num_splits: int
     split_id: int
-    out_path: str | None
+    split: Dataset  # ds.shard(num_splits, split_id, contiguous=True)
     split_start: int  # the split's first row in the input
+    out_path: str | None
     no_prompt: np.ndarray  # True for the rows of the split whose prompt is null
 
     @property
@@ -583,8 +589,9 @@ def check_recipe(recipe: Recipe) -> CheckedRecipe:
         out_path = split_output_path(data.output.path, num_splits, split_id)
         _check_output_path(out_path, data.output.path, data.input)
     start, stop = split_bounds(len(ds), num_splits, split_id)
-    no_prompt = null_prompt_mask(config, ds)[start:stop]
-    checked = CheckedRecipe(ds, where, num_splits, split_id, out_path, start, no_prompt)
+    split = ds.shard(num_splits, split_id, contiguous=True)
+    assert len(split) == stop - start
+    checked = CheckedRecipe(ds, config, where, num_splits, split_id, split, start, out_path, null_prompt_mask(config, split))
     if checked.nulls and recipe.retry.on_error == "raise":
         raise RecipeError(f"{checked.nulls_text()} and retry.on_error is raise: fill or filter those rows, or set on_error: record")
     return checked
@@ -621,13 +628,11 @@ def _run_split(recipe: Recipe, checked: CheckedRecipe, base_url: list[str] | Non
 
     serving = time.monotonic()  # rates leave out the servers' start-up
     data = recipe.data
-    ds, where, num_splits, split_id, out_path = checked.ds, checked.where, checked.num_splits, checked.split_id, checked.out_path
-    config = recipe.generate_config(base_url)
+    where, num_splits, split_id, out_path = checked.where, checked.num_splits, checked.split_id, checked.out_path
+    split, split_start = checked.split, checked.split_start
+    split_stop = split_start + len(split)
+    config = recipe.generate_config(base_url) if base_url is not None else checked.config
     transform = VllmGenerate(config)
-    total_rows = len(ds)
-    split_start, split_stop = split_bounds(total_rows, num_splits, split_id)
-    split = ds.shard(num_splits, split_id, contiguous=True)
-    assert len(split) == split_stop - split_start
 
     if recipe.processing.work_dir:
         # several recipes may share a work_dir: each output gets its own folder in it
@@ -651,7 +656,8 @@ def _run_split(recipe: Recipe, checked: CheckedRecipe, base_url: list[str] | Non
     size = recipe.processing.chunk_size
     gen_key = config.fingerprint(served_model)
     chunks = _chunks(split, split_dir, size, gen_key)
-    cached = [c for c in chunks if c.cached]
+    cached = [c for c in chunks if c.cached]  # a glob of the split's folder per chunk: once
+    done_before = {c.index for c in cached}
     if unreachable is not None and len(cached) < len(chunks):
         raise unreachable  # rows are left to send, and no server answers
     reused = sum(c.stop - c.start for c in cached)
@@ -664,7 +670,7 @@ def _run_split(recipe: Recipe, checked: CheckedRecipe, base_url: list[str] | Non
 
     batch_size = recipe.processing.batch_size
     num_proc = recipe.processing.num_proc
-    todo = [c for c in chunks if not c.cached]
+    todo = [c for c in chunks if c.index not in done_before]
     ranges = [(s, min(s + batch_size, c.stop)) for c in todo for s in range(c.start, c.stop, batch_size)]
     bar = _Progress(len(split), reused, transform, progress)
     transform.client.on_result = bar
@@ -681,7 +687,8 @@ def _run_split(recipe: Recipe, checked: CheckedRecipe, base_url: list[str] | Non
             for chunk in cached:
                 piece = split.select(range(chunk.start, chunk.stop))
                 done = _map_chunk(transform, piece, chunk.path, chunk.key, batch_size, num_proc, split_start + chunk.start)
-                retried += _retry_failed(transform, chunk, piece, done, batch_size, split_start + chunk.start)
+                no_prompt = checked.no_prompt[chunk.start : chunk.stop]
+                retried += _retry_failed(transform, chunk, piece, done, no_prompt, batch_size, split_start + chunk.start)
         max_ahead = _lookahead_batches(recipe, len(config.model.base_url))
         if num_proc == 1 and ranges and max_ahead:
             feeder = _Feeder(transform, split, ranges, max_ahead, 2 * recipe.processing.max_concurrency * len(config.model.base_url))
@@ -689,11 +696,10 @@ def _run_split(recipe: Recipe, checked: CheckedRecipe, base_url: list[str] | Non
         for chunk in chunks:
             if transform.interrupted.is_set():
                 raise KeyboardInterrupt
-            was_cached = chunk.cached
             piece = split.select(range(chunk.start, chunk.stop))
             done = _map_chunk(transform, piece, chunk.path, chunk.key, batch_size, num_proc, split_start + chunk.start)
             parts.append(_with_input(piece, done))
-            if not was_cached:
+            if chunk.index not in done_before:
                 logger.info("chunk %d/%d done (%d rows)", chunk.index + 1, len(chunks), chunk.stop - chunk.start)
     finally:
         scope.close()
@@ -739,7 +745,7 @@ def _run_split(recipe: Recipe, checked: CheckedRecipe, base_url: list[str] | Non
         "num_splits": num_splits,
         "rows": len(result),
         "split_start": split_start,
-        "input_rows": total_rows,
+        "input_rows": len(checked.ds),
         "recipe_hash": summary.recipe_hash,
         "generation_fingerprint": gen_key,
         "error_column": config.columns.error,
