@@ -51,6 +51,7 @@ _DOWN_SECONDS = 30.0
 # for two minutes. So connecting has its own short bound, and a connect that times out counts
 # like a refused one for routing.
 _CONNECT_TIMEOUT = 10.0
+_NOT_ACCEPTED = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)  # refused, or no handshake in time
 _THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
 
 
@@ -441,7 +442,7 @@ class Client:
                 except ServerUnavailableError as err:
                     # one dead server must not stop a run that the others can serve
                     errors.append(err)
-                    if isinstance(err.__cause__, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)):
+                    if isinstance(err.__cause__, _NOT_ACCEPTED):
                         self._server_refused(server)
                     if server is not candidates[-1]:
                         logger.warning("%s; asking the next server", err)
@@ -490,16 +491,12 @@ class Client:
             if was_down:
                 return
             others = [s.url for s in self.servers if s is not server and s.down_until <= now]
-            if others:
-                logger.warning(
-                    "%s did not accept %d connections in a row: out of rotation for %.0fs; its requests go to %s",
-                    server.url, server.failures, _DOWN_SECONDS, ", ".join(others),
-                )
-            else:
-                logger.warning(
-                    "%s did not accept %d connections in a row, and no other server is up: rows keep trying it, with backoff",
-                    server.url, server.failures,
-                )
+            what = (
+                f": out of rotation for {_DOWN_SECONDS:.0f}s; its requests go to {', '.join(others)}"
+                if others
+                else ", and no other server is up: rows keep trying it, with backoff"
+            )
+            logger.warning("%s did not accept %d connections in a row%s", server.url, server.failures, what)
 
     # -- one attempt
 
@@ -508,12 +505,12 @@ class Client:
         assert self._semaphore is not None and self._session is not None
         async with self._semaphore:
             server = self._pick_server()
-            probe = server.down_until > time.monotonic()  # sent while out of rotation
+            sent = time.monotonic()
+            probe = server.down_until > sent  # sent while out of rotation
             url = server.url + path
             server.in_flight += 1
             self.stats.in_flight += 1
             self.stats.requests += 1
-            sent = time.monotonic()
             self._deadlines[task] = sent + self._timeout_seconds
             if self._watchdog is None or self._watchdog.done():  # done: cancelled before its first step
                 self._watchdog = asyncio.get_running_loop().create_task(self._watch())
@@ -539,8 +536,6 @@ class Client:
                 ) from err
             except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as err:
                 raise _RetryableError(f"connection to {server.url} dropped ({type(err).__name__})", "dropped") from err
-            except asyncio.TimeoutError as err:
-                raise _RetryableError(f"no answer from {server.url} within {self._timeout_seconds:g}s", "timeout") from err
             except aiohttp.ClientError as err:
                 raise _RetryableError(f"request to {server.url} failed ({type(err).__name__}: {err})", "client_error") from err
             finally:

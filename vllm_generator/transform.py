@@ -91,6 +91,12 @@ class VllmGenerate:
             want_logprobs=want_logprobs,
         )
         self._required = config.prompt.required_columns()  # parsed once, read on every batch
+        names = ", ".join(repr(c) for c in self._required)
+        self._no_prompt = (  # the error of a row with a null prompt
+            f"not sent: this row's prompt column {names} is null (fill or filter such rows)"
+            if len(self._required) == 1
+            else f"not sent: a column of this row's template ({names}) is null (fill or filter such rows)"
+        )
 
     # -- pickling: configuration only
 
@@ -196,12 +202,11 @@ class VllmGenerate:
         if prompt.source == "template":
             assert prompt.template is not None
             names = self._required
-            columns = {n: batch[n] for n in names}
-            size = len(columns[names[0]])
-            texts = [
-                None if any(_is_null(columns[n][i]) for n in names) else prompt.template.format(**{n: columns[n][i] for n in names})
-                for i in range(size)
-            ]
+            columns = [(n, batch[n]) for n in names]
+            texts = []
+            for i in range(len(columns[0][1])):
+                values = {n: column[i] for n, column in columns}
+                texts.append(None if any(map(_is_null, values.values())) else prompt.template.format(**values))
         else:
             texts = list(batch[prompt.column])
         bodies: list[dict[str, Any] | None] = []
@@ -236,21 +241,15 @@ class VllmGenerate:
                 bodies.append({"messages": [{"role": "user", "content": text}], **fields})
         return bodies
 
-    def _no_prompt(self) -> str:
-        names = ", ".join(repr(c) for c in self._required)
-        if len(self._required) == 1:
-            return f"not sent: this row's prompt column {names} is null (fill or filter such rows)"
-        return f"not sent: a column of this row's template ({names}) is null (fill or filter such rows)"
-
     # -- submitting and collecting
 
     def submit(self, bodies: list[dict[str, Any] | None], indices: Sequence[int] | None = None) -> _Pending:
         """Hand a batch to the background loop now; collect its results later."""
         sent = [b for b in bodies if b is not None]
-        if len(sent) < len(bodies) and self.config.retry.on_error == "raise":
-            raise _row_failed(bodies.index(None), self._no_prompt(), bodies, indices)
         # on_error="raise": the first failed row stops the batch, its other rows are not sent
         stop = self.config.retry.on_error == "raise"
+        if len(sent) < len(bodies) and stop:
+            raise _row_failed(bodies.index(None), self._no_prompt, bodies, indices)
         return _Pending(bodies, self.client.submit(self._path, sent, self._parse, stop_on_error=stop))
 
     def _results(self, pending: _Pending) -> list[Result]:
@@ -259,7 +258,7 @@ class VllmGenerate:
         if len(results) == len(pending.bodies):
             return results
         sent = iter(results)
-        return [next(sent) if b is not None else Result(error=self._no_prompt(), error_type="no_prompt") for b in pending.bodies]
+        return [next(sent) if b is not None else Result(error=self._no_prompt, error_type="no_prompt") for b in pending.bodies]
 
     def row_key(self, batch: Mapping[str, Sequence[Any]]) -> list[list[Any]]:
         """The values of the columns the prompt reads: equal keys make equal request bodies."""
