@@ -62,7 +62,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from fake_server import FakeServer
+from fake_server import FakeServer  # noqa: E402 (tests/ is put on the path first)
 
 MODEL = "fake-model"
 MAX_TOKENS = 32
@@ -149,7 +149,15 @@ def _child_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
         raise SystemExit(f"pipeline exited with {code}")
     metrics = json.loads(Path(spec["output"]).with_suffix(".metrics.json").read_text())
     # ok and errors: the parent reads the output (here it would count in this process's memory)
-    return {"wall": wall, "cpu": used, "rows": metrics["rows"], "ok": 0, "errors": 0, "requests": metrics["requests"], "run_wall": metrics["wall_time_s"]}
+    return {
+        "wall": wall,
+        "cpu": used,
+        "rows": metrics["rows"],
+        "ok": 0,
+        "errors": 0,
+        "requests": metrics["requests"],
+        "run_wall": metrics["wall_time_s"],
+    }
 
 
 def _check_output(output: str, rows_path: str) -> tuple[int, int]:
@@ -398,15 +406,26 @@ class Bench:
         for m in results:
             m.others = others
             if self.verbose:
-                print(f"  {m.name}: {m.rows} rows in {m.wall:.2f}s = {m.rate:,.0f} rows/s, {m.cpu_us:,.0f} us/req "
-                      f"(other processes: {others:.2f} cores)", file=sys.stderr, flush=True)
+                print(
+                    f"  {m.name}: {m.rows} rows in {m.wall:.2f}s = {m.rate:,.0f} rows/s, {m.cpu_us:,.0f} us/req "
+                    f"(other processes: {others:.2f} cores)",
+                    file=sys.stderr,
+                    flush=True,
+                )
         return results
 
     def run(self, server: FakeServer, name: str, kind: str, **spec: Any) -> Measurement:
         return self.measure([server], [(name, kind, spec)])[0]
 
     def recipe(
-        self, url: str | list[str], rows: int, slots: int, batch_size: int, name: str, chunk_size: int | None = None, lookahead: int | None = None
+        self,
+        url: str | list[str],
+        rows: int,
+        slots: int,
+        batch_size: int,
+        name: str,
+        chunk_size: int | None = None,
+        lookahead: int | None = None,
     ) -> tuple[str, str]:
         import yaml
 
@@ -536,7 +555,9 @@ def bench_latency_model(bench: Bench, args: argparse.Namespace, model: str) -> N
             jobs.append((f"(3) ds.map(vllm_generate), batch {b}", "map", {"rows_path": rows_path, "slots": slots, "batch_size": b}))
     if "openai" in only:
         n = min(rows, args.openai_rows)
-        jobs.append((f"(4a) AsyncOpenAI async map, {n} rows", "openai", {"rows_path": rows_path, "rows": n, "slots": slots, "batch_size": 1000}))
+        jobs.append(
+            (f"(4a) AsyncOpenAI async map, {n} rows", "openai", {"rows_path": rows_path, "rows": n, "slots": slots, "batch_size": 1000})
+        )
     if "sync" in only:
         n = min(rows, args.sync_rows_heavy if heavy else args.sync_rows)
         jobs.append((f"(4b) sync OpenAI per row, {n} rows", "sync", {"rows_path": rows_path, "rows": n}))
@@ -592,16 +613,22 @@ def bench_latency_model(bench: Bench, args: argparse.Namespace, model: str) -> N
     print("targets (ratios from this run):")
     if pipeline is not None:
         if heavy:
-            print(f"  pipeline wall <= 1.10x ideal: {pipeline.wall / ideal:.3f}x -> {verdict(pipeline.wall <= 1.10 * ideal)}"
-                  f" (vs the FIFO bound: {pipeline.wall / fifo:.3f}x)")
+            print(
+                f"  pipeline wall <= 1.10x ideal: {pipeline.wall / ideal:.3f}x -> {verdict(pipeline.wall <= 1.10 * ideal)}"
+                f" (vs the FIFO bound: {pipeline.wall / fifo:.3f}x)"
+            )
         elif bare is not None:
             print(f"  pipeline >= 0.95x bare rows/s: {pipeline.rate / bare.rate:.2f}x -> {verdict(pipeline.rate >= 0.95 * bare.rate)}")
         if bare is not None:
-            print(f"  pipeline CPU/request <= 1.3x bare: {pipeline.cpu_us / bare.cpu_us:.2f}x -> {verdict(pipeline.cpu_us <= 1.3 * bare.cpu_us)}")
+            print(
+                f"  pipeline CPU/request <= 1.3x bare: {pipeline.cpu_us / bare.cpu_us:.2f}x -> {verdict(pipeline.cpu_us <= 1.3 * bare.cpu_us)}"
+            )
     if bare is not None:
         for m in maps:
-            print(f"  {m.name}: >= 0.9x bare rows/s: {m.rate / bare.rate:.2f}x -> {verdict(m.rate >= 0.9 * bare.rate)}; "
-                  f"CPU/request {m.cpu_us / bare.cpu_us:.2f}x bare -> {verdict(m.cpu_us <= 1.3 * bare.cpu_us)}")
+            print(
+                f"  {m.name}: >= 0.9x bare rows/s: {m.rate / bare.rate:.2f}x -> {verdict(m.rate >= 0.9 * bare.rate)}; "
+                f"CPU/request {m.cpu_us / bare.cpu_us:.2f}x bare -> {verdict(m.cpu_us <= 1.3 * bare.cpu_us)}"
+            )
     sys.stdout.flush()
 
 
@@ -630,7 +657,9 @@ def bench_two_servers(bench: Bench, args: argparse.Namespace) -> None:
     common = ["--slots", str(slots), "--no-timeline", "--no-log"]
     with FakeServer(*common, "--latency", "0.05") as fast, FakeServer(*common, "--latency", "0.15") as slow:
         recipe, output = bench.recipe([fast.url, slow.url], rows, slots, args.batch_size, "two-servers")
-        m = bench.measure([fast, slow], [("pipeline, 2 servers", "pipeline", {"recipe": recipe, "output": output, "rows_path": bench.rows_file(rows)})])[0]
+        m = bench.measure(
+            [fast, slow], [("pipeline, 2 servers", "pipeline", {"recipe": recipe, "output": output, "rows_path": bench.rows_file(rows)})]
+        )[0]
         f, s = server_rows(fast), server_rows(slow)
     print(table([m], None))
     # both servers full until the end: rows go 3:1, and the wall is rows / (slots/0.05 + slots/0.15)
@@ -660,15 +689,22 @@ def bench_kill(bench: Bench, args: argparse.Namespace) -> None:
 
         thread = threading.Thread(target=killer, daemon=True)
         thread.start()
-        m = bench.measure([keep], [("pipeline, 2 servers, one killed", "pipeline", {"recipe": recipe, "output": output, "rows_path": bench.rows_file(rows)})])[0]
+        m = bench.measure(
+            [keep],
+            [("pipeline, 2 servers, one killed", "pipeline", {"recipe": recipe, "output": output, "rows_path": bench.rows_file(rows)})],
+        )[0]
         stop.set()
         thread.join()
         kept = server_rows(keep)
     print(table([m], None))
     print(f"killed the second server after it had received {killed_at[0] if killed_at else '(never)'} requests; the other received {kept}")
-    print(f"output rows {m.rows} of {rows}: {m.ok} with their own response, {m.errors} with an error; {m.requests} requests (retries included)")
+    print(
+        f"output rows {m.rows} of {rows}: {m.ok} with their own response, {m.errors} with an error; {m.requests} requests (retries included)"
+    )
     lost = rows - m.ok - m.errors
-    print(f"no row lost (each has its own response or an error, {lost} have neither) -> {verdict(m.rows == rows and lost == 0 and bool(killed_at))}")
+    print(
+        f"no row lost (each has its own response or an error, {lost} have neither) -> {verdict(m.rows == rows and lost == 0 and bool(killed_at))}"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -679,12 +715,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--fixed-rows", type=int, default=16_384)
     parser.add_argument("--heavy-rows", type=int, default=4_096)
     parser.add_argument(
-        "--slots", type=int, default=None,
+        "--slots",
+        type=int,
+        default=None,
         help="the server's concurrent generations; clients keep this many in flight (default 256; 64 with --servers 2, "
         "so that two servers and the client fit on two cores)",
     )
-    parser.add_argument("--only", default=None, help="comma-separated: bare,barrier,pipeline,pipeline2x,map,openai,sync "
-                        "(default: all but pipeline2x for fixed latency; bare,pipeline,map for heavy-tailed)")
+    parser.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated: bare,barrier,pipeline,pipeline2x,map,openai,sync "
+        "(default: all but pipeline2x for fixed latency; bare,pipeline,map for heavy-tailed)",
+    )
     parser.add_argument("--sequential", action="store_true", help="heavy-tailed: run the clients one after another")
     parser.add_argument("--repeat", type=int, default=1, help="run each client N times (interleaved) and report medians (not heavy-tailed)")
     parser.add_argument("--batch-size", type=int, default=1024, help="the pipeline's processing.batch_size")

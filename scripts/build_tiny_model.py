@@ -105,9 +105,7 @@ def training_text(rng: random.Random, lines: int = 4000) -> list[str]:
             words.append(str(rng.randint(0, 99999)))
         sentence = " ".join(words).capitalize() + rng.choice(PUNCT)
         if i % 17 == 0:
-            sentence += json.dumps(
-                {rng.choice(WORDS): rng.choice(WORDS), "n": rng.randint(0, 999)}
-            )
+            sentence += json.dumps({rng.choice(WORDS): rng.choice(WORDS), "n": rng.randint(0, 999)})
         out.append(sentence)
     return out
 
@@ -133,12 +131,7 @@ def build_tokenizer(rng: random.Random) -> PreTrainedTokenizerFast:
         show_progress=False,
     )
     tok.train_from_iterator(training_text(rng), trainer=trainer)
-    tok.add_tokens(
-        [
-            AddedToken(t, special=False, normalized=False)
-            for t in (THINK_START, THINK_END)
-        ]
-    )
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in (THINK_START, THINK_END)])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token=IM_END,
@@ -228,9 +221,7 @@ def build(output: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--output", type=Path, default=DEFAULT_OUTPUT, help="model folder"
-    )
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="model folder")
     parser.add_argument("--force", action="store_true", help="rebuild even if complete")
     args = parser.parse_args(argv)
     output = args.output.resolve()
@@ -241,10 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"building tiny model: {output}")
         meta = build(output)
-    print(
-        f"think_start_token_id={meta['think_start_token_id']} "
-        f"think_end_token_id={meta['think_end_token_id']}"
-    )
+    print(f"think_start_token_id={meta['think_start_token_id']} think_end_token_id={meta['think_end_token_id']}")
     return 0
 
 

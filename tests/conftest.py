@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from fake_server import FakeServer
 
+from vllm_generator.client import Client
+from vllm_generator.recipe import RetryConfig
+
 REPO = Path(__file__).resolve().parent.parent
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+MakeClient = Callable[..., Client]
 
 
 @pytest.fixture
@@ -45,6 +53,48 @@ def start_fake_server() -> Iterator[Callable[..., FakeServer]]:
     yield start
     for server in started:
         server.__exit__(None, None, None)
+
+
+@pytest.fixture
+def make_client() -> Iterator[MakeClient]:
+    """Clients with fast retries (``initial_wait``/``max_wait``/``attempts`` override them); closed after the test."""
+    clients: list[Client] = []
+
+    def make(urls: str | list[str], *, attempts: int = 3, initial_wait: float = 0.01, max_wait: float = 0.05, **kwargs: Any) -> Client:
+        retry = RetryConfig(attempts=attempts, initial_wait=initial_wait, max_wait=max_wait)
+        client = Client([urls] if isinstance(urls, str) else urls, retry=retry, **kwargs)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_feeders() -> Iterator[None]:
+    """No look-ahead thread outlives the run that started it."""
+    yield
+    assert not [t for t in threading.enumerate() if t.name == "vllm-generator-feeder"]
+
+
+def user_text(body: dict[str, Any]) -> str:
+    """The prompt the server echoes: the last user message, or the completion prompt."""
+    if "messages" in body:
+        return next(m["content"] for m in reversed(body["messages"]) if m["role"] == "user")
+    return str(body["prompt"])
+
+
+def received(server: FakeServer) -> Counter[str]:
+    """How many generation requests the server got for each prompt."""
+    return Counter(user_text(entry["body"]) for entry in server.log())
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """``vllm`` is the old name of ``integration``: each selects the other's tests too."""
+    for item in items:
+        if item.get_closest_marker("integration") and not item.get_closest_marker("vllm"):
+            item.add_marker(pytest.mark.vllm)
 
 
 @pytest.fixture(autouse=True)

@@ -101,13 +101,8 @@ LOGNORMAL_SIGMA = math.log(25.0) / _STANDARD_NORMAL.inv_cdf(0.99)
 
 _DIRECTIVE = re.compile(r"\[\[([A-Za-z0-9_]+)(?::([^\]]*))?\]\]")
 _COUNTED = frozenset({"408", "429", "500", "503", "drop", "hang", "malformed", "truncate"})
-_REASONING_SHAPES = frozenset(
-    {"field", "legacy", "inline", "close_only", "unclosed", "field_unclosed"}
-)
-_CONTEXT_LENGTH_MESSAGE = (
-    "This model's maximum context length is 512 tokens. "
-    "However, you requested 900 tokens."
-)
+_REASONING_SHAPES = frozenset({"field", "legacy", "inline", "close_only", "unclosed", "field_unclosed"})
+_CONTEXT_LENGTH_MESSAGE = "This model's maximum context length is 512 tokens. However, you requested 900 tokens."
 _MALFORMED_BODY = b'{"id": "x", "choi'
 _JSON = "application/json"
 _NO_SLOTS = contextlib.nullcontext()
@@ -146,17 +141,11 @@ class Directives:
                     self.reasoning = arg
                 # Unknown names are ordinary prompt text.
             except ValueError:
-                raise BadDirective(
-                    f"fake_server: bad directive {match.group(0)}"
-                ) from None
+                raise BadDirective(f"fake_server: bad directive {match.group(0)}") from None
 
 
-def _error(
-    status: int, message: str, err_type: str, headers: Mapping[str, str] | None = None
-) -> web.Response:
-    body = {
-        "error": {"message": message, "type": err_type, "param": None, "code": status}
-    }
+def _error(status: int, message: str, err_type: str, headers: Mapping[str, str] | None = None) -> web.Response:
+    body = {"error": {"message": message, "type": err_type, "param": None, "code": status}}
     return web.Response(
         status=status,
         body=json.dumps(body).encode(),
@@ -171,9 +160,7 @@ def _forbidden() -> web.Response:
 
 def _unauthorized() -> web.Response:
     # vLLM's exact 401 body (from its AuthenticationMiddleware): "error" is a string.
-    return web.Response(
-        status=401, body=b'{"error": "Unauthorized"}', content_type=_JSON
-    )
+    return web.Response(status=401, body=b'{"error": "Unauthorized"}', content_type=_JSON)
 
 
 def _json(obj: Any) -> web.Response:
@@ -211,9 +198,7 @@ class FakeVLLM:
         self.latency: float = args.latency
         self.lognormal = args.latency_model == "lognormal"
         self.auth_header = f"Bearer {args.api_key}" if args.api_key else None
-        self.slots: asyncio.Semaphore | None = (
-            asyncio.Semaphore(args.slots) if args.slots > 0 else None
-        )
+        self.slots: asyncio.Semaphore | None = asyncio.Semaphore(args.slots) if args.slots > 0 else None
         self.record_timeline = not args.no_timeline
         self.record_log = not args.no_log
         self.in_flight = 0
@@ -246,15 +231,10 @@ class FakeVLLM:
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         handler = self.routes.get((request.method, request.path))
         if handler is None:
-            return _error(
-                404, f"Not Found: {request.method} {request.path}", "NotFoundError"
-            )
+            return _error(404, f"Not Found: {request.method} {request.path}", "NotFoundError")
         if request.path == "/v1/models":
             self.models_requests += 1
-            if (
-                self.auth_header is not None
-                and request.headers.get("Authorization") != self.auth_header
-            ):
+            if self.auth_header is not None and request.headers.get("Authorization") != self.auth_header:
                 # vLLM guards every /v1 path; generation requests check after logging.
                 return _unauthorized()
         return await handler(request)
@@ -276,9 +256,7 @@ class FakeVLLM:
     async def _completions(self, request: web.BaseRequest) -> web.StreamResponse:
         return await self._generate(request, chat=False)
 
-    async def _generate(
-        self, request: web.BaseRequest, chat: bool
-    ) -> web.StreamResponse:
+    async def _generate(self, request: web.BaseRequest, chat: bool) -> web.StreamResponse:
         now = time.monotonic()
         self.requests += 1
         self._track(1, now)
@@ -292,53 +270,32 @@ class FakeVLLM:
             if self.record_log:
                 self.log.append((request.path, body, has_auth, now))
 
-            if (
-                self.auth_header is not None
-                and request.headers.get("Authorization") != self.auth_header
-            ):
+            if self.auth_header is not None and request.headers.get("Authorization") != self.auth_header:
                 return _unauthorized()
             if not isinstance(body, dict):
-                return _error(
-                    400, "Request body is not a JSON object.", "BadRequestError"
-                )
+                return _error(400, "Request body is not a JSON object.", "BadRequestError")
             model = body.get("model")
             if model is None:
                 model = self.models[0]
             elif model not in self.model_set:
-                return _error(
-                    404, f"The model `{model}` does not exist.", "NotFoundError"
-                )
+                return _error(404, f"The model `{model}` does not exist.", "NotFoundError")
 
             if chat:
                 messages = body.get("messages")
                 if not isinstance(messages, list) or not messages:
-                    return _error(
-                        400, "`messages` must be a non-empty list.", "BadRequestError"
-                    )
+                    return _error(400, "`messages` must be a non-empty list.", "BadRequestError")
                 prompts = [
                     next(
-                        (
-                            _text_of(m.get("content"))
-                            for m in reversed(messages)
-                            if isinstance(m, dict) and m.get("role") == "user"
-                        ),
+                        (_text_of(m.get("content")) for m in reversed(messages) if isinstance(m, dict) and m.get("role") == "user"),
                         "",
                     )
                 ]
-                prompt_tokens = sum(
-                    len(_text_of(m.get("content")).split())
-                    for m in messages
-                    if isinstance(m, dict)
-                )
+                prompt_tokens = sum(len(_text_of(m.get("content")).split()) for m in messages if isinstance(m, dict))
             else:
                 prompt = body.get("prompt")
                 if isinstance(prompt, str):
                     prompts = [prompt]
-                elif (
-                    isinstance(prompt, list)
-                    and prompt
-                    and all(isinstance(p, str) for p in prompt)
-                ):
+                elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
                     prompts = prompt
                 else:
                     return _error(
@@ -363,11 +320,7 @@ class FakeVLLM:
                 if fault is None and directives.always == "403":
                     return _forbidden()
                 if fault == "429":
-                    retry_after = (
-                        1.0
-                        if directives.retry_after is None
-                        else directives.retry_after
-                    )
+                    retry_after = 1.0 if directives.retry_after is None else directives.retry_after
                     return _error(
                         429,
                         "Too many requests (fake_server [[429]]).",
@@ -381,9 +334,7 @@ class FakeVLLM:
                         "ServiceUnavailableError",
                     )
                 if fault == "408":
-                    return _error(
-                        408, "Request timeout (fake_server [[408]]).", "TimeoutError"
-                    )
+                    return _error(408, "Request timeout (fake_server [[408]]).", "TimeoutError")
 
             if directives is not None and directives.sleep is not None:
                 latency = directives.sleep
@@ -449,9 +400,7 @@ class FakeVLLM:
                 raise asyncio.CancelledError
             if fault == "malformed":
                 return web.Response(body=_MALFORMED_BODY, content_type=_JSON)
-            completion = self._completion(
-                body, chat, model, prompts, prompt_tokens, directives
-            )
+            completion = self._completion(body, chat, model, prompts, prompt_tokens, directives)
             if fault == "truncate":
                 await self._send_truncated(request, json.dumps(completion).encode())
             return _json(completion)
@@ -596,12 +545,7 @@ class FakeVLLM:
         return web.Response()
 
     async def _get_log(self, request: web.BaseRequest) -> web.StreamResponse:
-        return _json(
-            [
-                {"path": path, "body": body, "headers": {"has_auth": has_auth}, "t": t}
-                for path, body, has_auth, t in self.log
-            ]
-        )
+        return _json([{"path": path, "body": body, "headers": {"has_auth": has_auth}, "t": t} for path, body, has_auth, t in self.log])
 
     async def _get_stats(self, request: web.BaseRequest) -> web.StreamResponse:
         return _json(
@@ -612,9 +556,7 @@ class FakeVLLM:
                 "max_in_flight": self.max_in_flight,
                 "running": self.running,
                 "max_running": self.max_running,
-                "timeline": [
-                    [t, n] for t, n in zip(self.tl_time, self.tl_count, strict=True)
-                ],
+                "timeline": [[t, n] for t, n in zip(self.tl_time, self.tl_count, strict=True)],
             }
         )
 
@@ -626,22 +568,12 @@ class FakeVLLM:
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Fake vLLM OpenAI-compatible server.")
     parser.add_argument("--port", type=int, default=0, help="0 = let the OS pick")
-    parser.add_argument(
-        "--slots", type=int, default=0, help="concurrent generations (0 = unlimited)"
-    )
-    parser.add_argument(
-        "--latency", type=float, default=0.0, help="seconds (median for lognormal)"
-    )
-    parser.add_argument(
-        "--latency-model", choices=("fixed", "lognormal"), default="fixed"
-    )
-    parser.add_argument(
-        "--model", action="append", help="served model name (repeatable)"
-    )
+    parser.add_argument("--slots", type=int, default=0, help="concurrent generations (0 = unlimited)")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds (median for lognormal)")
+    parser.add_argument("--latency-model", choices=("fixed", "lognormal"), default="fixed")
+    parser.add_argument("--model", action="append", help="served model name (repeatable)")
     parser.add_argument("--api-key", default=None)
-    parser.add_argument(
-        "--no-timeline", action="store_true", help="do not record /_stats timeline"
-    )
+    parser.add_argument("--no-timeline", action="store_true", help="do not record /_stats timeline")
     parser.add_argument("--no-log", action="store_true", help="do not record /_log")
     parser.add_argument(
         "--bind-retry",
@@ -691,9 +623,7 @@ async def _serve(args: argparse.Namespace) -> None:
         task: asyncio.Task[None],
     ) -> web.BaseRequest:
         # The low-level server's default factory caps bodies at 1 MiB: too small.
-        return web.BaseRequest(
-            message, payload, protocol, writer, task, loop, client_max_size=64 * 2**20
-        )
+        return web.BaseRequest(message, payload, protocol, writer, task, loop, client_max_size=64 * 2**20)
 
     server = web.Server(
         app,
@@ -733,7 +663,7 @@ def main(argv: list[str] | None = None) -> None:
 # -- the test/benchmark helper -------------------------------------------------------
 
 # Never send 127.0.0.1 traffic through an HTTP proxy from the environment.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class FakeServer:
@@ -815,16 +745,12 @@ class FakeServer:
             while not buf.endswith(b"\n"):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise TimeoutError(
-                        f"fake server printed no {word} line in {cls.STARTUP_TIMEOUT}s"
-                    )
+                    raise TimeoutError(f"fake server printed no {word} line in {cls.STARTUP_TIMEOUT}s")
                 if not sel.select(remaining):
                     continue
                 chunk = os.read(proc.stdout.fileno(), 1)
                 if not chunk:
-                    raise RuntimeError(
-                        f"fake server exited before {word} (rc={proc.wait()})"
-                    )
+                    raise RuntimeError(f"fake server exited before {word} (rc={proc.wait()})")
                 buf += chunk
         line = buf.decode().rstrip("\n")
         if not line.startswith(word + " "):
@@ -854,10 +780,8 @@ class FakeServer:
             self.proc.wait()
 
     def _call(self, method: str, path: str) -> Any:
-        req = urllib.request.Request(
-            self.url + path, method=method, data=b"" if method == "POST" else None
-        )
-        with _OPENER.open(req, timeout=30) as resp:
+        req = urllib.request.Request(self.url + path, method=method, data=b"" if method == "POST" else None)
+        with OPENER.open(req, timeout=30) as resp:
             return json.loads(resp.read())
 
     def log(self) -> list[dict[str, Any]]:

@@ -100,8 +100,7 @@ def test_generate_without_a_recipe(tmp_path: Path, fake_server: FakeServer) -> N
     assert result.returncode == 0, result.stderr
     bodies = sorted((entry["body"] for entry in fake_server.log()), key=lambda b: int(b["messages"][0]["content"].split()[1]))
     assert bodies == [
-        {"model": "fake-model", "messages": [{"role": "user", "content": t}], "temperature": 0.2, "max_tokens": 8, "seed": 7}
-        for t in texts
+        {"model": "fake-model", "messages": [{"role": "user", "content": t}], "temperature": 0.2, "max_tokens": 8, "seed": 7} for t in texts
     ]
     assert pq.read_table(tmp_path / "out.parquet").column("response").to_pylist() == [f"echo: {t}" for t in texts]
 
@@ -133,7 +132,9 @@ def test_generate_text_flags_arrive_as_typed(tmp_path: Path, start_fake_server: 
     ]
 
 
-@pytest.mark.parametrize("template", [["--template", "{question}"], ["--template={question}"], ["-t", "{question}"]], ids=["space", "equals", "short"])
+@pytest.mark.parametrize(
+    "template", [["--template", "{question}"], ["--template={question}"], ["-t", "{question}"]], ids=["space", "equals", "short"]
+)
 def test_generate_template_is_text(tmp_path: Path, fake_server: FakeServer, template: list[str]) -> None:
     texts = write_input(tmp_path / "in.parquet", 3)
     result = cli("generate", "-i", "in.parquet", "-o", "out.parquet", "-m", fake_server.url, *template, cwd=tmp_path)
@@ -147,7 +148,10 @@ def test_generate_template_is_text(tmp_path: Path, fake_server: FakeServer, temp
         (["-i", "123", "-o", "out.parquet"], "-i/--input: no file matches 123"),
         (["-i", "", "-o", "out.parquet"], "generate: -i/--input: set exactly one of path (file, glob or folder) or hub_id"),
         (["-i", "in.parquet", "-o", "1"], "generate: -o/--output: output.path '1' must end with .parquet"),
-        (["-i", "in.parquet", "-o", "out.parquet", "--template", "{topic}"], "--template: column(s) 'topic' not in in.parquet (columns: id, prompt)"),
+        (
+            ["-i", "in.parquet", "-o", "out.parquet", "--template", "{topic}"],
+            "--template: column(s) 'topic' not in in.parquet (columns: id, prompt)",
+        ),
         (["-i", "in.parquet", "-o", "out.parquet", "--limit"], "--limit needs a number, e.g. --limit 2"),
         (["-i", "in.parquet", "-o", "out.parquet", "--model"], "--model needs a value, e.g. --model TEXT"),
     ],
@@ -221,7 +225,9 @@ def test_sigterm_stops_a_background_job_while_its_server_starts(tmp_path: Path) 
     """Outside the map nothing else catches SIGINT: with SIGINT ignored SIGTERM used to do nothing."""
     write_input(tmp_path / "in.parquet", 5)
     never_ready = [sys.executable, "-c", "import os, time; open('server.pid', 'w').write(str(os.getpid())); time.sleep(120)"]
-    write_recipe(tmp_path, "unused", model={"base_url": [], "serve": {"model": "m", "command": never_ready, "port": 0, "startup_timeout": 120}})
+    write_recipe(
+        tmp_path, "unused", model={"base_url": [], "serve": {"model": "m", "command": never_ready, "port": 0, "startup_timeout": 120}}
+    )
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm_generator", "recipe.yaml", "--progress=false"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_ignore_sigint,
@@ -403,7 +409,10 @@ def test_validate_refuses_what_run_would_refuse(tmp_path: Path, fake_server: Fak
     write_input(tmp_path / "in.parquet", 5)
     write_recipe(tmp_path, fake_server.url)
     too_many = cli("validate", "recipe.yaml", "--processing.num_splits=6", cwd=tmp_path)
-    assert (too_many.returncode, too_many.stderr) == (1, "error: processing.num_splits 6 is more than the 5 rows of in.parquet: use at most 5 splits\n")
+    assert (too_many.returncode, too_many.stderr) == (
+        1,
+        "error: processing.num_splits 6 is more than the 5 rows of in.parquet: use at most 5 splits\n",
+    )
     onto_input = cli("validate", "recipe.yaml", "--data.output.path=in.parquet", cwd=tmp_path)
     assert onto_input.returncode == 1 and "which data.input.path in.parquet reads" in onto_input.stderr
     assert fake_server.log() == []
@@ -430,7 +439,10 @@ def test_list_models(tmp_path: Path, start_fake_server: Any) -> None:
     other = start_fake_server("--model", "model-c")
     both = cli("list-models", "-m", server.url, "-m", other.url, cwd=tmp_path)
     assert both.returncode == 0, both.stderr
-    assert both.stdout == f"{server.url}:\norg/model-a\tmax_model_len=512\nmodel-b\tmax_model_len=512\n{other.url}:\nmodel-c\tmax_model_len=512\n"
+    assert (
+        both.stdout
+        == f"{server.url}:\norg/model-a\tmax_model_len=512\nmodel-b\tmax_model_len=512\n{other.url}:\nmodel-c\tmax_model_len=512\n"
+    )
 
 
 def test_list_models_without_a_scheme_is_one_line(tmp_path: Path) -> None:

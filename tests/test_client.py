@@ -1,188 +1,29 @@
-"""The client: unit tests without a server (response parsing, Retry-After, routing and backoff,
-the config that decides what a request holds, with full error text), then ``Client`` against the
-fake vLLM server as a real subprocess, asserting on what the server received (``FakeServer.log``).
+"""The client: unit tests without a server (routing, backoff, the request-timeout watchdog), then
+``Client`` against the fake vLLM server as a real subprocess, asserting on what the server received
+(``FakeServer.log``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import email.utils
-import json
 import logging
 import pickle
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import aiohttp
 import pytest
+from conftest import CHAT, MakeClient, received
 from fake_server import BlackHole, FakeServer
-from pydantic import ValidationError
 
 from vllm_generator import GenerationError, RecipeError, ServerUnavailableError, vllm_generate
-from vllm_generator.client import (
-    Client,
-    Result,
-    RowFailedError,
-    _dumps,
-    _loads,
-    _parse_body,
-    _retry_after,
-    _RetryableError,
-    _server_message,
-    parse_choice,
-    run_on_loop,
-)
-from vllm_generator.recipe import GenerationConfig, PromptConfig, RetryConfig
-
-
-def chat_choice(content: str | None, **message: Any) -> dict[str, Any]:
-    return {"index": 0, "message": {"role": "assistant", "content": content, **message}, "finish_reason": "stop"}
-
-
-# --------------------------------------------------------------------------- parse_choice
-
-
-@pytest.mark.parametrize(
-    ("choice", "expected"),
-    [
-        pytest.param(chat_choice("the answer"), ("the answer", None), id="plain"),
-        pytest.param(chat_choice("the answer", reasoning="because"), ("the answer", "because"), id="field"),
-        pytest.param(chat_choice("the answer", reasoning_content="because"), ("the answer", "because"), id="legacy"),
-        pytest.param(
-            chat_choice("the answer", reasoning=None, reasoning_content="because"), ("the answer", "because"), id="legacy-with-null-field"
-        ),
-        pytest.param(chat_choice("<think>because</think>\n\nthe answer"), ("the answer", "because"), id="inline"),
-        pytest.param(chat_choice("\n<think>\nbecause\n</think>\n\nthe answer"), ("the answer", "because"), id="inline-whitespace"),
-        pytest.param(chat_choice("because</think>\n\nthe answer"), ("the answer", "because"), id="close_only"),
-        pytest.param(chat_choice("<think>because, and then"), ("", "because, and then"), id="unclosed"),
-        pytest.param(chat_choice(None, reasoning="because, and then"), ("", "because, and then"), id="field_unclosed"),
-        pytest.param(chat_choice(None), ("", None), id="content-none"),
-        pytest.param(chat_choice(""), ("", None), id="content-empty"),
-        pytest.param({"index": 0, "message": None}, ("", None), id="message-none"),
-    ],
-)
-def test_parse_choice_chat_shapes(choice: dict[str, Any], expected: tuple[str, str | None]) -> None:
-    assert parse_choice(choice, chat=True, parse_reasoning=True) == expected
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("the answer", ("the answer", None)),
-        ("<think>because</think>the answer", ("the answer", "because")),
-        ("because</think> the answer", ("the answer", "because")),
-        ("<think>because", ("", "because")),
-        (None, ("", None)),
-    ],
-)
-def test_parse_choice_completion_text(text: str | None, expected: tuple[str, str | None]) -> None:
-    assert parse_choice({"index": 0, "text": text}, chat=False, parse_reasoning=True) == expected
-
-
-def test_parse_choice_completion_ignores_a_reasoning_field() -> None:
-    assert parse_choice({"text": "the answer", "reasoning": "x"}, chat=False, parse_reasoning=True) == ("the answer", None)
-
-
-def test_parse_choice_without_parse_reasoning_keeps_the_text() -> None:
-    choice = chat_choice("<think>because</think>the answer")
-    assert parse_choice(choice, chat=True, parse_reasoning=False) == ("<think>because</think>the answer", None)
-    # a reasoning field is still read: the server split it, not us
-    assert parse_choice(chat_choice("a", reasoning="r"), chat=True, parse_reasoning=False) == ("a", "r")
-    assert parse_choice(chat_choice(None), chat=True, parse_reasoning=False) == ("", None)
-
-
-# --------------------------------------------------------------------------- _parse_body
-
-
-def body(*choices: dict[str, Any], usage: dict[str, int] | None = None) -> dict[str, Any]:
-    return {"choices": list(choices), "usage": usage}
-
-
-def test_parse_body_single_choice() -> None:
-    result = _parse_body(
-        body(chat_choice("<think>r</think>a"), usage={"prompt_tokens": 3, "completion_tokens": 4}),
-        chat=True, n=1, parse_reasoning=True, want_logprobs=False,
-    )
-    assert (result.response, result.reasoning, result.finish_reason) == ("a", "r", "stop")
-    assert (result.prompt_tokens, result.completion_tokens, result.error, result.logprobs) == (3, 4, None, None)
-
-
-def test_parse_body_orders_choices_by_index() -> None:
-    second = {"index": 1, "message": {"content": "b"}, "finish_reason": "length", "logprobs": {"x": 1}}
-    first = {"index": 0, "message": {"content": "a", "reasoning": "r"}, "finish_reason": "stop", "logprobs": None}
-    result = _parse_body(body(second, first), chat=True, n=2, parse_reasoning=True, want_logprobs=True)
-
-    assert result.response == ["a", "b"]
-    assert result.reasoning == ["r", None]
-    assert result.finish_reason == ["stop", "length"]
-    assert result.prompt_tokens is None  # no usage
-    assert result.logprobs is not None and json.loads(result.logprobs) == [None, {"x": 1}]
-
-
-def test_parse_body_with_the_wrong_number_of_choices_is_a_broken_body() -> None:
-    # ValueError is what _attempt turns into a retryable "broken response body"
-    with pytest.raises(ValueError, match="^expected 2 choices, got 1$"):
-        _parse_body(body(chat_choice("a")), chat=True, n=2, parse_reasoning=True, want_logprobs=False)
-    with pytest.raises(KeyError):
-        _parse_body({"object": "error"}, chat=True, n=1, parse_reasoning=True, want_logprobs=False)
-
-
-# --------------------------------------------------------------------------- JSON on the hot path (orjson, json's answers where it differs)
-
-
-def test_request_bodies_encode_what_json_encodes() -> None:
-    import numpy as np
-
-    body = {"logit_bias": {50256: -100}, "content": "café ✓", "seed": np.int64(3)}
-    assert json.loads(_dumps(body)) == {"logit_bias": {"50256": -100}, "content": "café ✓", "seed": 3}
-    assert json.loads(_dumps({"big": 2**70})) == {"big": 2**70}  # over 64 bits: json writes it
-    with pytest.raises(TypeError, match="not JSON serializable"):
-        _dumps({"x": object()})
-
-
-def test_responses_with_nan_or_infinity_still_parse() -> None:
-    assert _loads(b'{"logprob": -Infinity, "other": NaN}')["logprob"] == float("-inf")
-    with pytest.raises(ValueError):
-        _loads(b'{"truncated": ')
-
-
-# --------------------------------------------------------------------------- Retry-After and server messages
-
-
-@pytest.mark.parametrize(
-    ("value", "seconds"),
-    [("2", 2.0), ("0.25", 0.25), ("0", 0.0), ("-3", 0.0), (None, None), ("", None),
-     # a header nobody can read is as good as none: fall back to backoff, never crash or sleep forever
-     ("soon", None), ("inf", None), ("nan", None), ("1e999", None)],
-)
-def test_retry_after_seconds(value: str | None, seconds: float | None) -> None:
-    assert _retry_after(value) == seconds
-
-
-def test_retry_after_http_date() -> None:
-    in_30s = email.utils.formatdate(time.time() + 30, usegmt=True)  # e.g. "Wed, 25 Nov 2026 12:00:30 GMT"
-    wait = _retry_after(in_30s)
-    assert wait is not None and 28.0 <= wait <= 30.5
-    assert _retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past: now
-
-
-@pytest.mark.parametrize(
-    ("raw", "message"),
-    [
-        (b'{"error": {"message": "maximum context length is 512", "type": "BadRequestError", "code": 400}}', "maximum context length is 512"),
-        (b'{"error": "Unauthorized"}', "Unauthorized"),  # vLLM's 401: a string, not an object
-        (b"<html>Bad Gateway</html>", "<html>Bad Gateway</html>"),
-        (b"", "(empty body)"),
-        (b'{"detail": "x"}', '{"detail": "x"}'),
-    ],
-)
-def test_server_message(raw: bytes, message: str) -> None:
-    assert _server_message(raw) == message
-
+from vllm_generator.client import Client, _Watchdog, run_on_loop
+from vllm_generator.errors import RowFailedError
+from vllm_generator.recipe import RetryConfig
+from vllm_generator.wire import Result, RetryableError, parse_response
 
 # --------------------------------------------------------------------------- routing and backoff (no I/O)
 
@@ -191,9 +32,9 @@ def test_pick_server_prefers_the_least_busy_healthy_server() -> None:
     client = Client(["http://a:1", "http://b:2", "http://c:3"])
     a, b, c = client.servers
     a.in_flight, b.in_flight, c.in_flight = 5, 2, 3
-    assert client._pick_server() is b
+    assert client.router.pick() is b
     b.down_until = time.monotonic() + 60
-    assert client._pick_server() is c
+    assert client.router.pick() is c
 
 
 def test_pick_server_with_every_server_down_probes_the_one_down_longest() -> None:
@@ -202,9 +43,9 @@ def test_pick_server_with_every_server_down_probes_the_one_down_longest() -> Non
     client = Client(["http://a:1", "http://b:2", "http://c:3"])
     a, b, c = client.servers
     a.down_until, b.down_until, c.down_until = [time.monotonic() + s for s in (50, 20, 40)]
-    assert client._pick_server() is b
+    assert client.router.pick() is b
     b.down_until = 0.0  # b answered
-    assert client._pick_server() is b
+    assert client.router.pick() is b
 
 
 def test_a_failed_probe_sends_the_next_probe_to_another_server() -> None:
@@ -212,12 +53,12 @@ def test_a_failed_probe_sends_the_next_probe_to_another_server() -> None:
     a, b = client.servers
     for server in (a, b):
         for _ in range(3):
-            client._server_refused(server)
-    assert client._pick_server() is a  # out of rotation first
-    client._server_refused(a)
-    assert client._pick_server() is b
-    client._server_refused(b)
-    assert client._pick_server() is a
+            client.router.refused(server)
+    assert client.router.pick() is a  # out of rotation first
+    client.router.refused(a)
+    assert client.router.pick() is b
+    client.router.refused(b)
+    assert client.router.pick() is a
 
 
 def test_three_refusals_of_the_only_server_keep_it_in_use(caplog: pytest.LogCaptureFixture) -> None:
@@ -225,9 +66,9 @@ def test_three_refusals_of_the_only_server_keep_it_in_use(caplog: pytest.LogCapt
     (a,) = client.servers
     caplog.set_level(logging.WARNING, logger="vllm_generator")
     for _ in range(3):
-        client._server_refused(a)
+        client.router.refused(a)
     assert a.down_until > time.monotonic() + 20
-    assert client._pick_server() is a
+    assert client.router.pick() is a
     assert [r.getMessage() for r in caplog.records] == [
         "http://a:1 did not accept 3 connections in a row, and no other server is up: rows keep trying it, with backoff"
     ]
@@ -237,20 +78,20 @@ def test_three_refusals_take_a_server_out_of_rotation() -> None:
     client = Client(["http://a:1", "http://b:2"])
     a, b = client.servers
     for _ in range(2):
-        client._server_refused(a)
+        client.router.refused(a)
     assert a.down_until <= time.monotonic()
-    client._server_refused(a)
+    client.router.refused(a)
     assert a.down_until > time.monotonic() + 20
-    assert client._pick_server() is b
+    assert client.router.pick() is b
 
 
 def test_backoff_honours_retry_after_and_otherwise_grows_within_bounds() -> None:
     client = Client(["http://a:1"], retry=RetryConfig(initial_wait=0.5, max_wait=3))
-    assert client._backoff(_RetryableError("429", "http_429", retry_after=2.5), 1) == 2.5
+    assert client._backoff(RetryableError("429", "http_429", retry_after=2.5), 1) == 2.5
     # a Retry-After beyond max_wait would stall the row: it is capped
-    assert client._backoff(_RetryableError("429", "http_429", retry_after=3600.0), 1) == 3.0
+    assert client._backoff(RetryableError("429", "http_429", retry_after=3600.0), 1) == 3.0
     for attempt, ceiling in [(1, 0.5), (2, 1.0), (3, 2.0), (4, 3.0), (10, 3.0)]:
-        waits = [client._backoff(_RetryableError("503", "http_503"), attempt) for _ in range(50)]
+        waits = [client._backoff(RetryableError("503", "http_503"), attempt) for _ in range(50)]
         assert all(0 <= w <= ceiling for w in waits)
         assert max(waits) > ceiling / 4  # jittered over the range, not stuck at 0
 
@@ -266,155 +107,9 @@ def test_client_needs_a_url() -> None:
         Client([])
 
 
-# --------------------------------------------------------------------------- GenerationConfig.request_fields
-
-
-def test_request_fields_default_is_empty() -> None:
-    # n=1 is the server's default too: not sent; None means "server default"
-    assert GenerationConfig().request_fields() == {}
-    assert GenerationConfig(n=1, temperature=None).request_fields() == {}
-
-
-def test_request_fields_sends_set_parameters() -> None:
-    fields = GenerationConfig(temperature=0, n=2, stop="END", seed=7, logit_bias={50256: -100}).request_fields()
-    assert fields == {"temperature": 0.0, "n": 2, "stop": ["END"], "seed": 7, "logit_bias": {"50256": -100.0}}
-
-
-@pytest.mark.parametrize(
-    ("thinking", "kwargs", "expected"),
-    [
-        (True, None, {"chat_template_kwargs": {"enable_thinking": True}}),
-        (False, None, {"chat_template_kwargs": {"enable_thinking": False}}),
-        (None, None, {}),
-        (None, {"x": 1}, {"chat_template_kwargs": {"x": 1}}),
-        (False, {"x": 1, "enable_thinking": True}, {"chat_template_kwargs": {"x": 1, "enable_thinking": False}}),
-    ],
-)
-def test_request_fields_thinking(thinking: bool | None, kwargs: dict[str, Any] | None, expected: dict[str, Any]) -> None:
-    assert GenerationConfig(thinking=thinking, chat_template_kwargs=kwargs).request_fields() == expected
-
-
-@pytest.mark.parametrize(
-    ("mode", "logprobs", "top_logprobs", "expected"),
-    [
-        ("completion", True, None, {"logprobs": 1}),  # /v1/completions wants an int
-        ("completion", True, 5, {"logprobs": 5}),
-        ("completion", False, 5, {}),
-        ("completion", 3, None, {"logprobs": 3}),
-        ("chat", True, 3, {"logprobs": True, "top_logprobs": 3}),
-    ],
-)
-def test_request_fields_logprobs(mode: str, logprobs: bool | int, top_logprobs: int | None, expected: dict[str, Any]) -> None:
-    fields = GenerationConfig(mode=mode, logprobs=logprobs, top_logprobs=top_logprobs).request_fields()
-    assert fields == expected
-    assert type(fields.get("logprobs")) is type(expected.get("logprobs"))  # 1, not True
-
-
-def test_request_fields_extra_body_wins() -> None:
-    fields = GenerationConfig(temperature=0.5, extra_body={"temperature": 0.0, "priority": 1}).request_fields()
-    assert fields == {"temperature": 0.0, "priority": 1}
-
-
-def errors_of(err: ValidationError) -> list[tuple[tuple[Any, ...], str]]:
-    return [(tuple(e["loc"]), e["msg"]) for e in err.errors()]
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"mode": "completion", "thinking": True}, "Value error, thinking only applies to mode 'chat' (it sets chat_template_kwargs.enable_thinking)"),
-        ({"mode": "completion", "chat_template_kwargs": {"x": 1}}, "Value error, chat_template_kwargs only applies to mode 'chat'"),
-        (
-            {"extra_body": {"guided_json": {}}},
-            (
-                "Value error, extra_body.guided_json is ignored by current vLLM (it answers unconstrained): "
-                "use generation.structured_outputs, e.g. {'choice': ['yes', 'no']} or {'regex': '...'}"
-            ),
-        ),
-    ],
-)
-def test_generation_config_rejects(kwargs: dict[str, Any], message: str) -> None:
-    with pytest.raises(ValidationError) as info:
-        GenerationConfig(**kwargs)
-    assert errors_of(info.value) == [((), message)]
-
-
-# --------------------------------------------------------------------------- PromptConfig
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "errors"),
-    [
-        (
-            {"prompt_column": "q", "template": "Q: {q}"},
-            [((), "Value error, give only one of prompt_column, messages_column, template (got prompt_column, template)")],
-        ),
-        (
-            {"prompt_column": "q", "messages_column": "m"},
-            [((), "Value error, give only one of prompt_column, messages_column, template (got prompt_column, messages_column)")],
-        ),
-        ({"template": "Q: {}"}, [(("template",), "Value error, template fields must be column names like {question}, not {} or {0}")]),
-        ({"template": "Q: {0}"}, [(("template",), "Value error, template fields must be column names like {question}, not {} or {0}")]),
-        ({"template": "no field here"}, [(("template",), "Value error, template names no column: write it like 'Q: {question}'")]),
-        (
-            {"template": "Q: {question"},
-            [(("template",), "Value error, template is not a valid str.format string: expected '}' before end of string")],
-        ),
-    ],
-)
-def test_prompt_config_rejects(kwargs: dict[str, str], errors: list[tuple[tuple[str, ...], str]]) -> None:
-    with pytest.raises(ValidationError) as info:
-        PromptConfig(**kwargs)
-    assert errors_of(info.value) == errors
-
-
-def test_prompt_config_errors_through_vllm_generate_name_the_keyword() -> None:
-    with pytest.raises(RecipeError) as info:
-        vllm_generate("http://127.0.0.1:9", prompt_column="q", template="Q: {q}")
-    assert str(info.value) == (
-        "vllm_generate: prompt: give only one of prompt_column, messages_column, template (got prompt_column, template)"
-    )
-    with pytest.raises(RecipeError) as info:
-        vllm_generate("http://127.0.0.1:9", template="Q: {}")
-    assert str(info.value) == "vllm_generate: template: template fields must be column names like {question}, not {} or {0}"
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "source", "columns"),
-    [
-        ({}, "prompt", ["prompt"]),
-        ({"prompt_column": "question"}, "prompt", ["question"]),
-        ({"messages_column": "chat"}, "messages", ["chat"]),
-        ({"template": "{a} and {b.x} and {c[0]} and {a}"}, "template", ["a", "b", "c"]),
-    ],
-)
-def test_prompt_config_source_and_columns(kwargs: dict[str, str], source: str, columns: list[str]) -> None:
-    config = PromptConfig(**kwargs)
-    assert config.source == source
-    assert config.required_columns() == columns
-
-
 # --------------------------------------------------------------------------- Client against the fake server
 
-CHAT = "/v1/chat/completions"
-PARSE = partial(_parse_body, chat=True, n=1, parse_reasoning=True, want_logprobs=False)
-MakeClient = Callable[..., Client]
-
-
-@pytest.fixture
-def make_client() -> Iterator[MakeClient]:
-    """Clients with fast retries (``initial_wait``/``max_wait``/``attempts`` override them); closed after the test."""
-    clients: list[Client] = []
-
-    def make(urls: str | list[str], *, attempts: int = 3, initial_wait: float = 0.01, max_wait: float = 0.05, **kwargs: Any) -> Client:
-        retry = RetryConfig(attempts=attempts, initial_wait=initial_wait, max_wait=max_wait)
-        client = Client([urls] if isinstance(urls, str) else urls, retry=retry, **kwargs)
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        client.close()
+PARSE = partial(parse_response, chat=True, n=1, parse_reasoning=True, want_logprobs=False)
 
 
 def chat_bodies(prompts: list[str]) -> list[dict[str, Any]]:
@@ -423,11 +118,6 @@ def chat_bodies(prompts: list[str]) -> list[dict[str, Any]]:
 
 def send(client: Client, prompts: list[str], **kwargs: Any) -> list[Result]:
     return client.submit(CHAT, chat_bodies(prompts), PARSE, **kwargs).result(timeout=120)
-
-
-def received(server: FakeServer) -> Counter[str]:
-    """How many generation requests the server got for each prompt."""
-    return Counter(entry["body"]["messages"][-1]["content"] for entry in server.log())
 
 
 def retry_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -517,12 +207,8 @@ def test_a_black_holed_server_costs_the_connect_timeout_and_leaves_the_rotation(
     sent_to_hole = client.stats.requests - len(prompts)
     assert sent_to_hole >= 3 and all(r.attempts <= 2 for r in results)
     warned = [r.getMessage() for r in caplog.records if "connections in a row" in r.getMessage()]
-    assert warned == [
-        f"{hole.url} did not accept 3 connections in a row: out of rotation for 30s; its requests go to {fake_server.url}"
-    ]
-    assert all(
-        m.endswith(f"cannot connect to {hole.url} (no answer within 0.3s)") for m in retry_lines(caplog)
-    ), retry_lines(caplog)
+    assert warned == [f"{hole.url} did not accept 3 connections in a row: out of rotation for 30s; its requests go to {fake_server.url}"]
+    assert all(m.endswith(f"cannot connect to {hole.url} (no answer within 0.3s)") for m in retry_lines(caplog)), retry_lines(caplog)
 
 
 def test_a_black_holed_server_at_the_start_fails_within_the_connect_timeout(make_client: MakeClient) -> None:
@@ -532,6 +218,102 @@ def test_a_black_holed_server_at_the_start_fails_within_the_connect_timeout(make
             send(client, ["a"])
     assert str(info.value).startswith(f"cannot list models at {hole.url}/v1/models (ConnectionTimeoutError: ")
     assert client.servers[0].failures == 1  # counted like a refusal
+
+
+# -- the watchdog alone (no server)
+
+
+def test_the_watchdog_cancels_an_attempt_at_its_deadline_and_stops_when_idle() -> None:
+    async def main() -> tuple[list[bool], float, bool, bool]:
+        dog = _Watchdog(0.05)
+        seen: list[bool] = []
+
+        async def attempt() -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            dog.arm(task, time.monotonic())
+            try:
+                await asyncio.sleep(5)
+            except asyncio.CancelledError:
+                seen.append(dog.expired(task))
+            finally:
+                dog.disarm(task)
+
+        started = time.monotonic()
+        await asyncio.create_task(attempt())
+        took = time.monotonic() - started
+        for _ in range(100):  # its next tick finds nothing armed
+            if dog._task is None:
+                break
+            await asyncio.sleep(0.01)
+        idle = dog._task is None
+        await asyncio.create_task(attempt())  # a later attempt starts it again
+        return seen, took, idle, dog._task is not None
+
+    seen, took, idle, restarted = asyncio.run(main())
+    assert seen == [True, True]
+    assert 0.05 <= took < 1.0
+    assert idle and restarted
+
+
+def test_a_cancel_from_elsewhere_as_well_wins_over_the_watchdog() -> None:
+    async def main() -> tuple[bool, bool]:
+        dog = _Watchdog(60)
+        seen: list[bool] = []
+        ready = asyncio.Event()
+
+        async def attempt() -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            dog.arm(task, time.monotonic())
+            try:
+                ready.set()
+                await asyncio.sleep(5)
+            except asyncio.CancelledError:
+                seen.append(dog.expired(task))
+                raise
+            finally:
+                dog.disarm(task)
+
+        task = asyncio.create_task(attempt())
+        await ready.wait()
+        dog._timed_out.add(task)  # what the watchdog does at the deadline
+        task.cancel()
+        task.cancel()  # and the batch (or a close) in the same turn
+        try:
+            await task
+        except asyncio.CancelledError:
+            return seen[0], True
+        return seen[0], False
+
+    expired, propagated = asyncio.run(main())
+    assert (expired, propagated) == (False, True)
+
+
+def test_a_watchdog_cancel_swallowed_by_the_attempt_is_forgotten_at_disarm() -> None:
+    async def main() -> int:
+        dog = _Watchdog(60)
+        ready = asyncio.Event()
+
+        async def attempt() -> int:
+            task = asyncio.current_task()
+            assert task is not None
+            dog.arm(task, time.monotonic())
+            try:
+                ready.set()
+                await asyncio.sleep(5)
+            except asyncio.CancelledError:
+                pass  # library code that swallows a cancel
+            dog.disarm(task)
+            return task.cancelling()
+
+        task = asyncio.create_task(attempt())
+        await ready.wait()
+        dog._timed_out.add(task)
+        task.cancel()
+        return await task
+
+    assert asyncio.run(main()) == 0  # the task can be cancelled again later, as if nothing happened
 
 
 # -- request timeouts (enforced by the client's watchdog, not a timer per request)
@@ -561,9 +343,9 @@ def test_a_hung_request_times_out_while_the_others_keep_flowing(fake_server: Fak
     assert 0.5 <= took < 2.0
     # once nothing is in flight the watchdog stops, and a later batch starts it again
     deadline = time.monotonic() + 5
-    while client._watchdog is not None and time.monotonic() < deadline:
+    while client._watchdog._task is not None and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert client._watchdog is None
+    assert client._watchdog._task is None
     assert send(client, ["again [[hang:5]]"])[0].error_type == "timeout"
 
 
@@ -572,16 +354,16 @@ def test_a_watchdog_cancelled_before_its_first_step_is_replaced(fake_server: Fak
     client = make_client(fake_server.url, timeout=0.3, attempts=1)
     send(client, ["warm up"])
     deadline = time.monotonic() + 5
-    while client._watchdog is not None and time.monotonic() < deadline:  # the warm-up's watchdog ends
+    while client._watchdog._task is not None and time.monotonic() < deadline:  # the warm-up's watchdog ends
         time.sleep(0.01)
 
     async def cancel_early() -> None:
-        client._watchdog = asyncio.get_running_loop().create_task(client._watch())
-        client._watchdog.cancel()
+        client._watchdog._task = asyncio.get_running_loop().create_task(client._watchdog._watch())
+        client._watchdog._task.cancel()
         await asyncio.sleep(0)
 
     run_on_loop(cancel_early()).result(timeout=5)
-    assert client._watchdog is not None and client._watchdog.done()
+    assert client._watchdog._task is not None and client._watchdog._task.done()
     result = client.submit(CHAT, chat_bodies(["stuck [[hang:5]]"]), PARSE).result(timeout=20)[0]
     assert result.error_type == "timeout"
 
@@ -630,9 +412,7 @@ def test_a_row_that_always_503s_logs_one_line_per_retry(
     assert all(line.endswith(": " + message) for line in lines)
 
 
-def test_503_503_then_400_counts_three_attempts(
-    fake_server: FakeServer, make_client: MakeClient, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_503_503_then_400_counts_three_attempts(fake_server: FakeServer, make_client: MakeClient, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="vllm_generator")
     client = make_client(fake_server.url, attempts=5)
     prompt = "x [[503:2]] [[400]]"
@@ -750,7 +530,7 @@ def test_creating_a_transform_does_no_network_io(fake_server: FakeServer) -> Non
     transform = vllm_generate(fake_server.url)
     repr(transform)
     pickle.dumps(transform)
-    transform.client  # noqa: B018 (built, not used)
+    transform.connect()  # built, not used
     stats = fake_server.stats()
     assert (stats["models_requests"], stats["requests"]) == (0, 0)
 

@@ -14,12 +14,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from fake_server import LOGNORMAL_SIGMA, BlackHole, FakeServer, FakeVLLM, _parse_args
+from conformance import check_response
+from conftest import CHAT, COMPLETIONS
+from fake_server import LOGNORMAL_SIGMA, OPENER, BlackHole, FakeServer, FakeVLLM, _parse_args
 
 # Never route 127.0.0.1 through a proxy from the environment.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-CHAT = "/v1/chat/completions"
-COMPLETIONS = "/v1/completions"
 
 
 def request(
@@ -32,18 +31,14 @@ def request(
     timeout: float = 10,
 ) -> tuple[int, Any, bytes]:
     """(status, headers, body bytes); HTTP errors are returned, not raised."""
-    data = (
-        raw
-        if raw is not None
-        else (None if body is None else json.dumps(body).encode())
-    )
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
     req = urllib.request.Request(
         url + path,
         data=data,
         headers={"Content-Type": "application/json", **(headers or {})},
     )
     try:
-        with _OPENER.open(req, timeout=timeout) as resp:
+        with OPENER.open(req, timeout=timeout) as resp:
             return resp.status, resp.headers, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.headers, exc.read()
@@ -106,9 +101,7 @@ def test_n_choices(srv: FakeServer) -> None:
 
 
 def test_completions_and_max_tokens(srv: FakeServer) -> None:
-    status, _, data = request(
-        srv.url, COMPLETIONS, {"prompt": "one two three four", "max_tokens": 3}
-    )
+    status, _, data = request(srv.url, COMPLETIONS, {"prompt": "one two three four", "max_tokens": 3})
     out = json.loads(data)
     assert status == 200 and out["object"] == "text_completion"
     assert out["choices"][0]["text"] == "echo: one two"
@@ -120,9 +113,7 @@ def test_503_then_success(srv: FakeServer) -> None:
     status, _, out = chat(srv.url, "row [[503]]")
     assert status == 503 and out["error"]["code"] == 503
     status, _, out = chat(srv.url, "row [[503]]")
-    assert (
-        status == 200 and out["choices"][0]["message"]["content"] == "echo: row [[503]]"
-    )
+    assert status == 200 and out["choices"][0]["message"]["content"] == "echo: row [[503]]"
 
 
 def test_faults_are_consumed_in_order(srv: FakeServer) -> None:
@@ -132,9 +123,7 @@ def test_faults_are_consumed_in_order(srv: FakeServer) -> None:
 
 def test_429_has_retry_after(srv: FakeServer) -> None:
     status, headers, out = chat(srv.url, "row [[429]]")
-    assert (
-        status == 429 and headers["Retry-After"] == "1" and out["error"]["code"] == 429
-    )
+    assert status == 429 and headers["Retry-After"] == "1" and out["error"]["code"] == 429
     status, headers, _ = chat(srv.url, "row [[429]][[retry_after:0.25]]")
     assert status == 429 and headers["Retry-After"] == "0.25"
 
@@ -142,8 +131,7 @@ def test_429_has_retry_after(srv: FakeServer) -> None:
 def test_400_always(srv: FakeServer) -> None:
     expected = {
         "error": {
-            "message": "This model's maximum context length is 512 tokens. "
-            "However, you requested 900 tokens.",
+            "message": "This model's maximum context length is 512 tokens. However, you requested 900 tokens.",
             "type": "BadRequestError",
             "param": None,
             "code": 400,
@@ -155,26 +143,20 @@ def test_400_always(srv: FakeServer) -> None:
 
 
 def test_malformed_body(srv: FakeServer) -> None:
-    status, headers, data = request(
-        srv.url, CHAT, {"messages": [{"role": "user", "content": "[[malformed]]"}]}
-    )
+    status, headers, data = request(srv.url, CHAT, {"messages": [{"role": "user", "content": "[[malformed]]"}]})
     assert status == 200 and headers["Content-Type"] == "application/json"
     with pytest.raises(json.JSONDecodeError):
         json.loads(data)
 
 
 def test_drop_closes_connection(srv: FakeServer) -> None:
-    with pytest.raises(
-        (http.client.RemoteDisconnected, ConnectionError, urllib.error.URLError)
-    ):
+    with pytest.raises((http.client.RemoteDisconnected, ConnectionError, urllib.error.URLError)):
         chat(srv.url, "row [[drop]]")
     assert chat(srv.url, "row [[drop]]")[0] == 200
 
 
 def test_unknown_model_404(srv: FakeServer) -> None:
-    status, _, data = request(
-        srv.url, CHAT, {"model": "nope", "messages": [{"role": "user", "content": "x"}]}
-    )
+    status, _, data = request(srv.url, CHAT, {"model": "nope", "messages": [{"role": "user", "content": "x"}]})
     assert status == 404
     assert json.loads(data) == {
         "error": {
@@ -190,9 +172,7 @@ def test_models_and_health(srv: FakeServer) -> None:
     status, _, data = request(srv.url, "/v1/models")
     models = json.loads(data)
     assert status == 200 and models["object"] == "list"
-    assert [(m["id"], m["object"], m["max_model_len"]) for m in models["data"]] == [
-        ("fake-model", "model", 512)
-    ]
+    assert [(m["id"], m["object"], m["max_model_len"]) for m in models["data"]] == [("fake-model", "model", 512)]
     assert request(srv.url, "/health")[0] == 200
 
 
@@ -206,9 +186,7 @@ def test_models_and_health(srv: FakeServer) -> None:
         ("field_unclosed", None, "thinking about P", "length"),
     ],
 )
-def test_reasoning_shapes(
-    srv: FakeServer, shape: str, content: str | None, reasoning: str | None, finish: str
-) -> None:
+def test_reasoning_shapes(srv: FakeServer, shape: str, content: str | None, reasoning: str | None, finish: str) -> None:
     prompt = f"q [[reasoning:{shape}]]"
     _, _, out = chat(srv.url, prompt)
     choice = out["choices"][0]
@@ -224,10 +202,7 @@ def test_reasoning_shapes(
 def test_reasoning_legacy_field(srv: FakeServer) -> None:
     message = chat(srv.url, "q [[reasoning:legacy]]")[2]["choices"][0]["message"]
     assert message["reasoning_content"] == "thinking about q [[reasoning:legacy]]"
-    assert (
-        "reasoning" not in message
-        and message["content"] == "echo: q [[reasoning:legacy]]"
-    )
+    assert "reasoning" not in message and message["content"] == "echo: q [[reasoning:legacy]]"
 
 
 def test_log_contents(srv: FakeServer) -> None:
@@ -255,18 +230,10 @@ def test_api_key() -> None:
     with FakeServer("--api-key", "k1", "--model", "m1", "--model", "m2") as srv:
         body = {"model": "m2", "messages": [{"role": "user", "content": "x"}]}
         assert request(srv.url, CHAT, body)[0] == 401
-        assert (
-            request(srv.url, CHAT, body, headers={"Authorization": "Bearer nope"})[0]
-            == 401
-        )
-        assert (
-            request(srv.url, CHAT, body, headers={"Authorization": "Bearer k1"})[0]
-            == 200
-        )
+        assert request(srv.url, CHAT, body, headers={"Authorization": "Bearer nope"})[0] == 401
+        assert request(srv.url, CHAT, body, headers={"Authorization": "Bearer k1"})[0] == 200
         assert request(srv.url, "/v1/models")[0] == 401
-        _, _, data = request(
-            srv.url, "/v1/models", headers={"Authorization": "Bearer k1"}
-        )
+        _, _, data = request(srv.url, "/v1/models", headers={"Authorization": "Bearer k1"})
         assert [m["id"] for m in json.loads(data)["data"]] == ["m1", "m2"]
         assert [e["headers"]["has_auth"] for e in srv.log()] == [False, True, True]
 
@@ -294,9 +261,7 @@ def test_slots_limit_concurrency() -> None:
     assert stats["requests"] == 10 and stats["in_flight"] == 0
     assert elapsed >= 0.75  # ceil(10 / 3) = 4 waves of 0.2 s
     counts = [n for _, n in stats["timeline"]]
-    assert (
-        max(counts) == stats["max_in_flight"] and counts[-1] == 0 and len(counts) == 20
-    )
+    assert max(counts) == stats["max_in_flight"] and counts[-1] == 0 and len(counts) == 20
 
 
 def test_hang_is_cancelled_when_client_leaves() -> None:
@@ -308,9 +273,7 @@ def test_hang_is_cancelled_when_client_leaves() -> None:
         assert chat(srv.url, "next")[0] == 200
 
         def hang_until_shutdown() -> None:
-            with contextlib.suppress(
-                ConnectionError, urllib.error.URLError, http.client.HTTPException
-            ):
+            with contextlib.suppress(ConnectionError, urllib.error.URLError, http.client.HTTPException):
                 request(srv.url, CHAT, hang, timeout=30)
 
         threading.Thread(target=hang_until_shutdown, daemon=True).start()
@@ -367,9 +330,7 @@ def test_truncate_sends_less_than_its_content_length(srv: FakeServer) -> None:
     assert 0 < len(info.value.partial) == promised // 2
     assert info.value.partial.startswith(b'{"id": "chatcmpl-')
     # the fault is counted: the next attempt gets the whole body
-    assert chat(srv.url, "row [[truncate]]")[2]["choices"][0]["message"]["content"] == (
-        "echo: row [[truncate]]"
-    )
+    assert chat(srv.url, "row [[truncate]]")[2]["choices"][0]["message"]["content"] == ("echo: row [[truncate]]")
 
 
 def test_403_always(srv: FakeServer) -> None:
@@ -471,3 +432,22 @@ def test_restart_with_down_refuses_connections_meanwhile() -> None:
         assert chat(srv.url, "x")[0] == 200
     # refused for at least the 0.4 s the new server held the port before listening
     assert refused and refused[-1] - refused[0] >= 0.3
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        (CHAT, {"messages": [{"role": "user", "content": "plain"}]}),
+        (CHAT, {"messages": [{"role": "user", "content": "thinks [[reasoning:field]]"}]}),
+        (CHAT, {"messages": [{"role": "user", "content": "cut [[reasoning:field_unclosed]]"}]}),
+        (CHAT, {"messages": [{"role": "user", "content": "old vLLM [[reasoning:legacy]]"}]}),
+        (CHAT, {"messages": [{"role": "user", "content": "three"}], "n": 3, "max_tokens": 2, "logprobs": True, "top_logprobs": 2}),
+        (COMPLETIONS, {"prompt": "plain"}),
+        (COMPLETIONS, {"prompt": "inline [[reasoning:inline]]", "n": 2, "logprobs": 2}),
+    ],
+)
+def test_every_response_shape_is_an_openai_response(srv: FakeServer, path: str, body: dict[str, Any]) -> None:
+    status, _, data = request(srv.url, path, {"model": "fake-model", **body})
+    assert status == 200
+    parsed = check_response(path, json.loads(data))
+    assert len(parsed.choices) == body.get("n", 1)  # type: ignore[attr-defined]

@@ -43,17 +43,23 @@ def test_notebook_is_saved_without_outputs() -> None:
     assert [c.id for c in code if c.outputs or c.execution_count is not None] == []
 
 
-@pytest.mark.vllm
+@pytest.mark.integration
+@pytest.mark.slow
 def test_notebook_runs_top_to_bottom(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     require_real_vllm()
     # A kernel spec for exactly this interpreter: a "python3" spec elsewhere on the machine could
     # start another Python without vllm_generator. JUPYTER_PATH is searched first.
     spec = tmp_path / "jupyter" / "kernels" / KERNEL_NAME
     spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "vllm-generator tests", "language": "python",
-    }))
+    (spec / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "vllm-generator tests",
+                "language": "python",
+            }
+        )
+    )
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     # the kernel, and the server it starts, inherit these
     monkeypatch.setenv("VLLM_GENERATOR_SERVER_LOG_DIR", str(tmp_path / "logs"))
@@ -62,7 +68,10 @@ def test_notebook_runs_top_to_bottom(tmp_path: Path, monkeypatch: pytest.MonkeyP
     servers_before = vllm_server_groups()
     nb = nbformat.read(NOTEBOOK, as_version=4)
     client = NotebookClient(
-        nb, timeout=300, kernel_name=KERNEL_NAME, resources={"metadata": {"path": str(NOTEBOOK.parent)}},
+        nb,
+        timeout=300,
+        kernel_name=KERNEL_NAME,
+        resources={"metadata": {"path": str(NOTEBOOK.parent)}},
     )
     failure: Exception | None = None
     try:

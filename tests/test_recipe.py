@@ -12,9 +12,11 @@ import yaml
 from pydantic import ValidationError
 
 from vllm_generator import RecipeError, vllm_generate
-from vllm_generator.recipe import GenerationConfig, ModelConfig, load_recipe
-from vllm_generator.run import load_input
+from vllm_generator.recipe import GenerationConfig, ModelConfig, PromptConfig, load_recipe
+from vllm_generator.slurm import resolve_split
+from vllm_generator.storage import load_input
 from vllm_generator.transform import VllmGenerate
+from vllm_generator.wire import request_fields
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -51,7 +53,7 @@ def test_minimal_recipe_gets_the_documented_defaults(tmp_path: Path) -> None:
     assert recipe.model.base_url == ["http://localhost:8000"]  # "/v1" and "/" dropped, made a list
     assert recipe.generation.mode == "chat" and recipe.generation.n == 1
     assert recipe.processing.chunk_size == 10_000 and recipe.processing.max_concurrency == 256
-    assert recipe.processing.resolved_split() == (1, 0)
+    assert resolve_split(recipe.processing) == (1, 0)
     assert recipe.retry.attempts == 5 and recipe.retry.on_error == "record" and not recipe.retry.retry_failed
     assert recipe.data.input.split == "train" and recipe.data.output.private is True
     # the recipe is frozen: a typo in code is an error too, not a silent new attribute
@@ -65,10 +67,10 @@ def test_shipped_recipes_load_and_fit_their_data(path: Path, monkeypatch: pytest
     recipe = load_recipe(path)
     assert recipe.data.input.path is not None
     ds = load_input(recipe.data.input)
-    config = recipe.generate_config()
-    missing = [c for c in config.prompt.required_columns() if c not in ds.column_names]
+    config = recipe.transform_config()
+    missing = [c for c in config.prompt.prompt_columns() if c not in ds.column_names]
     assert not missing, f"{path.name} reads columns {missing} that {recipe.data.input.path} lacks"
-    body = VllmGenerate(config).build_bodies(ds[:1])[0]
+    body = VllmGenerate(config).wire.bodies(ds[:1])[0]
     assert ("prompt" in body) == (recipe.generation.mode == "completion")
     assert recipe.data.output.path is not None and recipe.data.output.path.endswith(".parquet")
 
@@ -281,10 +283,10 @@ def test_lenient_spellings_are_normalized(tmp_path: Path) -> None:
 
 def test_request_fields_follow_the_wire_format() -> None:
     chat = GenerationConfig(temperature=0.0, n=1, thinking=False, chat_template_kwargs={"x": 1}, extra_body={"top_k": 5})
-    assert chat.request_fields() == {"temperature": 0.0, "chat_template_kwargs": {"x": 1, "enable_thinking": False}, "top_k": 5}
+    assert request_fields(chat) == {"temperature": 0.0, "chat_template_kwargs": {"x": 1, "enable_thinking": False}, "top_k": 5}
     completion = GenerationConfig(mode="completion", logprobs=True, top_logprobs=3, n=2)
-    assert completion.request_fields() == {"n": 2, "logprobs": 3}
-    assert GenerationConfig(mode="completion", logprobs=False).request_fields() == {}
+    assert request_fields(completion) == {"n": 2, "logprobs": 3}
+    assert request_fields(GenerationConfig(mode="completion", logprobs=False)) == {}
 
 
 # --------------------------------------------------------------------------- environment and overrides
@@ -316,7 +318,9 @@ def test_unset_env_reference_names_variable_and_field(tmp_path: Path, monkeypatc
 
 def test_double_dollar_keeps_a_literal_env_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("price", "5")
-    path = write_recipe(tmp_path, recipe_with(lambda r: r["data"].update(prompt_column=None, template="Is $${price} fair for {prompt}? ${price}")))
+    path = write_recipe(
+        tmp_path, recipe_with(lambda r: r["data"].update(prompt_column=None, template="Is $${price} fair for {prompt}? ${price}"))
+    )
     assert load_recipe(path).data.template == "Is ${price} fair for {prompt}? 5"
 
 
@@ -327,7 +331,7 @@ def test_overrides_set_nested_keys_and_are_validated(tmp_path: Path) -> None:
         {"generation.temperature": 0.2, "processing.num_splits": 4, "processing.split_id": 3, "data.input.limit": 10, "retry.attempts": 1},
     )
     assert recipe.generation.temperature == 0.2
-    assert recipe.processing.resolved_split() == (4, 3)
+    assert resolve_split(recipe.processing) == (4, 3)
     assert recipe.data.input.limit == 10 and recipe.data.input.path == "in.parquet"  # siblings kept
     assert recipe.retry.attempts == 1  # a section absent from the file is created
     assert load_error(path, {"generation.temprature": 0.2}) == (
@@ -348,22 +352,22 @@ def test_split_comes_from_slurm_array_when_unset(tmp_path: Path, monkeypatch: py
     path = write_recipe(tmp_path, BASE)
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")
-    assert load_recipe(path).processing.resolved_split() == (4, 2)
+    assert resolve_split(load_recipe(path).processing) == (4, 2)
     monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")  # --array=1-4
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "4")
-    assert load_recipe(path).processing.resolved_split() == (4, 3)
+    assert resolve_split(load_recipe(path).processing) == (4, 3)
     # the recipe's own values win over the environment
-    assert load_recipe(path, {"processing.num_splits": 8, "processing.split_id": 5}).processing.resolved_split() == (8, 5)
+    assert resolve_split(load_recipe(path, {"processing.num_splits": 8, "processing.split_id": 5}).processing) == (8, 5)
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "5")
     with pytest.raises(RecipeError) as info:
-        load_recipe(path).processing.resolved_split()
+        resolve_split(load_recipe(path).processing)
     assert str(info.value) == (
         "processing.split_id 4 is out of range for num_splits 4 (use 0 to 3); num_splits from SLURM_ARRAY_TASK_COUNT "
         "and split_id from SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN"
     )
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "x")
     with pytest.raises(RecipeError) as info:
-        load_recipe(path).processing.resolved_split()
+        resolve_split(load_recipe(path).processing)
     assert str(info.value) == "$SLURM_ARRAY_TASK_ID is 'x', not a whole number: set processing.split_id and num_splits instead"
 
 
@@ -381,10 +385,10 @@ def test_generation_fingerprint_ignores_servers_keys_and_concurrency(tmp_path: P
     ]
     for overrides in same:
         other = load_recipe(path, overrides)
-        assert other.generate_config().fingerprint() == base.generate_config().fingerprint(), overrides
+        assert other.transform_config().fingerprint() == base.transform_config().fingerprint(), overrides
         assert other.hash() != base.hash(), overrides  # the recipe hash in the metrics still tells them apart
     for overrides in ({"generation.temperature": 0.5}, {"model.model": "other"}, {"data.system_prompt": "Be brief."}):
-        assert load_recipe(path, overrides).generate_config().fingerprint() != base.generate_config().fingerprint(), overrides
+        assert load_recipe(path, overrides).transform_config().fingerprint() != base.transform_config().fingerprint(), overrides
 
 
 def test_api_key_is_read_from_the_named_variable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -401,4 +405,89 @@ def test_api_key_is_read_from_the_named_variable(monkeypatch: pytest.MonkeyPatch
 def test_recipe_and_keywords_build_the_same_config(tmp_path: Path) -> None:
     recipe = load_recipe(write_recipe(tmp_path, recipe_with(lambda r: r.update(generation={"temperature": 0.3, "max_tokens": 9}))))
     direct = vllm_generate("http://localhost:8000", prompt_column="question", temperature=0.3, max_tokens=9, max_concurrency=256)
-    assert recipe.generate_config() == direct.config
+    assert recipe.transform_config() == direct.config
+
+
+# --------------------------------------------------------------------------- GenerationConfig and PromptConfig (moved from test_client.py)
+
+
+def errors_of(err: ValidationError) -> list[tuple[tuple[Any, ...], str]]:
+    return [(tuple(e["loc"]), e["msg"]) for e in err.errors()]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"mode": "completion", "thinking": True},
+            "Value error, thinking only applies to mode 'chat' (it sets chat_template_kwargs.enable_thinking)",
+        ),
+        ({"mode": "completion", "chat_template_kwargs": {"x": 1}}, "Value error, chat_template_kwargs only applies to mode 'chat'"),
+        (
+            {"extra_body": {"guided_json": {}}},
+            (
+                "Value error, extra_body.guided_json is ignored by current vLLM (it answers unconstrained): "
+                "use generation.structured_outputs, e.g. {'choice': ['yes', 'no']} or {'regex': '...'}"
+            ),
+        ),
+    ],
+)
+def test_generation_config_rejects(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        GenerationConfig(**kwargs)
+    assert errors_of(info.value) == [((), message)]
+
+
+# --------------------------------------------------------------------------- PromptConfig
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "errors"),
+    [
+        (
+            {"prompt_column": "q", "template": "Q: {q}"},
+            [((), "Value error, give only one of prompt_column, messages_column, template (got prompt_column, template)")],
+        ),
+        (
+            {"prompt_column": "q", "messages_column": "m"},
+            [((), "Value error, give only one of prompt_column, messages_column, template (got prompt_column, messages_column)")],
+        ),
+        ({"template": "Q: {}"}, [(("template",), "Value error, template fields must be column names like {question}, not {} or {0}")]),
+        ({"template": "Q: {0}"}, [(("template",), "Value error, template fields must be column names like {question}, not {} or {0}")]),
+        ({"template": "no field here"}, [(("template",), "Value error, template names no column: write it like 'Q: {question}'")]),
+        (
+            {"template": "Q: {question"},
+            [(("template",), "Value error, template is not a valid str.format string: expected '}' before end of string")],
+        ),
+    ],
+)
+def test_prompt_config_rejects(kwargs: dict[str, str], errors: list[tuple[tuple[str, ...], str]]) -> None:
+    with pytest.raises(ValidationError) as info:
+        PromptConfig(**kwargs)
+    assert errors_of(info.value) == errors
+
+
+def test_prompt_config_errors_through_vllm_generate_name_the_keyword() -> None:
+    with pytest.raises(RecipeError) as info:
+        vllm_generate("http://127.0.0.1:9", prompt_column="q", template="Q: {q}")
+    assert str(info.value) == (
+        "vllm_generate: prompt: give only one of prompt_column, messages_column, template (got prompt_column, template)"
+    )
+    with pytest.raises(RecipeError) as info:
+        vllm_generate("http://127.0.0.1:9", template="Q: {}")
+    assert str(info.value) == "vllm_generate: template: template fields must be column names like {question}, not {} or {0}"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "source", "columns"),
+    [
+        ({}, "prompt", ["prompt"]),
+        ({"prompt_column": "question"}, "prompt", ["question"]),
+        ({"messages_column": "chat"}, "messages", ["chat"]),
+        ({"template": "{a} and {b.x} and {c[0]} and {a}"}, "template", ["a", "b", "c"]),
+    ],
+)
+def test_prompt_config_source_and_columns(kwargs: dict[str, str], source: str, columns: list[str]) -> None:
+    config = PromptConfig(**kwargs)
+    assert config.source == source
+    assert config.prompt_columns() == columns

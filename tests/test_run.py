@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,11 @@ from huggingface_hub import HfApi as RealHfApi
 
 import vllm_generator
 from vllm_generator import MergeError, RecipeError, ServerUnavailableError
+from vllm_generator.merge import merge_outputs
 from vllm_generator.recipe import load_recipe
-from vllm_generator.run import RunSummary, merge_outputs, push_to_hub, run_recipe
-from vllm_generator.transform import VllmGenerate
+from vllm_generator.run import RunSummary, run_recipe
+from vllm_generator.storage import push_to_hub
+from vllm_generator.wire import WireFormat
 
 OUTPUT_COLUMNS = ["response", "reasoning", "finish_reason", "prompt_tokens", "completion_tokens", "error"]
 
@@ -67,12 +69,6 @@ def chunk_files(output: Path, split: str = "split-00000-of-00001") -> list[Path]
 
 def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.rglob("*") if ".tmp-" in p.name)
-
-
-@pytest.fixture(autouse=True)
-def _no_leaked_feeders() -> Iterator[None]:
-    yield
-    assert not [t for t in threading.enumerate() if t.name == "vllm-generator-feeder"]
 
 
 # --------------------------------------------------------------------------- a full run
@@ -234,7 +230,11 @@ def test_unreadable_and_empty_inputs_say_why(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("column", "data", "message"),
     [
-        (pa.array([1, 2, 3]), {}, "data.prompt_column: column 'question' of {input} holds int64, not text (use a template such as '{{question}}' to format other types)"),
+        (
+            pa.array([1, 2, 3]),
+            {},
+            "data.prompt_column: column 'question' of {input} holds int64, not text (use a template such as '{{question}}' to format other types)",
+        ),
         (
             pa.array([[{"role": "user", "content": "hi"}]] * 3),
             {},
@@ -287,7 +287,10 @@ def test_output_that_is_also_the_input_is_refused(tmp_path: Path, fake_server: F
     recipe = write_recipe(tmp_path, fake_server.url, input_path, input_path)
     with pytest.raises(RecipeError) as info:
         run(recipe)
-    assert str(info.value) == f"data.output.path {input_path} writes {input_path}, which data.input.path {input_path} reads: write the output somewhere else"
+    assert (
+        str(info.value)
+        == f"data.output.path {input_path} writes {input_path}, which data.input.path {input_path} reads: write the output somewhere else"
+    )
     pattern = tmp_path / "data" / "*.parquet"
     glob_recipe = write_recipe(tmp_path, fake_server.url, pattern, tmp_path / "data" / "out.parquet", name="glob.yaml")
     with pytest.raises(RecipeError) as info:
@@ -321,7 +324,9 @@ def test_an_output_folder_that_cannot_be_made_is_a_recipe_error(tmp_path: Path, 
 # --------------------------------------------------------------------------- resume
 
 
-def test_killed_run_resumes_and_redoes_at_most_one_chunk(tmp_path: Path, start_fake_server: Callable[..., FakeServer], fake_server: FakeServer) -> None:
+def test_killed_run_resumes_and_redoes_at_most_one_chunk(
+    tmp_path: Path, start_fake_server: Callable[..., FakeServer], fake_server: FakeServer
+) -> None:
     server = start_fake_server("--latency", "0.05", "--slots", "4")
     rows, chunk_size, lookahead, max_concurrency = 200, 20, 8, 4
     texts = questions(rows)
@@ -368,10 +373,10 @@ def test_killed_run_resumes_and_redoes_at_most_one_chunk(tmp_path: Path, start_f
 
 def test_a_late_feeder_does_not_make_map_send_rows_twice(tmp_path: Path, fake_server: FakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """The look-ahead thread may start late (a busy GIL): map must not send a batch the feeder sends too."""
-    build = VllmGenerate.build_bodies
+    build = WireFormat.bodies
     first_call = threading.Event()
 
-    def late_in_feeder(self: VllmGenerate, batch: Any) -> list[dict[str, Any]]:
+    def late_in_feeder(self: WireFormat, batch: Any) -> list[dict[str, Any] | None]:
         if threading.current_thread().name == "vllm-generator-feeder" and not first_call.is_set():
             first_call.set()
             # hold the feeder until map has sent something itself (or 0.5 s, if map rightly waits)
@@ -380,7 +385,7 @@ def test_a_late_feeder_does_not_make_map_send_rows_twice(tmp_path: Path, fake_se
                 time.sleep(0.01)
         return build(self, batch)
 
-    monkeypatch.setattr(VllmGenerate, "build_bodies", late_in_feeder)
+    monkeypatch.setattr(WireFormat, "bodies", late_in_feeder)
     texts = questions(20)
     recipe = make_recipe(tmp_path, fake_server.url, write_input(tmp_path / "in.parquet", texts))
     run(recipe)
@@ -511,7 +516,9 @@ def test_null_prompts_with_on_error_raise_fail_before_any_request(tmp_path: Path
     assert fake_server.log() == []
 
 
-def test_hub_only_recipes_sharing_a_work_dir_keep_apart_by_split(tmp_path: Path, fake_server: FakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hub_only_recipes_sharing_a_work_dir_keep_apart_by_split(
+    tmp_path: Path, fake_server: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(huggingface_hub, "HfApi", lambda *args, **kwargs: RecordingHfApi())
     input_path = write_input(tmp_path / "in.parquet", questions(10))
     recipes = []
@@ -529,7 +536,9 @@ def test_hub_only_recipes_sharing_a_work_dir_keep_apart_by_split(tmp_path: Path,
 
 def test_num_proc_runs_resume_and_retry_like_single_process_runs(tmp_path: Path, fake_server: FakeServer) -> None:
     texts = questions(20, {3: "[[500:1]]", 14: "[[500:1]]"})
-    recipe = make_recipe(tmp_path, fake_server.url, write_input(tmp_path / "in.parquet", texts), processing={"num_proc": 2}, retry={"attempts": 1})
+    recipe = make_recipe(
+        tmp_path, fake_server.url, write_input(tmp_path / "in.parquet", texts), processing={"num_proc": 2}, retry={"attempts": 1}
+    )
     out = tmp_path / "out" / "answers.parquet"
     first = run(recipe)
     assert (first.rows, first.failed, first.generated_rows) == (20, 2, 20) and len(fake_server.log()) == 20
@@ -549,8 +558,12 @@ def test_num_proc_runs_resume_and_retry_like_single_process_runs(tmp_path: Path,
 
 def test_recipes_sharing_a_work_dir_keep_their_own_chunks(tmp_path: Path, fake_server: FakeServer) -> None:
     input_path = write_input(tmp_path / "in.parquet", questions(10))
-    first = write_recipe(tmp_path, fake_server.url, input_path, tmp_path / "out" / "a.parquet", "a.yaml", processing={"work_dir": str(tmp_path / "wd")})
-    second = write_recipe(tmp_path, fake_server.url, input_path, tmp_path / "out" / "b.parquet", "b.yaml", processing={"work_dir": str(tmp_path / "wd")})
+    first = write_recipe(
+        tmp_path, fake_server.url, input_path, tmp_path / "out" / "a.parquet", "a.yaml", processing={"work_dir": str(tmp_path / "wd")}
+    )
+    second = write_recipe(
+        tmp_path, fake_server.url, input_path, tmp_path / "out" / "b.parquet", "b.yaml", processing={"work_dir": str(tmp_path / "wd")}
+    )
     run(first)
     run(second, generation__temperature=0.3)
     assert run(first).reused_rows == 10 and run(second, generation__temperature=0.3).reused_rows == 10
@@ -570,7 +583,10 @@ def test_retry_failed_sends_only_failed_rows(tmp_path: Path, fake_server: FakeSe
     before = pq.read_table(out).to_pylist()
     for i in bad:
         assert before[i]["response"] is None
-        assert before[i]["error"] == f"gave up after 1 attempts: 500 from {fake_server.url}/v1/chat/completions: Internal server error (fake_server [[500]])."
+        assert (
+            before[i]["error"]
+            == f"gave up after 1 attempts: 500 from {fake_server.url}/v1/chat/completions: Internal server error (fake_server [[500]])."
+        )
     assert len(fake_server.log()) == 30
 
     # attempts 2 and 3 of those prompts fail too, the 4th succeeds
@@ -655,7 +671,10 @@ def test_merge_refuses_mismatched_split_files(tmp_path: Path, split_outputs: tup
     run(recipe, processing__split_id=1, generation__temperature=0.9)
     with pytest.raises(MergeError) as info:
         merge_outputs(str(out))
-    assert str(info.value) == f"cannot merge {out}: the splits were generated with different settings (split(s) 0, 2 vs split(s) 1); rerun the odd ones"
+    assert (
+        str(info.value)
+        == f"cannot merge {out}: the splits were generated with different settings (split(s) 0, 2 vs split(s) 1); rerun the odd ones"
+    )
 
     foreign = out.parent / "answers.split-00001-of-00003.parquet"
     pq.write_table(pa.table({"id": [1]}), foreign)
@@ -668,7 +687,10 @@ def test_merge_refuses_mismatched_split_files(tmp_path: Path, split_outputs: tup
         merge_outputs(str(out))
     stale = out.parent / "answers.split-00000-of-00002.parquet"
     threes = ", ".join(str(out.parent / f"answers.split-0000{i}-of-00003.parquet") for i in range(3))
-    assert str(info.value) == f"split outputs of {out} disagree on the number of splits (2 splits: {stale}; 3 splits: {threes}): remove the stale ones"
+    assert (
+        str(info.value)
+        == f"split outputs of {out} disagree on the number of splits (2 splits: {stale}; 3 splits: {threes}): remove the stale ones"
+    )
     assert not out.exists()
 
 
@@ -733,7 +755,9 @@ def test_push_to_hub_deletes_only_matching_files(tmp_path: Path) -> None:
             "archive/data/train-00000-of-00001.parquet",
         ]
     )
-    push_to_hub(str(local), "org/answers", "data/train-00000-of-00001.parquet", private=False, api=api, delete_patterns=["data/train-*.parquet"])
+    push_to_hub(
+        str(local), "org/answers", "data/train-00000-of-00001.parquet", private=False, api=api, delete_patterns=["data/train-*.parquet"]
+    )
     assert api.calls == [
         ("create_repo", ("org/answers",), {"repo_type": "dataset", "private": False, "exist_ok": True}),
         ("list_repo_files", ("org/answers",), {"repo_type": "dataset"}),
@@ -830,7 +854,9 @@ def test_each_split_uploads_its_own_file_and_removes_files_of_other_split_counts
     assert not (tmp_path / "out").exists()
 
 
-def test_a_failed_push_keeps_the_file_and_says_how_to_push_again(tmp_path: Path, fake_server: FakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_push_keeps_the_file_and_says_how_to_push_again(
+    tmp_path: Path, fake_server: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     class RefusingHfApi(RecordingHfApi):
         def create_commit(self, *args: Any, **kwargs: Any) -> None:
             raise ConnectionError("[Errno 111] Connection refused")
@@ -853,7 +879,9 @@ def test_a_failed_push_keeps_the_file_and_says_how_to_push_again(tmp_path: Path,
     assert len(fake_server.log()) == 10
 
 
-def test_hub_only_recipes_in_one_folder_keep_their_own_caches(tmp_path: Path, fake_server: FakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hub_only_recipes_in_one_folder_keep_their_own_caches(
+    tmp_path: Path, fake_server: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(huggingface_hub, "HfApi", lambda *args, **kwargs: RecordingHfApi())
     monkeypatch.chdir(tmp_path)
     input_path = write_input(tmp_path / "in.parquet", questions(20))
@@ -920,7 +948,6 @@ def test_failed_write_keeps_the_previous_output(tmp_path: Path, fake_server: Fak
         run(recipe, generation__temperature=0.5)
     assert out.read_bytes() == before
     assert leftovers(tmp_path) == []
-
 
 
 def test_a_killed_map_s_temp_file_is_removed_on_the_next_run(tmp_path: Path, fake_server: FakeServer) -> None:

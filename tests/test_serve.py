@@ -93,9 +93,7 @@ def _model_ids(url: str) -> list[str]:
         return [m["id"] for m in json.loads(response.read())["data"]]
 
 
-def test_two_servers_on_free_ports_answer_and_stop(
-    launcher: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_two_servers_on_free_ports_answer_and_stop(launcher: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     with serve_models(_config(launcher, tmp_path, model="org/m", num_servers=2)) as urls:
         assert len(urls) == 2 and len(set(urls)) == 2
@@ -112,16 +110,14 @@ def test_two_servers_on_free_ports_answer_and_stop(
 
 
 def test_model_placeholder_and_one_gpu_per_server(launcher: list[str], tmp_path: Path) -> None:
-    config = _config([*launcher, "--model", "{model}"], tmp_path, model="org/m",
-                     args=["--served-model-name", "x-{model}"], gpus=[3, 5])
+    config = _config([*launcher, "--model", "{model}"], tmp_path, model="org/m", args=["--served-model-name", "x-{model}"], gpus=[3, 5])
     with serve_models(config) as urls:
         records = [_record(tmp_path, url) for url in urls]
         assert [_model_ids(url) for url in urls] == [["org/m"], ["org/m"]]
     assert [r["cuda"] for r in records] == ["3", "5"]
     for url, record in zip(urls, records):
         port = url.rsplit(":", 1)[1]
-        assert record["argv"] == ["--model", "org/m", "--served-model-name", "x-org/m",
-                                  "--host", "127.0.0.1", "--port", port]
+        assert record["argv"] == ["--model", "org/m", "--served-model-name", "x-org/m", "--host", "127.0.0.1", "--port", port]
 
 
 def test_fixed_port_is_used_and_not_doubled(launcher: list[str], tmp_path: Path) -> None:
@@ -134,9 +130,7 @@ def test_fixed_port_is_used_and_not_doubled(launcher: list[str], tmp_path: Path)
     assert _records(tmp_path)[0]["argv"] == ["m", "--port", str(port), "--host", "127.0.0.1"]
 
 
-def test_server_that_exits_reports_code_and_log_tail(
-    launcher: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_server_that_exits_reports_code_and_log_tail(launcher: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     log_dir = tmp_path / "logs"
     monkeypatch.setenv("VLLM_GENERATOR_SERVER_LOG_DIR", str(log_dir))
     with pytest.raises(ServerStartError) as info:
@@ -191,9 +185,7 @@ def test_server_ignoring_sigterm_is_killed(
 
 
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
-def test_error_in_the_block_stops_the_servers(
-    launcher: list[str], tmp_path: Path, error: type[BaseException]
-) -> None:
+def test_error_in_the_block_stops_the_servers(launcher: list[str], tmp_path: Path, error: type[BaseException]) -> None:
     with pytest.raises(error):
         with serve_models(_config(launcher, tmp_path, model="m", num_servers=2)) as urls:
             pids = [_record(tmp_path, url)["pid"] for url in urls]

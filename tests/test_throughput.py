@@ -16,9 +16,8 @@ scheduling hiccup of this shared 2-core machine from looking like such a gap.
 from __future__ import annotations
 
 import collections
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,18 +26,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import CHAT
 from datasets import Dataset
 from fake_server import FakeServer
 
 from vllm_generator import vllm_generate
-from vllm_generator.client import Client, _parse_body
+from vllm_generator.client import Client
 from vllm_generator.recipe import load_recipe
 from vllm_generator.run import RunSummary, run_recipe
+from vllm_generator.wire import parse_response
 
 SLOTS = 8
 LATENCY = 0.05
 CONCURRENCY = 4 * SLOTS
-CHAT = "/v1/chat/completions"
 
 
 def prompts(n: int) -> list[str]:
@@ -191,7 +191,7 @@ def test_rows_waiting_to_be_retried_do_not_hold_slots(fake_server: FakeServer) -
 def test_a_cancelled_batch_sends_no_more_rows_and_aborts_those_in_flight(start_fake_server: Callable[..., FakeServer]) -> None:
     server = start_fake_server("--slots", "4")
     client = Client([server.url], max_concurrency=4, timeout=30)
-    parse = partial(_parse_body, chat=True, n=1, parse_reasoning=True, want_logprobs=False)
+    parse = partial(parse_response, chat=True, n=1, parse_reasoning=True, want_logprobs=False)
     hanging = [{"messages": [{"role": "user", "content": f"row {i} [[hang]]"}]} for i in range(20)]
     future = client.submit(CHAT, hanging, parse)
     deadline = time.monotonic() + 10
@@ -211,9 +211,3 @@ def test_a_cancelled_batch_sends_no_more_rows_and_aborts_those_in_flight(start_f
     assert [r.response for r in results] == [f"echo: row {i}" for i in range(10)]
     assert client.unfinished == 0
     client.close()
-
-
-@pytest.fixture(autouse=True)
-def _no_leaked_feeders() -> Iterator[None]:
-    yield
-    assert not [t for t in threading.enumerate() if t.name == "vllm-generator-feeder"]

@@ -25,26 +25,22 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import CHAT, COMPLETIONS, received, user_text
 from datasets import Dataset, Features, List, Value
 from datasets.fingerprint import Hasher
 from fake_server import FakeServer
 
 from vllm_generator import (
-    GenerateConfig,
     GenerationError,
     ModelSelectionError,
     RecipeError,
     ServerUnavailableError,
     VllmGenerate,
-    VllmGeneratorError,
     vllm_generate,
 )
-from vllm_generator.client import Result
-from vllm_generator.recipe import GenerationConfig, ModelConfig, RetryConfig
+from vllm_generator.wire import Result
 
 REPO = Path(__file__).resolve().parent.parent
-CHAT = "/v1/chat/completions"
-COMPLETIONS = "/v1/completions"
 
 TEXT_COLUMNS = Features(
     {
@@ -63,24 +59,18 @@ TEXT_COLUMNS = Features(
 
 
 def fast(
-    base_url: str | list[str], *, attempts: int = 3, timeout: float = 600, on_error: str = "record", max_wait: float = 1.0, **generation: Any
+    base_url: str | list[str],
+    *,
+    attempts: int = 3,
+    timeout: float = 600,
+    on_error: str = "record",
+    max_wait: float = 1.0,
+    **generation: Any,
 ) -> VllmGenerate:
     """A transform whose retries wait ~10 ms (a Retry-After is honoured up to ``max_wait``)."""
     return vllm_generate(
         base_url, timeout=timeout, max_attempts=attempts, initial_wait=0.01, max_wait=max_wait, on_error=on_error, **generation
     )
-
-
-def user_text(body: dict[str, Any]) -> str:
-    """The prompt the server echoes: the last user message, or the completion prompt."""
-    if "messages" in body:
-        return next(m["content"] for m in reversed(body["messages"]) if m["role"] == "user")
-    return str(body["prompt"])
-
-
-def received(server: FakeServer) -> Counter[str]:
-    """How many generation requests the server got for each prompt."""
-    return Counter(user_text(entry["body"]) for entry in server.log())
 
 
 def assert_aligned(ds: Dataset, prompt_column: str = "prompt") -> None:
@@ -118,10 +108,7 @@ def test_prompt_column_is_sent_as_the_user_message_after_the_system_prompt(fake_
     log = fake_server.log()
     assert [e["path"] for e in log] == [CHAT, CHAT]
     assert sorted((e["body"]["messages"] for e in log), key=str) == sorted(
-        (
-            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": q}]
-            for q in ["What is 2+2?", "Name a colour."]
-        ),
+        ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": q}] for q in ["What is 2+2?", "Name a colour."]),
         key=str,
     )
 
@@ -166,9 +153,7 @@ def test_template_missing_column_is_a_recipe_error_before_any_request(fake_serve
     with pytest.raises(RecipeError) as info:
         ds.map(vllm_generate(fake_server.url, template="Answer in {lang}: {question}"), batched=True)
 
-    assert str(info.value) == (
-        "the template reads column(s) 'lang' that the dataset does not have; its columns are: question, id"
-    )
+    assert str(info.value) == ("the template reads column(s) 'lang' that the dataset does not have; its columns are: question, id")
     assert fake_server.log() == []
 
 
@@ -401,10 +386,24 @@ def test_output_columns_and_their_types(fake_server: FakeServer) -> None:
     assert out.features == TEXT_COLUMNS
     assert out.to_list() == [
         # the fake server counts words as tokens
-        {"prompt": "one two", "response": "echo: one two", "reasoning": None, "finish_reason": "stop",
-         "prompt_tokens": 2, "completion_tokens": 3, "error": None},
-        {"prompt": "three", "response": "echo: three", "reasoning": None, "finish_reason": "stop",
-         "prompt_tokens": 1, "completion_tokens": 2, "error": None},
+        {
+            "prompt": "one two",
+            "response": "echo: one two",
+            "reasoning": None,
+            "finish_reason": "stop",
+            "prompt_tokens": 2,
+            "completion_tokens": 3,
+            "error": None,
+        },
+        {
+            "prompt": "three",
+            "response": "echo: three",
+            "reasoning": None,
+            "finish_reason": "stop",
+            "prompt_tokens": 1,
+            "completion_tokens": 2,
+            "error": None,
+        },
     ]
 
 
@@ -413,9 +412,7 @@ def test_n_above_one_gives_lists_of_length_n_also_for_failed_rows(fake_server: F
     out = Dataset.from_dict({"prompt": prompts}).map(fast(fake_server.url, n=3), batched=True, batch_size=2)
 
     text_list = List(Value("string"))
-    assert out.features == Features(
-        {**TEXT_COLUMNS, "response": text_list, "reasoning": text_list, "finish_reason": text_list}
-    )
+    assert out.features == Features({**TEXT_COLUMNS, "response": text_list, "reasoning": text_list, "finish_reason": text_list})
     assert out["response"] == [["echo: a #0", "echo: a #1", "echo: a #2"], [None] * 3, ["echo: c #0", "echo: c #1", "echo: c #2"]]
     assert out["finish_reason"] == [["stop"] * 3, [None] * 3, ["stop"] * 3]
     assert out["reasoning"] == [[None] * 3] * 3
@@ -444,8 +441,8 @@ def test_a_non_text_field_from_a_server_is_written_as_text_by_both_paths() -> No
     # vLLM always sends text; another server might not: the row is written, not the run aborted
     transform = vllm_generate("http://127.0.0.1:9", model="m")
     results = [Result(response="a", reasoning={"x": 1}, finish_reason="stop", prompt_tokens=1, completion_tokens=True)]  # type: ignore[arg-type]
-    table = transform.table(results).to_pylist()
-    columns = {k: v.tolist() for k, v in transform.columns(results).items()}
+    table = transform.new_columns.arrow(results).to_pylist()
+    columns = {k: v.tolist() for k, v in transform.new_columns.numpy(results).items()}
     assert table == [{k: v[0] for k, v in columns.items()}]
     assert table[0]["reasoning"] == "{'x': 1}" and table[0]["completion_tokens"] == 1
 
@@ -650,8 +647,7 @@ def test_a_row_that_exhausts_its_attempts_records_them(fake_server: FakeServer) 
 
     assert out["response"] == ["echo: a", None]
     assert out["error"][1] == (
-        f"gave up after 2 attempts: 500 from {fake_server.url}/v1/chat/completions: "
-        "Internal server error (fake_server [[500]])."
+        f"gave up after 2 attempts: 500 from {fake_server.url}/v1/chat/completions: Internal server error (fake_server [[500]])."
     )
     assert received(fake_server) == Counter({"a": 1, "b [[500:10]]": 2})
 
@@ -691,9 +687,7 @@ def test_on_error_raise_stops_at_the_first_failed_row(fake_server: FakeServer) -
 def test_on_error_raise_names_the_dataset_row_with_indices(fake_server: FakeServer) -> None:
     prompts = ["a", "b", "c", "d [[400]]"]
     with pytest.raises(GenerationError, match="^row 3 failed: 400 from "):
-        Dataset.from_dict({"prompt": prompts}).map(
-            fast(fake_server.url, on_error="raise"), batched=True, batch_size=2, with_indices=True
-        )
+        Dataset.from_dict({"prompt": prompts}).map(fast(fake_server.url, on_error="raise"), batched=True, batch_size=2, with_indices=True)
 
 
 def test_mixed_faults_never_give_a_row_another_rows_response(fake_server: FakeServer) -> None:
@@ -828,7 +822,13 @@ print(Hasher.hash(vllm_generate("http://127.0.0.1:9", model="m", temperature=0.3
 
 
 def hash_in_this_process(api_key: str | None, temperature: float = 0.3) -> str:
-    return str(Hasher.hash(vllm_generate("http://127.0.0.1:9", model="m", temperature=temperature, max_tokens=7, system_prompt="Be brief.", api_key=api_key)))
+    return str(
+        Hasher.hash(
+            vllm_generate(
+                "http://127.0.0.1:9", model="m", temperature=temperature, max_tokens=7, system_prompt="Be brief.", api_key=api_key
+            )
+        )
+    )
 
 
 def test_the_fingerprint_is_the_same_in_another_process() -> None:
@@ -847,7 +847,7 @@ def test_the_api_key_is_not_in_the_repr_or_the_pickle() -> None:
     transform = vllm_generate("http://127.0.0.1:9", api_key="very-secret-key")
     assert "very-secret-key" not in repr(transform)
     assert b"very-secret-key" not in pickle.dumps(transform)
-    assert "very-secret-key" not in repr(transform.client)
+    assert "very-secret-key" not in repr(transform.connect())
 
 
 # --------------------------------------------------------------------------- API key
@@ -918,7 +918,7 @@ def test_num_proc_2_on_a_parquet_dataset_keeps_rows_aligned(start_fake_server: C
 def test_a_dropped_transform_closes_its_http_session(fake_server: FakeServer) -> None:
     transform = vllm_generate(fake_server.url)
     Dataset.from_dict({"prompt": ["a"]}).map(transform, batched=True)
-    session = transform.client._session
+    session = transform.connect()._session
     assert session is not None and not session.closed
     session_ref = weakref.ref(session)
     del session

@@ -30,11 +30,14 @@ from urllib.parse import urlsplit
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conformance import check_request, check_response
+from fake_server import OPENER
 
+from vllm_generator import vllm_generate
 from vllm_generator.recipe import ServeConfig, load_recipe
 from vllm_generator.serve import LOG_DIR_ENV, serve_models
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parent.parent
 VLLM_PYTHON = REPO / ".vllm-venv" / "bin" / "python"
@@ -44,7 +47,6 @@ QUESTIONS = REPO / "recipes" / "data" / "questions.jsonl"
 MODEL_NAME = "tiny-qwen3"  # --served-model-name in recipes/quickstart.yaml
 MAX_MODEL_LEN = 512
 # Never send requests to 127.0.0.1 through a proxy from the environment.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def require_real_vllm() -> None:
@@ -72,9 +74,7 @@ def quickstart_serve() -> ServeConfig:
     """The serve section of recipes/quickstart.yaml with absolute paths: usable from any cwd."""
     serve = load_recipe(QUICKSTART).model.serve
     assert serve is not None, f"{QUICKSTART} has no model.serve section"
-    return serve.model_copy(
-        update={"model": absolute_paths([serve.model])[0], "command": absolute_paths(serve.command), "port": 0}
-    )
+    return serve.model_copy(update={"model": absolute_paths([serve.model])[0], "command": absolute_paths(serve.command), "port": 0})
 
 
 # --------------------------------------------------------------------------- processes
@@ -152,7 +152,7 @@ def vllm_url(shared_server: tuple[str, Path]) -> str:
     """The shared server's URL, checked to be alive: a test that crashed it names the log."""
     url, log = shared_server
     try:
-        with _OPENER.open(url + "/health", timeout=10) as response:
+        with OPENER.open(url + "/health", timeout=10) as response:
             alive = response.status == 200
     except OSError:
         alive = False
@@ -167,7 +167,7 @@ def vllm_url(shared_server: tuple[str, Path]) -> str:
 
 def post(url: str, path: str, body: dict[str, Any]) -> Any:
     request = urllib.request.Request(url + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with _OPENER.open(request, timeout=30) as response:
+    with OPENER.open(request, timeout=30) as response:
         return json.loads(response.read())
 
 
@@ -229,15 +229,19 @@ def output_of(recipe: Path) -> Path:
 def cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "vllm_generator", *args],
-        cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout, check=False,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 
 def cli_ok(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     proc = cli(*args, cwd=cwd, env=env, timeout=timeout)
     assert proc.returncode == 0, (
-        f"vllm-generator {' '.join(args)} exited {proc.returncode}\n"
-        f"stdout:\n{proc.stdout}\nstderr (end):\n{proc.stderr[-4000:]}"
+        f"vllm-generator {' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr (end):\n{proc.stderr[-4000:]}"
     )
     return proc
 
@@ -263,9 +267,16 @@ def test_chat_recipe(vllm_url: str, tmp_path: Path) -> None:
     """recipes/chat.yaml as shipped, pointed at the server with command-line overrides."""
     output = tmp_path / "chat" / "answers.parquet"
     proc = cli_ok(
-        "run", "recipes/chat.yaml", f"--model.base_url={vllm_url}", "--data.input.limit=12",
-        f"--data.output.path={output}", f"--logging.file={tmp_path / 'chat' / 'run.log'}",
-        "--generation.max_tokens=24", "--processing.chunk_size=5", "--processing.batch_size=4", "--progress=false",
+        "run",
+        "recipes/chat.yaml",
+        f"--model.base_url={vllm_url}",
+        "--data.input.limit=12",
+        f"--data.output.path={output}",
+        f"--logging.file={tmp_path / 'chat' / 'run.log'}",
+        "--generation.max_tokens=24",
+        "--processing.chunk_size=5",
+        "--processing.batch_size=4",
+        "--progress=false",
         cwd=REPO,
     )
     assert "done: 12 rows (12 ok, 0 failed)" in proc.stdout
@@ -291,8 +302,13 @@ def test_completion_recipe(vllm_url: str, tmp_path: Path) -> None:
     """recipes/completion.yaml: the raw prompt goes to /v1/completions, without a chat template."""
     output = tmp_path / "completion" / "answers.parquet"
     cli_ok(
-        "run", "recipes/completion.yaml", f"--model.base_url={vllm_url}", "--data.input.limit=12",
-        f"--data.output.path={output}", "--generation.max_tokens=16", "--progress=false",
+        "run",
+        "recipes/completion.yaml",
+        f"--model.base_url={vllm_url}",
+        "--data.input.limit=12",
+        f"--data.output.path={output}",
+        "--generation.max_tokens=16",
+        "--progress=false",
         cwd=REPO,
     )
     rows = read_rows(output)
@@ -337,7 +353,8 @@ def test_n_choices_and_seed_reproducibility(vllm_url: str, tmp_path: Path) -> No
 def test_thinking_splits_reasoning_from_response(vllm_url: str, tmp_path: Path) -> None:
     """--reasoning-parser qwen3 plus a logit_bias on </think>: both columns fill (VLLM_NOTES.md)."""
     recipe = write_recipe(
-        tmp_path, vllm_url,
+        tmp_path,
+        vllm_url,
         generation={"thinking": True, "logit_bias": {think_end_id(): 5}, "seed": 11, "max_tokens": 24},
     )
     cli_ok(str(recipe), "--progress=false", cwd=tmp_path)
@@ -385,7 +402,8 @@ def test_thinking_off_gives_no_reasoning(vllm_url: str, tmp_path: Path, think_en
 def test_structured_outputs(vllm_url: str, tmp_path: Path, structured_outputs: dict[str, Any], check: Any) -> None:
     # with a reasoning parser the constraint starts after reasoning ends: turn thinking off
     recipe = write_recipe(
-        tmp_path, vllm_url,
+        tmp_path,
+        vllm_url,
         generation={"thinking": False, "temperature": 1.0, "seed": 3, "max_tokens": 16, "structured_outputs": structured_outputs},
     )
     cli_ok(str(recipe), "--progress=false", cwd=tmp_path)
@@ -400,7 +418,8 @@ def test_prompt_longer_than_context_fails_only_its_row(vllm_url: str, tmp_path: 
     texts = ["Name a colour.", "Name a river.", "word " * (MAX_MODEL_LEN + 100), "Name a bird.", "Name a tree."]
     data = write_jsonl(tmp_path / "rows.jsonl", [{"id": i, "text": t} for i, t in enumerate(texts)])
     recipe = write_recipe(
-        tmp_path, vllm_url,
+        tmp_path,
+        vllm_url,
         data={"input": {"path": str(data)}, "template": None, "prompt_column": "text"},
         generation={"max_tokens": 8, "seed": 0, "thinking": False},
         processing={"chunk_size": 10, "batch_size": 10},
@@ -464,7 +483,9 @@ def test_run_killed_midway_resumes_to_the_same_output(vllm_url: str, tmp_path: P
     chunk_dir = Path(f"{output_of(resumed)}.work") / "split-00000-of-00001"
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm_generator", str(resumed), "--progress=false"],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 60
@@ -488,6 +509,27 @@ def test_run_killed_midway_resumes_to_the_same_output(vllm_url: str, tmp_path: P
     assert [r["id"] for r in rows] == list(range(60))
     assert_all_ok(rows, max_tokens=32)
     assert rows == read_rows(output_of(reference))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        pytest.param({"max_tokens": 8, "temperature": 0}, id="chat"),
+        pytest.param({"max_tokens": 8, "n": 2, "seed": 1, "logprobs": True, "top_logprobs": 2}, id="chat-n-logprobs"),
+        pytest.param({"max_tokens": 8, "thinking": True}, id="chat-thinking"),
+        pytest.param({"mode": "completion", "max_tokens": 8, "logprobs": True}, id="completion"),
+    ],
+)
+def test_vllm_takes_our_bodies_and_answers_in_the_openai_types(vllm_url: str, kwargs: dict[str, Any]) -> None:
+    transform = vllm_generate(vllm_url, model=MODEL_NAME, **kwargs)
+    (body,) = transform.wire.bodies({"prompt": ["What is 2+2?"]})
+    assert body is not None
+    request = {"model": MODEL_NAME, **body}
+    check_request(transform.wire.path, request)
+    response = post(vllm_url, transform.wire.path, request)
+    parsed = check_response(transform.wire.path, response)
+    assert len(parsed.choices) == kwargs.get("n", 1)  # type: ignore[attr-defined]
+    assert transform.wire.parse(response).error is None
 
 
 def test_list_models(vllm_url: str, tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """Generate text for every row of a Hugging Face dataset with one or more vLLM servers."""
 
 from .errors import (
+    AuthenticationError,
     GenerationError,
     HubError,
     MergeError,
@@ -10,21 +11,22 @@ from .errors import (
     ServerUnavailableError,
     VllmGeneratorError,
 )
-from .recipe import GenerateConfig, Recipe, load_recipe
+from .recipe import Recipe, TransformConfig, load_recipe
 from .serve import serve_models
 from .transform import VllmGenerate, vllm_generate
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place: pyproject.toml reads it
 
 __all__ = [
     "vllm_generate",
     "VllmGenerate",
-    "GenerateConfig",
+    "TransformConfig",
     "Recipe",
     "load_recipe",
     "serve_models",
     "VllmGeneratorError",
     "RecipeError",
+    "AuthenticationError",
     "ServerUnavailableError",
     "ModelSelectionError",
     "GenerationError",

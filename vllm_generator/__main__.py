@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING, Any
 import fire
 import yaml
 
-from .errors import RecipeError, ServerUnavailableError, VllmGeneratorError
+from .errors import RecipeError, VllmGeneratorError
 from .recipe import LoggingConfig, Recipe, load_recipe
 
-if TYPE_CHECKING:  # run imports datasets, which costs ~1 s: only commands that need it load it
+if TYPE_CHECKING:  # run imports datasets, which takes a second: only commands that need it load it
     from .run import RunSummary
 
 logger = logging.getLogger("vllm_generator")
@@ -44,7 +44,13 @@ _SHORT = {"-i": "--input", "-o": "--output", "-m": "--base-url", "-t": "--templa
 # Flags whose value is text as typed: Fire would turn '{prompt}' into a set, '123' into an int.
 _TEXT_FLAGS = {"input", "output", "model", "prompt_column", "messages_column", "template", "system_prompt", "hub_repo_id", "hub_split"}
 # generate's errors name these flags, not the recipe fields they fill
-_GENERATE_FLAGS = {"data.input.path": "-i/--input", "data.input": "-i/--input", "data.output.path": "-o/--output", "data.output": "-o/--output", "model.base_url": "-m/--base-url"}
+_GENERATE_FLAGS = {
+    "data.input.path": "-i/--input",
+    "data.input": "-i/--input",
+    "data.output.path": "-o/--output",
+    "data.output": "-o/--output",
+    "model.base_url": "-m/--base-url",
+}
 _USAGE = {
     "run": "vllm-generator run RECIPE [--split-id I] [--num-splits N] [--progress=false] [--section.key=value ...]",
     "validate": "vllm-generator validate RECIPE [--check-server] [--section.key=value ...]",
@@ -137,7 +143,9 @@ def _flag_names(text: str) -> str:
         if loc in _GENERATE_FLAGS:
             line = f"{prefix}{_GENERATE_FLAGS[loc]}{sep}{msg}"
         elif sep and " " not in loc and "." in loc and loc.split(".")[0] in _SECTIONS:
-            section = next((s for s in ("data.input.", "data.output.", "data.", "model.", "generation.", "processing.") if loc.startswith(s)), "")
+            section = next(
+                (s for s in ("data.input.", "data.output.", "data.", "model.", "generation.", "processing.") if loc.startswith(s)), ""
+            )
             name, dot, key = loc.removeprefix(section).partition(".")
             line = f"{prefix}--{name.replace('_', '-')}{dot}{key}{sep}{msg}"
         lines.append(line)
@@ -158,18 +166,12 @@ def _flag(name: str, value: Any) -> bool:
 
 @contextlib.contextmanager
 def _tune_gc() -> Iterator[None]:
-    """The command owns its process: spare the HTTP loop the garbage collector's pauses.
+    """The command owns its process: spare the HTTP loop the garbage collector's pauses, which
+    hold the GIL while they walk every object the imports made (README, design notes).
 
-    A run allocates a few objects per row that live until the row's batch is written, so the
-    default gen-0 threshold (700) collects about once per 200 rows; with datasets, pandas and
-    pyarrow imported, the collections that reach the older generations walk ~120,000 objects
-    (70-90 ms each) while holding the GIL, and the loop sends nothing meanwhile. Freezing what
-    the imports made and collecting gen 0 every 10,000 allocations instead took the pipeline
-    from 0.83x to 0.90x the bare loop's rows/s (benchmarks/bench_throughput.py). Not rarer: a
-    full collection then comes every million allocations, and cyclic garbage that outlived the
-    younger generations waits for it (at 50,000, peak memory grew with the number of rows).
-    Library use (``ds.map(vllm_generate(...))`` in a notebook) leaves the user's process alone,
-    and the settings are put back when the run ends.
+    Freeze what the imports made and collect gen 0 every 10,000 allocations (not rarer: cyclic
+    garbage would wait for ever rarer full collections). Library use (``ds.map(vllm_generate(...))``
+    in a notebook) leaves the user's process alone; the settings are put back when the run ends.
     """
     threshold = gc.get_threshold()
     gc.freeze()
@@ -183,11 +185,13 @@ def _tune_gc() -> Iterator[None]:
 
 
 def _run(recipe: Recipe, progress: bool) -> None:
-    from .run import run_recipe
+    from .run import run_split
+    from .slurm import resolve_split
 
+    num_splits, split_id = resolve_split(recipe.processing)
     configure_logging(recipe.logging)
     with _tune_gc():
-        summary = run_recipe(recipe, progress=_flag("progress", progress))
+        summary = run_split(recipe, split_id, num_splits, progress=_flag("progress", progress))
     _print_summary(summary)
 
 
@@ -201,7 +205,9 @@ class Commands:
     def __init__(self, overrides: dict[str, Any]) -> None:
         self._overrides = overrides
 
-    def run(self, recipe: str, *rest: Any, split_id: int | None = None, num_splits: int | None = None, progress: bool = True, **unknown: Any) -> None:
+    def run(
+        self, recipe: str, *rest: Any, split_id: int | None = None, num_splits: int | None = None, progress: bool = True, **unknown: Any
+    ) -> None:
         """Run a recipe. Override any key with --section.key=value."""
         _refuse_extras("run", rest, unknown, ["split_id", "num_splits", "progress"])
         overrides = dict(self._overrides)
@@ -234,8 +240,23 @@ class Commands:
         """Run without a recipe: -i INPUT -o OUTPUT.parquet -m URL, plus generation flags (--temperature 0.7)."""
         _refuse_extras("generate", rest, {}, [])  # unknown flags are generation settings, which the Recipe checks
         data: dict[str, Any] = {"input": {"path": input, "limit": _number("limit", limit)}, "output": {"path": output}}
-        data |= {k: v for k, v in {"prompt_column": prompt_column, "messages_column": messages_column, "template": template, "system_prompt": system_prompt}.items() if v is not None}
-        numbers = {"batch_size": batch_size, "max_concurrency": max_concurrency, "chunk_size": chunk_size, "split_id": split_id, "num_splits": num_splits}
+        data |= {
+            k: v
+            for k, v in {
+                "prompt_column": prompt_column,
+                "messages_column": messages_column,
+                "template": template,
+                "system_prompt": system_prompt,
+            }.items()
+            if v is not None
+        }
+        numbers = {
+            "batch_size": batch_size,
+            "max_concurrency": max_concurrency,
+            "chunk_size": chunk_size,
+            "split_id": split_id,
+            "num_splits": num_splits,
+        }
         processing = {k: _number(k, v) for k, v in numbers.items() if v is not None}
         raw = {"data": data, "model": {"base_url": base_url, "model": model}, "generation": generation, "processing": processing}
         from pydantic import ValidationError
@@ -257,36 +278,37 @@ class Commands:
     def validate(self, recipe: str, *rest: Any, check_server: bool = False, **unknown: Any) -> None:
         """Check a recipe and its input (and with --check-server, that its servers serve the model)."""
         _refuse_extras("validate", rest, unknown, ["check_server"])
+        from .client import choose_model
         from .run import check_recipe
-        from .transform import VllmGenerate
+        from .slurm import resolve_split
+        from .wire import WireFormat
 
         loaded = load_recipe(recipe, self._overrides)
         print(f"ok: {recipe} is a valid recipe")
-        checked = check_recipe(loaded)  # what run checks before it starts servers or sends anything
+        num_splits, split_id = resolve_split(loaded.processing)
+        checked = check_recipe(loaded, split_id, num_splits)  # what run checks before it starts servers or sends anything
         ds, config = checked.ds, checked.config
         print(f"ok: input has {len(ds)} rows, columns {ds.column_names}; split {checked.split_id} of {checked.num_splits}")
         if checked.nulls:
             print(f"warning: {checked.nulls_text()}: they will get an error and not be sent")
-        bodies = [b for b in VllmGenerate(config).build_bodies(ds[:100]) if b is not None]
+        bodies = [b for b in WireFormat.from_config(config).bodies(ds[:100]) if b is not None]
         if bodies:
             print(f"ok: first request: {json.dumps(bodies[0])[:300]}")
         if _flag("check_server", check_server):
             if loaded.model.serve:
                 print(f"skip: servers are started by the run (model.serve: {loaded.model.serve.model})")
             for url in loaded.model.base_url:
-                models = _list_models(url, config.model.api_key())
-                ids = [m["id"] for m in models]
-                if loaded.model.model and loaded.model.model not in ids:
-                    raise ServerUnavailableError(f"{url} does not serve model {loaded.model.model!r}; it serves: {', '.join(ids)}")
-                if not loaded.model.model and len(ids) != 1:
-                    raise ServerUnavailableError(f"{url} serves {len(ids)} models ({', '.join(ids)}): set model.model in {recipe}")
+                ids = [m["id"] for m in _list_models(url, config.model.api_key())]
+                choose_model(url, ids, loaded.model.model, hint=f"set model.model in {recipe}")
                 print(f"ok: {url} serves {', '.join(ids)}")
 
     def list_models(self, base_url: str | list[str], *rest: Any, **unknown: Any) -> None:
         """List the models a server serves, with their maximum context length."""
         _refuse_extras("list-models", rest, unknown, ["base_url"])
         if self._overrides:
-            raise RecipeError(f"list-models takes no recipe overrides such as --{next(iter(self._overrides))} (usage: {_USAGE['list-models']})")
+            raise RecipeError(
+                f"list-models takes no recipe overrides such as --{next(iter(self._overrides))} (usage: {_USAGE['list-models']})"
+            )
         from pydantic import ValidationError
 
         from .recipe import ModelConfig, format_validation_error
@@ -294,17 +316,27 @@ class Commands:
         try:
             cfg = ModelConfig(base_url=base_url)
         except ValidationError as err:
-            raise RecipeError(format_validation_error(err, "list-models").replace("list-models: base_url", "list-models: -m/--base-url")) from None
+            raise RecipeError(
+                format_validation_error(err, "list-models").replace("list-models: base_url", "list-models: -m/--base-url")
+            ) from None
         for url in cfg.base_url:
             if len(cfg.base_url) > 1:
                 print(f"{url}:")
             for m in _list_models(url, cfg.api_key()):
                 print(f"{m['id']}\tmax_model_len={m.get('max_model_len', '?')}")
 
-    def merge(self, target: str, *rest: Any, hub_repo_id: str | None = None, hub_split: str | None = None, private: bool | None = None, **unknown: Any) -> None:
+    def merge(
+        self,
+        target: str,
+        *rest: Any,
+        hub_repo_id: str | None = None,
+        hub_split: str | None = None,
+        private: bool | None = None,
+        **unknown: Any,
+    ) -> None:
         """Join the split outputs of a recipe (or of an output .parquet path) into one file or Hub split."""
         _refuse_extras("merge", rest, unknown, ["hub_repo_id", "hub_split", "private"])
-        from .run import merge_outputs
+        from .merge import merge_outputs
 
         path = target
         if target.endswith((".yaml", ".yml")):
@@ -316,8 +348,12 @@ class Commands:
             hub_split = hub_split or loaded.data.output.hub_split
             private = loaded.data.output.private if private is None else _flag("private", private)
         elif self._overrides:
-            raise RecipeError(f"merge {target}: --{next(iter(self._overrides))} overrides a recipe key, but {target} is not a recipe; pass the recipe instead")
-        summary = merge_outputs(path, hub_repo_id=hub_repo_id, hub_split=hub_split or "train", private=True if private is None else _flag("private", private))
+            raise RecipeError(
+                f"merge {target}: --{next(iter(self._overrides))} overrides a recipe key, but {target} is not a recipe; pass the recipe instead"
+            )
+        summary = merge_outputs(
+            path, hub_repo_id=hub_repo_id, hub_split=hub_split or "train", private=True if private is None else _flag("private", private)
+        )
         print(f"merged {summary['splits']} splits: {summary['rows']} rows ({summary['rows_with_error']} with an error) -> {path}")
 
 
@@ -354,7 +390,9 @@ def _parse_argv(argv: Sequence[str]) -> tuple[list[str], dict[str, Any], bool]:
                 overrides[name] = yaml.safe_load(value) if value != "" else ""
             except yaml.YAMLError as err:
                 problem = getattr(err, "problem", None) or "not valid YAML"
-                raise RecipeError(f"--{name}: cannot parse {value!r} ({problem}): values parse as YAML; quote it to pass text, e.g. --{name}=\"'{value}'\"") from err
+                raise RecipeError(
+                    f"--{name}: cannot parse {value!r} ({problem}): values parse as YAML; quote it to pass text, e.g. --{name}=\"'{value}'\""
+                ) from err
         elif key == "base_url":
             value, i = _value(argv, i, "e.g. -m http://localhost:8000")
             base_urls.append(value)

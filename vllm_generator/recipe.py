@@ -1,6 +1,6 @@
 """Every configuration model, its defaults, and recipe loading.
 
-One pydantic tree: ``Recipe`` holds the six sections of a YAML recipe; ``GenerateConfig`` is the
+One pydantic tree: ``Recipe`` holds the six sections of a YAML recipe; ``TransformConfig`` is the
 part that ``vllm_generate`` needs and is built from the same section models, so a default lives in
 exactly one place whether it comes from Python keywords, YAML or a ``--section.key=value`` override.
 """
@@ -13,7 +13,7 @@ import os
 import re
 import string
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -27,7 +27,7 @@ __all__ = [
     "ServeConfig",
     "ModelConfig",
     "RetryConfig",
-    "GenerateConfig",
+    "TransformConfig",
     "InputConfig",
     "OutputConfig",
     "DataConfig",
@@ -38,9 +38,11 @@ __all__ = [
     "format_validation_error",
 ]
 
-# vLLM's default scheduler batch (max_num_seqs) is 256 on GPU: keeping that many requests in flight
-# per server fills its batch without building a long queue on the server.
+# vLLM's default scheduler batch (max_num_seqs) is 256 on most GPUs: keeping that many requests in
+# flight per server fills its batch without building a long queue on the server.
 DEFAULT_MAX_CONCURRENCY = 256
+# requests in flight per server (vllm_generate's max_concurrency, a recipe's processing.max_concurrency)
+MaxConcurrency = Annotated[int, Field(ge=1)]
 API_KEY_ENV_VARS = ("VLLM_API_KEY", "OPENAI_API_KEY")
 
 
@@ -90,8 +92,8 @@ class PromptConfig(_Config):
     def column(self) -> str:
         return self.messages_column or self.prompt_column or "prompt"
 
-    def required_columns(self) -> list[str]:
-        """The dataset columns the prompt reads."""
+    def prompt_columns(self) -> list[str]:
+        """The dataset columns a request is built from."""
         if self.template:
             names = [f for _, f, _, _ in string.Formatter().parse(self.template) if f]
             # "{a.b}" or "{a[0]}" read column "a"
@@ -196,27 +198,6 @@ class GenerationConfig(_Config):
             raise ValueError("thinking only applies to mode 'chat' (it sets chat_template_kwargs.enable_thinking)")
         return self
 
-    def request_fields(self) -> dict[str, Any]:
-        """The JSON body fields this config adds to every request."""
-        body: dict[str, Any] = {}
-        skip = {"mode", "thinking", "parse_reasoning", "extra_body", "chat_template_kwargs"}
-        for name, value in self:
-            if name not in skip and value is not None and not (name == "n" and value == 1):
-                body[name] = value
-        if self.mode == "completion" and isinstance(self.logprobs, bool):
-            # /v1/completions takes an int (how many top logprobs), not a flag
-            body["logprobs"] = self.top_logprobs or 1 if self.logprobs else None
-            body.pop("top_logprobs", None)
-            if body["logprobs"] is None:
-                del body["logprobs"]
-        kwargs = dict(self.chat_template_kwargs or {})
-        if self.thinking is not None:
-            kwargs["enable_thinking"] = self.thinking
-        if kwargs:
-            body["chat_template_kwargs"] = kwargs
-        body.update(self.extra_body)
-        return body
-
 
 class ServeConfig(_Config):
     """Start vLLM servers for the run instead of using running ones."""
@@ -306,7 +287,7 @@ class RetryConfig(_Config):
     retry_failed: bool = False
 
 
-class GenerateConfig(_Config):
+class TransformConfig(_Config):
     """Everything ``vllm_generate`` needs; built from keywords or from a ``Recipe``."""
 
     prompt: PromptConfig = Field(default_factory=PromptConfig)
@@ -314,10 +295,10 @@ class GenerateConfig(_Config):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     retry: RetryConfig = Field(default_factory=RetryConfig)
     columns: OutputColumns = Field(default_factory=OutputColumns)
-    max_concurrency: int = Field(DEFAULT_MAX_CONCURRENCY, ge=1)  # requests in flight per server
+    max_concurrency: MaxConcurrency = DEFAULT_MAX_CONCURRENCY
 
     @model_validator(mode="after")
-    def _mode_fits_prompt(self) -> GenerateConfig:
+    def _mode_fits_prompt(self) -> TransformConfig:
         if self.generation.mode == "completion":
             if self.prompt.messages_column:
                 raise ValueError("mode 'completion' sends a raw prompt: use prompt_column or template, not messages_column")
@@ -377,7 +358,7 @@ class DataConfig(PromptConfig):
 
 class ProcessingConfig(_Config):
     batch_size: int = Field(1024, ge=1)  # rows per Dataset.map batch
-    max_concurrency: int = Field(DEFAULT_MAX_CONCURRENCY, ge=1)  # requests in flight per server
+    max_concurrency: MaxConcurrency = DEFAULT_MAX_CONCURRENCY
     # None: SLURM_ARRAY_TASK_COUNT / SLURM_ARRAY_TASK_ID when set, else a single split
     num_splits: int | None = Field(None, ge=1)
     split_id: int | None = Field(None, ge=0)
@@ -394,39 +375,8 @@ class ProcessingConfig(_Config):
     @model_validator(mode="after")
     def _split_in_range(self) -> ProcessingConfig:
         if self.split_id is not None and self.num_splits is not None and self.split_id >= self.num_splits:
-            raise ValueError(
-                f"split_id {self.split_id} is out of range for num_splits {self.num_splits} "
-                f"(use 0 to {self.num_splits - 1})"
-            )
+            raise ValueError(f"split_id {self.split_id} is out of range for num_splits {self.num_splits} (use 0 to {self.num_splits - 1})")
         return self
-
-    def resolved_split(self) -> tuple[int, int]:
-        """``(num_splits, split_id)``, from the recipe or the SLURM array environment."""
-        num_splits, split_id = self.num_splits, self.split_id
-        from_slurm = []
-        if num_splits is None and os.environ.get("SLURM_ARRAY_TASK_COUNT"):
-            num_splits = _env_int("SLURM_ARRAY_TASK_COUNT")
-            from_slurm.append("num_splits from SLURM_ARRAY_TASK_COUNT")
-        if split_id is None and os.environ.get("SLURM_ARRAY_TASK_ID"):
-            split_id = _env_int("SLURM_ARRAY_TASK_ID") - _env_int("SLURM_ARRAY_TASK_MIN", 0)
-            from_slurm.append("split_id from SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN")
-        num_splits, split_id = num_splits or 1, split_id or 0
-        if not 0 <= split_id < num_splits:
-            source = f"; {' and '.join(from_slurm)}" if from_slurm else ""
-            raise RecipeError(
-                f"processing.split_id {split_id} is out of range for num_splits {num_splits} (use 0 to {num_splits - 1}){source}"
-            )
-        return num_splits, split_id
-
-
-def _env_int(name: str, default: int | None = None) -> int:
-    value = os.environ.get(name)
-    if value is None and default is not None:
-        return default
-    try:
-        return int(value or "")
-    except ValueError:
-        raise RecipeError(f"${name} is {value!r}, not a whole number: set processing.split_id and num_splits instead") from None
 
 
 class LoggingConfig(_Config):
@@ -450,15 +400,15 @@ class Recipe(_Config):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @model_validator(mode="after")
-    def _generate_config_valid(self) -> Recipe:
-        self.generate_config()  # cross-section checks (mode against prompt source)
+    def _transform_config_valid(self) -> Recipe:
+        self.transform_config()  # cross-section checks (mode against prompt source)
         return self
 
-    def generate_config(self, base_url: list[str] | None = None) -> GenerateConfig:
+    def transform_config(self, base_url: list[str] | None = None) -> TransformConfig:
         """The transform's config; ``base_url`` replaces the servers (managed servers' URLs)."""
         model = self.model if base_url is None else self.model.model_copy(update={"base_url": base_url, "serve": None})
         prompt = PromptConfig(**{k: getattr(self.data, k) for k in PromptConfig.model_fields})
-        return GenerateConfig(
+        return TransformConfig(
             prompt=prompt,
             model=model,
             generation=self.generation,

@@ -43,7 +43,7 @@ _live: set[subprocess.Popen[bytes]] = set()
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-class _Server(NamedTuple):
+class _Process(NamedTuple):
     proc: subprocess.Popen[bytes]
     url: str
     command: list[str]
@@ -70,8 +70,10 @@ def serve_models(serve: ServeConfig) -> Iterator[list[str]]:
     items = [*serve.command, *serve.args]
     fixed_port, fixed_host = _flag_value(items, "--port"), _flag_value(items, "--host")
     if fixed_port is not None and (serve.count > 1 or not fixed_port.isdigit() or int(fixed_port) == 0):
-        raise RecipeError(f"serve.args sets --port {fixed_port}, which works only for one server on a known port: "
-                          "remove it and set serve.port instead (server i gets port + i; 0 picks free ports)")
+        raise RecipeError(
+            f"serve.args sets --port {fixed_port}, which works only for one server on a known port: "
+            "remove it and set serve.port instead (server i gets port + i; 0 picks free ports)"
+        )
     host = fixed_host or serve.host
     ports = _ports(host, int(fixed_port), 1) if fixed_port is not None else _ports(host, serve.port, serve.count)
     log_dir = Path(os.environ.get(LOG_DIR_ENV) or tempfile.mkdtemp(prefix="vllm-generator-"))
@@ -79,7 +81,7 @@ def serve_models(serve: ServeConfig) -> Iterator[list[str]]:
 
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        servers: list[_Server] = []
+        servers: list[_Process] = []
         for i, port in enumerate(ports):
             command = _command(serve, None if fixed_host else host, None if fixed_port else port)
             env = {**os.environ, **serve.env}
@@ -91,14 +93,17 @@ def serve_models(serve: ServeConfig) -> Iterator[list[str]]:
                 try:
                     # A new session makes the server lead its own process group: we can stop its engine
                     # and workers with one killpg, and a Ctrl-C in the terminal reaches only us.
-                    proc = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+                    proc = subprocess.Popen(
+                        command, env=env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+                    )
                 except OSError as err:
-                    raise ServerStartError(f"cannot run {shlex.join(command)}: {err}. Is vLLM installed in this "
-                                           "environment? Set serve.command to its launcher.") from err
+                    raise ServerStartError(
+                        f"cannot run {shlex.join(command)}: {err}. Is vLLM installed in this "
+                        "environment? Set serve.command to its launcher."
+                    ) from err
             procs.append(proc)
             _live.add(proc)
-            servers.append(_Server(proc, _url(host, port), command, log_path))
+            servers.append(_Process(proc, _url(host, port), command, log_path))
         _wait_ready(servers, serve.startup_timeout)
         yield [server.url for server in servers]
     finally:
@@ -128,8 +133,10 @@ def _ports(host: str, first: int, count: int) -> list[int]:
             try:
                 sock.bind((host, port))
             except (OSError, OverflowError) as err:
-                raise ServerStartError(f"cannot start a vLLM server on {host}:{port}: {err}. Is another server "
-                                       "using that port? Set serve.port to a free port, or 0 to pick free ones.") from err
+                raise ServerStartError(
+                    f"cannot start a vLLM server on {host}:{port}: {err}. Is another server "
+                    "using that port? Set serve.port to a free port, or 0 to pick free ones."
+                ) from err
         return [sock.getsockname()[1] for sock in sockets]
 
 
@@ -168,7 +175,7 @@ def _answers(url: str) -> bool:
     return True
 
 
-def _wait_ready(servers: list[_Server], timeout: float) -> None:
+def _wait_ready(servers: list[_Process], timeout: float) -> None:
     """Poll every server (all load in parallel) until each answers, one exits, or ``timeout`` passes."""
     start = time.monotonic()
     next_progress = start + _PROGRESS_EVERY
@@ -184,8 +191,10 @@ def _wait_ready(servers: list[_Server], timeout: float) -> None:
                 pending.remove(server)
         now = time.monotonic()
         if pending and now - start > timeout:
-            raise ServerStartError(_failure(f"did not become ready within {timeout:g} s", pending[0])
-                                   + "\nIf the model is still loading, raise serve.startup_timeout.")
+            raise ServerStartError(
+                _failure(f"did not become ready within {timeout:g} s", pending[0])
+                + "\nIf the model is still loading, raise serve.startup_timeout."
+            )
         if pending and now >= next_progress:
             logger.info("waiting for vLLM at %s (%.0fs)", ", ".join(s.url for s in pending), now - start)
             next_progress += _PROGRESS_EVERY
@@ -202,7 +211,7 @@ def _exit_text(returncode: int) -> str:
         return f"was killed by signal {-returncode}"
 
 
-def _failure(what: str, server: _Server) -> str:
+def _failure(what: str, server: _Process) -> str:
     """What went wrong, the command, the end of the server's log, and what to check."""
     proc, url, command, log_path = server
     try:
@@ -211,11 +220,13 @@ def _failure(what: str, server: _Server) -> str:
             tail = f.read().decode("utf-8", "replace").splitlines()[-_TAIL_LINES:]
     except OSError as err:
         tail = [f"(cannot read the log: {err})"]
-    return (f"vLLM server at {url} (pid {proc.pid}) {what}.\ncommand: {shlex.join(command)}\n"
-            f"last lines of {log_path}:\n" + "\n".join("    " + line for line in tail) + "\n"
-            f"See the full log at {log_path}. Common causes: a wrong model path or Hub id, a missing "
-            "HF_TOKEN for a gated model, a --max-model-len or --gpu-memory-utilization that does not fit "
-            "in memory, a port in use, or an unknown vllm argument in serve.args.")
+    return (
+        f"vLLM server at {url} (pid {proc.pid}) {what}.\ncommand: {shlex.join(command)}\n"
+        f"last lines of {log_path}:\n" + "\n".join("    " + line for line in tail) + "\n"
+        f"See the full log at {log_path}. Common causes: a wrong model path or Hub id, a missing "
+        "HF_TOKEN for a gated model, a --max-model-len or --gpu-memory-utilization that does not fit "
+        "in memory, a port in use, or an unknown vllm argument in serve.args."
+    )
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> bool:
