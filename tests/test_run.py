@@ -910,6 +910,7 @@ def test_server_death_leaves_no_output(tmp_path: Path, start_fake_server: Callab
         server.url,
         write_input(tmp_path / "in.parquet", questions(200)),
         processing={"chunk_size": 20, "batch_size": 10, "max_concurrency": 4},
+        retry={"attempts": 2, "initial_wait": 0.01, "max_wait": 0.05, "max_outage": 1},  # rows wait for a dead server this long
     )
 
     def kill_after_a_chunk() -> None:

@@ -277,9 +277,12 @@ class ModelConfig(_Config):
 class RetryConfig(_Config):
     """Retries of one request (408, 429, 5xx, dropped connections, timeouts, broken bodies)."""
 
-    attempts: int = Field(5, ge=1)  # including the first
+    attempts: int = Field(5, ge=1)  # including the first; a server's outage spends none
     initial_wait: float = Field(1.0, ge=0)  # seconds; doubles each attempt, with jitter
     max_wait: float = Field(60.0, ge=0)
+    # Seconds with no server answering before the run stops (answered rows are kept). Minutes:
+    # a restarted vLLM server (or a SLURM job's) takes that long to load its model.
+    max_outage: float = Field(600.0, gt=0)
     # "record": a row that fails for good gets its message in the error column and the run goes
     # on; "raise": the run stops with GenerationError naming the row.
     on_error: Literal["record", "raise"] = "record"

@@ -232,6 +232,7 @@ def vllm_generate(
     max_attempts: int | None = None,
     initial_wait: float | None = None,
     max_wait: float | None = None,
+    max_outage: float | None = None,
     on_error: str | None = None,
     columns: Mapping[str, str] | None = None,
     serve: Mapping[str, Any] | ServeConfig | None = None,
@@ -255,6 +256,9 @@ def vllm_generate(
         max_attempts: attempts per request, including the first (default 5).
         initial_wait, max_wait: exponential backoff bounds in seconds (default 1 and 60); a
             server's Retry-After is honoured up to ``max_wait``.
+        max_outage: seconds with no server answering before the map stops (default 600). While
+            a server is down (refusing connections, or failing every row), rows wait for it
+            and spend no attempts.
         on_error: "record" (default) puts a failed row's message in the ``error`` column;
             "raise" stops the map with ``GenerationError`` naming the row.
         columns: new names for output columns, e.g. ``{"response": "answer"}``.
@@ -288,7 +292,7 @@ def vllm_generate(
         return {k: v for k, v in values.items() if v is not None}
 
     model_fields = {"model": model, **given(base_url=base_url, serve=serve, timeout=timeout)}
-    retry = given(attempts=max_attempts, on_error=on_error, initial_wait=initial_wait, max_wait=max_wait)
+    retry = given(attempts=max_attempts, on_error=on_error, initial_wait=initial_wait, max_wait=max_wait, max_outage=max_outage)
     generation |= given(thinking=thinking)
     raw: dict[str, Any] = {
         "prompt": {

@@ -11,6 +11,7 @@ import datetime
 import email.utils
 import json
 import math
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ __all__ = [
     "WireFormat",
     "FinalError",
     "RetryableError",
+    "check_auth",
     "check_columns",
     "decode",
     "encode",
@@ -35,6 +37,8 @@ __all__ = [
     "parse_choice",
     "parse_response",
     "prompt_text",
+    "redact_text",
+    "redact_url",
     "request_fields",
     "retry_after",
     "server_message",
@@ -155,20 +159,45 @@ def _split_reasoning(text: str | None) -> tuple[str | None, str]:
 
 
 def parse_choice(choice: dict[str, Any], chat: bool, parse_reasoning: bool) -> tuple[str, str | None]:
-    """(answer, reasoning) from one vLLM choice, whichever of the three shapes it uses."""
+    """(answer, reasoning) from one vLLM choice, whichever of the three shapes it uses.
+
+    Raises:
+        ValueError: the choice holds no text at all (no message, or neither content nor
+            reasoning): a broken answer, never a successful empty one.
+    """
     if chat:
-        message = choice.get("message") or {}
+        message = choice.get("message")
+        if not isinstance(message, dict):
+            raise ValueError(f"a choice has no message (got {type(message).__name__})")
         content = message.get("content")
         # vLLM >= 0.10 says "reasoning"; older servers "reasoning_content"
         reasoning = message.get("reasoning") or message.get("reasoning_content")
     else:
         content, reasoning = choice.get("text"), None
+    if content is None and reasoning is None:
+        raise ValueError("a choice has no content" if chat else "a choice has no text")
+    if not isinstance(content, (str, type(None))) or not isinstance(reasoning, (str, type(None))):
+        raise ValueError(
+            f"a choice's text is {type(content if not isinstance(content, (str, type(None))) else reasoning).__name__}, not a string"
+        )
     if reasoning is not None:
         return content or "", reasoning
     if parse_reasoning:
         inline, answer = _split_reasoning(content)
         return answer, inline
     return content or "", None
+
+
+def _count(usage: Any, name: str) -> int | None:
+    """A token count from ``usage``: an int, or a number written as text; None when absent."""
+    value = usage.get(name)
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    raise ValueError(f"usage.{name} is {value!r}, not a count")
 
 
 def parse_response(data: Any, *, chat: bool, n: int, parse_reasoning: bool, want_logprobs: bool) -> Result:
@@ -179,7 +208,7 @@ def parse_response(data: Any, *, chat: bool, n: int, parse_reasoning: bool, want
         raise ValueError(f"expected {n} choices, got {len(choices)}")
     usage = data.get("usage") or {}
     parsed = [parse_choice(c, chat, parse_reasoning) for c in choices]
-    result = Result(prompt_tokens=usage.get("prompt_tokens"), completion_tokens=usage.get("completion_tokens"))
+    result = Result(prompt_tokens=_count(usage, "prompt_tokens"), completion_tokens=_count(usage, "completion_tokens"))
     if n == 1:
         result.response, result.reasoning = parsed[0]
         result.finish_reason = choices[0].get("finish_reason")
@@ -198,11 +227,12 @@ def parse_response(data: Any, *, chat: bool, n: int, parse_reasoning: bool, want
 class RetryableError(Exception):
     """An attempt failed in a way that another attempt may fix (408, 429, 5xx, transport)."""
 
-    def __init__(self, message: str, kind: str, retry_after: float | None = None, refused: bool = False):
+    def __init__(self, message: str, kind: str, retry_after: float | None = None, refused: bool = False, server: Any = None):
         super().__init__(message)
         self.kind = kind
         self.retry_after = retry_after
         self.refused = refused  # no connection: refused, or no answer to the SYN
+        self.server = server  # the client's record of the server it failed on
 
 
 class FinalError(Exception):
@@ -213,8 +243,21 @@ class FinalError(Exception):
         self.kind = kind
 
 
-def status_error(url: str, status: int, body: bytes, retry_after_header: str | None) -> RetryableError | FinalError:
-    """The error of a non-200 answer other than 401/403 (see ``AuthenticationError``)."""
+def status_error(
+    url: str, status: int, body: bytes, retry_after_header: str | None, location: str | None = None
+) -> RetryableError | FinalError:
+    """The error of a non-200 answer other than 401/403 (see ``AuthenticationError``).
+
+    A redirect is a row error: following one would record another server's answer (or a
+    bodiless GET's) as the row's.
+    """
+    if 300 <= status < 400:
+        where = redact_url(location) if location else "nowhere (no Location header)"
+        return FinalError(
+            f"{status} from {url}: redirected to {where}; redirects are not followed for generation requests: "
+            "set base_url to the server itself",
+            f"http_{status}",
+        )
     message = f"{status} from {url}: {server_message(body)}"
     if status in (408, 429) or status >= 500:
         return RetryableError(message, f"http_{status}", retry_after=retry_after(retry_after_header))
@@ -246,6 +289,49 @@ def server_message(body: bytes) -> str:
         return str(error.get("message") if isinstance(error, dict) else error)
     except (ValueError, KeyError, TypeError):
         return body[:300].decode(errors="replace").strip() or "(empty body)"
+
+
+# --------------------------------------------------------------------------- credentials
+
+
+def _split_userinfo(url: str) -> tuple[str, str, str] | None:
+    """``(scheme://, user, host and the rest)`` of a URL with credentials, else None."""
+    scheme, sep, rest = url.partition("://")
+    authority, slash, path = rest.partition("/")
+    if not sep or "@" not in authority:
+        return None
+    userinfo, _, host = authority.rpartition("@")
+    return scheme + sep, userinfo.split(":", 1)[0], host + slash + path
+
+
+def redact_url(url: str) -> str:
+    """``url`` as it may be shown or stored: a password in it becomes ``***``."""
+    parts = _split_userinfo(url)
+    return url if parts is None else f"{parts[0]}{parts[1]}:***@{parts[2]}"
+
+
+_CREDENTIALS_IN_TEXT = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^\s/@:]*):[^\s/@]*@")
+
+
+def redact_text(value: object) -> str:
+    """``str(value)`` with the password of any URL in it redacted (error texts of HTTP libraries)."""
+    return _CREDENTIALS_IN_TEXT.sub(r"\1:***@", str(value))
+
+
+def has_credentials(url: str) -> bool:
+    return _split_userinfo(url) is not None
+
+
+def check_auth(base_urls: Sequence[str], api_key: str | None) -> None:
+    """Refuse a server URL with ``user:password`` together with an API key: both would be the
+    request's Authorization header."""
+    with_credentials = [u for u in base_urls if has_credentials(u)]
+    if api_key and with_credentials:
+        raise RecipeError(
+            f"model.base_url {redact_url(with_credentials[0])} carries a user and password, and an API key is set too: "
+            "both would be the Authorization header; drop the password from the URL or unset the key "
+            "(VLLM_API_KEY, OPENAI_API_KEY or model.api_key_env)"
+        )
 
 
 # --------------------------------------------------------------------------- one transform's format
