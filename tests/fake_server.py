@@ -36,12 +36,18 @@ later attempts succeed. K defaults to 1.
                      sees a truncated body: aiohttp's ``ClientPayloadError``), after the latency
     [[408:K]]        408 Request Timeout (like a proxy's); immediate
     [[hang:K]]       sleeps 3600 s holding a slot (freed when the client disconnects)
+    [[no_message:K]] [[null_message:K]] [[null_content:K]]
+                     200 whose choice has no ``message``, ``message: null``, or
+                     ``content: null`` and no reasoning (a broken answer), after the latency
 Uncounted (they apply once the prompt's counted faults, if any, are used up, so
 ``[[503:2]] [[400]]`` answers 503, 503, then 400 for good):
     [[400]]          always 400 "maximum context length" (never succeeds)
     [[403]]          always 403 Forbidden (a gateway refusing the key; never succeeds)
     [[sleep:S]]      this request's latency is S seconds (overrides the latency model)
     [[retry_after:S]]  Retry-After value for [[429]] (float seconds allowed)
+    [[text_usage]]   the usage counts are strings ("3"), as some servers write them
+    [[redirect:S]]   answers status S (301, 302, 307, 308) with ``Location`` to
+                     ``--redirect-to`` (default: this server's /v1/elsewhere); immediate
     [[reasoning:field|legacy|inline|close_only|unclosed|field_unclosed]]  reasoning
                      output shapes of vLLM (see DESIGN.md §5); for /v1/completions only
                      the in-text shapes (inline, close_only, unclosed) apply.
@@ -58,7 +64,9 @@ beyond that queue, like vLLM's scheduler.
 
 Test-control endpoints: ``GET /_log`` (the generation requests, in order of arrival),
 ``GET /_stats`` (counters, including ``models_requests``: the ``GET /v1/models`` calls,
-which ``/_log`` leaves out), ``POST /_reset``.
+which ``/_log`` leaves out), ``POST /_reset``, and ``POST /_fail`` with
+``{"status": 500, "seconds": S}``: every generation request is answered that status
+for S seconds (a vLLM engine failing while its server shuts down).
 
 :class:`BlackHole` is a listening socket that never completes a connection: a host whose
 SYNs are dropped, to test connect timeouts.
@@ -100,7 +108,7 @@ _STANDARD_NORMAL = NormalDist()
 LOGNORMAL_SIGMA = math.log(25.0) / _STANDARD_NORMAL.inv_cdf(0.99)
 
 _DIRECTIVE = re.compile(r"\[\[([A-Za-z0-9_]+)(?::([^\]]*))?\]\]")
-_COUNTED = frozenset({"408", "429", "500", "503", "drop", "hang", "malformed", "truncate"})
+_COUNTED = frozenset({"408", "429", "500", "503", "drop", "hang", "malformed", "truncate", "no_message", "null_message", "null_content"})
 _REASONING_SHAPES = frozenset({"field", "legacy", "inline", "close_only", "unclosed", "field_unclosed"})
 _CONTEXT_LENGTH_MESSAGE = "This model's maximum context length is 512 tokens. However, you requested 900 tokens."
 _MALFORMED_BODY = b'{"id": "x", "choi'
@@ -116,7 +124,7 @@ class BadDirective(ValueError):
 class Directives:
     """What the ``[[...]]`` markers in one prompt ask for."""
 
-    __slots__ = ("always", "faults", "reasoning", "retry_after", "sleep")
+    __slots__ = ("always", "faults", "reasoning", "redirect", "retry_after", "sleep", "text_usage")
 
     def __init__(self, text: str) -> None:
         self.faults: list[tuple[str, int]] = []  # counted faults, in prompt order
@@ -124,6 +132,8 @@ class Directives:
         self.sleep: float | None = None
         self.retry_after: float | None = None
         self.reasoning: str | None = None
+        self.text_usage = False
+        self.redirect: int | None = None
         for match in _DIRECTIVE.finditer(text):
             name, arg = match.group(1).lower(), match.group(2)
             try:
@@ -135,6 +145,12 @@ class Directives:
                     self.sleep = float(arg or "")
                 elif name == "retry_after":
                     self.retry_after = float(arg or "")
+                elif name == "text_usage":
+                    self.text_usage = True
+                elif name == "redirect":
+                    self.redirect = int(arg or "")
+                    if self.redirect not in (301, 302, 303, 307, 308):
+                        raise ValueError(arg)
                 elif name == "reasoning":
                     if arg not in _REASONING_SHAPES:
                         raise ValueError(arg)
@@ -176,6 +192,18 @@ def _text_of(content: Any) -> str:
     return ""
 
 
+def _break_choice(choice: dict[str, Any], fault: str, chat: bool) -> None:
+    """The answer-less shapes of [[no_message]], [[null_message]] and [[null_content]]."""
+    if not chat:
+        choice.pop("text") if fault == "no_message" else choice.update(text=None)
+    elif fault == "no_message":
+        del choice["message"]
+    elif fault == "null_message":
+        choice["message"] = None
+    else:
+        choice["message"].update(content=None, reasoning=None)
+
+
 def _truncate(text: str, max_tokens: int | None) -> tuple[str, bool]:
     if max_tokens is None:
         return text, False
@@ -204,6 +232,9 @@ class FakeVLLM:
         self.in_flight = 0
         self.running = 0  # requests holding a slot
         self._id_prefix = f"{os.getpid():x}"  # response ids: unique per server
+        self.redirect_to: str | None = args.redirect_to
+        self.failing_until = 0.0  # POST /_fail: every generation request fails until then
+        self.failing_status = 500
         self._seq = 0
         self.reset()
         self.routes: dict[tuple[str, str], _Handler] = {
@@ -214,6 +245,7 @@ class FakeVLLM:
             ("GET", "/_log"): self._get_log,
             ("GET", "/_stats"): self._get_stats,
             ("POST", "/_reset"): self._reset,
+            ("POST", "/_fail"): self._fail,
         }
 
     def reset(self) -> None:
@@ -269,6 +301,8 @@ class FakeVLLM:
                 body = raw.decode("utf-8", "replace")
             if self.record_log:
                 self.log.append((request.path, body, has_auth, now))
+            if now < self.failing_until:
+                return _error(self.failing_status, "EngineCore encountered an issue (fake_server /_fail).", "InternalServerError")
 
             if self.auth_header is not None and request.headers.get("Authorization") != self.auth_header:
                 return _unauthorized()
@@ -319,6 +353,9 @@ class FakeVLLM:
                     return _error(400, _CONTEXT_LENGTH_MESSAGE, "BadRequestError")
                 if fault is None and directives.always == "403":
                     return _forbidden()
+                if directives.redirect is not None:
+                    location = self.redirect_to or f"http://127.0.0.1:{request.url.port}/v1/elsewhere"
+                    return web.Response(status=directives.redirect, headers={"Location": location})
                 if fault == "429":
                     retry_after = 1.0 if directives.retry_after is None else directives.retry_after
                     return _error(
@@ -401,6 +438,11 @@ class FakeVLLM:
             if fault == "malformed":
                 return web.Response(body=_MALFORMED_BODY, content_type=_JSON)
             completion = self._completion(body, chat, model, prompts, prompt_tokens, directives)
+            if fault in ("no_message", "null_message", "null_content"):
+                for choice in completion["choices"]:
+                    _break_choice(choice, fault, chat)
+            if directives is not None and directives.text_usage:
+                completion["usage"] = {k: str(v) if isinstance(v, int) else v for k, v in completion["usage"].items()}
             if fault == "truncate":
                 await self._send_truncated(request, json.dumps(completion).encode())
             return _json(completion)
@@ -564,6 +606,12 @@ class FakeVLLM:
         self.reset()
         return _json({"ok": True})
 
+    async def _fail(self, request: web.BaseRequest) -> web.StreamResponse:
+        spec = json.loads(await request.read() or b"{}")
+        self.failing_status = int(spec.get("status", 500))
+        self.failing_until = time.monotonic() + float(spec.get("seconds", 1.0))
+        return _json({"ok": True})
+
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Fake vLLM OpenAI-compatible server.")
@@ -573,6 +621,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-model", choices=("fixed", "lognormal"), default="fixed")
     parser.add_argument("--model", action="append", help="served model name (repeatable)")
     parser.add_argument("--api-key", default=None)
+    parser.add_argument("--redirect-to", default=None, help="Location of [[redirect:S]] answers")
     parser.add_argument("--no-timeline", action="store_true", help="do not record /_stats timeline")
     parser.add_argument("--no-log", action="store_true", help="do not record /_log")
     parser.add_argument(
@@ -794,6 +843,12 @@ class FakeServer:
 
     def reset(self) -> None:
         self._call("POST", "/_reset")
+
+    def fail(self, seconds: float, status: int = 500) -> None:
+        """Answer every generation request ``status`` for ``seconds`` (see ``POST /_fail``)."""
+        req = urllib.request.Request(self.url + "/_fail", method="POST", data=json.dumps({"status": status, "seconds": seconds}).encode())
+        with OPENER.open(req, timeout=30) as resp:
+            resp.read()
 
 
 class BlackHole:

@@ -63,7 +63,8 @@ def test_three_refusals_take_a_server_down_and_send_its_rows_elsewhere(caplog: p
     assert router.failed(a, refusal(a), row=1) is True
     assert a.down_since is not None and router.pick() is b
     assert [r.getMessage() for r in caplog.records] == [
-        "http://a:1 is down (cannot connect to http://a:1): its rows go to http://b:2; probing it every 1s"
+        "cannot connect to http://a:1; trying another server",  # the first refusal of a run of them
+        "http://a:1 is down (cannot connect to http://a:1): its rows go to http://b:2; probing it every 1s",
     ]
 
 
@@ -127,7 +128,7 @@ def test_a_server_back_wakes_the_waiting_rows_at_once() -> None:
         (a,) = client.servers
         for _ in range(3):
             client.router.failed(a, refusal(a), row=1)
-        asyncio.get_running_loop().call_later(0.2, client.router.bring_up, a)
+        asyncio.get_running_loop().call_later(0.2, client.router.probe_answered, a)
         started = time.monotonic()
         await client.router.wait_up()
         await client.aclose()
@@ -602,3 +603,68 @@ def test_creating_a_transform_does_no_network_io(fake_server: FakeServer) -> Non
     stats = fake_server.stats()
     assert (stats["models_requests"], stats["requests"]) == (1, 2)  # the model lookup, once
     transform.close()
+
+
+# -- answers that are not answers, odd fields, redirects (issue: never record a wrong success)
+
+
+@pytest.mark.parametrize("fault", ["no_message", "null_message", "null_content"])
+def test_an_answer_without_text_is_retried_never_recorded_as_a_success(
+    fake_server: FakeServer, make_client: MakeClient, fault: str
+) -> None:
+    client = make_client(fake_server.url, attempts=2)
+    once, always = f"once [[{fault}:1]]", f"always [[{fault}:9]]"
+    ok, failed = send(client, [once, always])
+
+    assert (ok.response, ok.attempts, ok.error) == (f"echo: {once}", 2, None)
+    what = "no message (got NoneType)" if fault != "null_content" else "no content"
+    assert failed.response is None and failed.error_type == "bad_body"
+    assert failed.error == f"gave up after 2 attempts: {fake_server.url} sent a broken response body (a choice has {what})"
+    assert received(fake_server) == Counter({once: 2, always: 2})
+
+
+def test_token_counts_sent_as_text_are_counted_and_the_batch_goes_on(fake_server: FakeServer, make_client: MakeClient) -> None:
+    client = make_client(fake_server.url)
+    results = send(client, ["a b c [[text_usage]]", "plain"])
+    assert [r.error for r in results] == [None, None]
+    assert results[0].prompt_tokens == 4 and isinstance(results[0].completion_tokens, int)
+    assert client.stats.prompt_tokens == 4 + 1
+
+
+@pytest.mark.parametrize("status", [302, 307])
+def test_a_redirect_is_a_row_error_and_is_not_followed(
+    start_fake_server: Callable[..., FakeServer], make_client: MakeClient, status: int
+) -> None:
+    elsewhere = start_fake_server()
+    server = start_fake_server("--redirect-to", f"{elsewhere.url}{CHAT}")
+    client = make_client(server.url)
+    moved, fine = send(client, [f"x [[redirect:{status}]]", "y"])
+
+    assert moved.response is None and moved.error_type == f"http_{status}" and moved.attempts == 1
+    assert moved.error == (
+        f"{status} from {server.url}{CHAT}: redirected to {elsewhere.url}{CHAT}; "
+        "redirects are not followed for generation requests: set base_url to the server itself"
+    )
+    assert fine.response == "echo: y"
+    assert elsewhere.log() == [] and received(server) == Counter({f"x [[redirect:{status}]]": 1, "y": 1})
+
+
+def test_a_server_failing_every_row_for_a_while_costs_the_rows_no_attempt(
+    start_fake_server: Callable[..., FakeServer], make_client: MakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    # what a vLLM server shutting down does: 500 "EngineCore encountered an issue" to everything
+    server = start_fake_server("--latency", "0.02")
+    client = make_client(server.url, attempts=2, max_concurrency=8)
+    caplog.set_level(logging.WARNING, logger="vllm_generator")
+    send(client, ["warm up"])
+    server.fail(seconds=2.0)
+    prompts = [f"row {i}" for i in range(40)]
+    results = send(client, prompts)
+
+    assert [r.error for r in results] == [None] * 40
+    assert [r.response for r in results] == ["echo: " + p for p in prompts]
+    # the first rows' 500s took the server down; no row spent its two attempts
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if " is down (500 from " in m]) == 1
+    assert len([m for m in messages if "answers again after" in m]) == 1
+    assert len(messages) <= 6, messages

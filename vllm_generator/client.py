@@ -160,8 +160,11 @@ class _Route:
     name: str  # the same, with any password redacted: for messages and logs
     in_flight: int = 0
     refusals: int = 0  # connections refused (or not accepted in time) in a row
-    failing: set[int] = field(default_factory=set)  # rows whose last attempt here failed the server's way
-    down_since: float | None = None  # out of rotation since; a probe brings it back
+    failing: set[int] = field(default_factory=set)  # requests whose last attempt here failed the server's way
+    down_since: float | None = None  # out of rotation since
+    refused_down: bool = False  # down for refusing connections (else for failing rows)
+    half_open: bool = False  # down, but its probe answered: one trial request may go
+    trial: bool = False  # that trial is under way
     last_refused: float = -1e9
     last_error: str = ""
 
@@ -170,20 +173,26 @@ class _Router:
     """Chooses the server for each attempt and tracks each server's health.
 
     A server is down after it refused ``_REFUSALS_BEFORE_DOWN`` connections in a row, or after
-    that many different rows in a row failed there the server's way (5xx but 503, a dropped
+    that many different requests in a row failed there the server's way (5xx but 503, a dropped
     connection) with no success between: one row that keeps failing says nothing about the
-    server. A down server gets no rows; the client probes it until it answers. Failures on a
-    down server are not charged to the rows, which go to another server or wait for one.
+    server. A down server gets no rows, and failures there are not charged to the rows, which go
+    to another server or wait for one. The client probes a down server's ``/health``; once it
+    answers, a server that refused connections is back, and one that failed rows gets one
+    trial request (a circuit breaker's half-open state): /health can answer while generation
+    still fails.
     """
 
     def __init__(self, urls: Sequence[str], max_outage: float, on_down: Callable[[_Route], None] = lambda server: None) -> None:
         self.servers = [_Route(u, redact_url(u)) for u in urls]
         self.max_outage = max_outage
         self._on_down = on_down  # the client starts probing the server
-        self._up: asyncio.Event | None = None  # set while a server is up (made on the loop)
+        self._changed: asyncio.Event | None = None  # set when a server comes back or may take a trial
 
     def pick(self) -> _Route:
         now = time.monotonic()
+        trial = self._claim_trial()
+        if trial is not None:
+            return trial
         up = [s for s in self.servers if s.down_since is None]
         if not up:  # every server went down since the row waited: the one down longest
             return min(self.servers, key=lambda s: s.down_since or now)
@@ -192,9 +201,18 @@ class _Router:
         # a server that refused a connection in the last second goes last, even with nothing in flight
         return min(up, key=lambda s: (now - s.last_refused < 1.0, s.in_flight))
 
+    def _claim_trial(self) -> _Route | None:
+        for server in self.servers:
+            if server.half_open and not server.trial:
+                server.trial = True
+                return server
+        return None
+
     def failed(self, server: _Route, err: RetryableError, row: int) -> bool:
         """Count a failed attempt; True when it is the server's failure, not the row's (the server
         is down, or took itself out now), so that the row is not charged an attempt."""
+        if server.trial:  # the trial failed: wait for the next probe
+            server.trial = server.half_open = False
         if err.kind not in _SERVER_FAULTS:
             return False
         server.last_error = str(err)
@@ -223,51 +241,68 @@ class _Router:
         server.refusals = 0
         server.failing.clear()
         if server.down_since is not None:
-            self.bring_up(server)
+            self._bring_up(server)
 
-    def bring_up(self, server: _Route) -> None:
-        if server.down_since is None:
-            return
+    def probe_answered(self, server: _Route) -> None:
+        """A down server's /health answered: back if it was refusing connections; else a trial."""
+        if server.refused_down:
+            self._bring_up(server)
+        elif not server.half_open:
+            server.half_open = True
+            self._notify()
+
+    def _bring_up(self, server: _Route) -> None:
+        assert server.down_since is not None
         logger.warning("%s answers again after %.0fs: back in rotation", server.name, time.monotonic() - server.down_since)
         server.down_since = None
         server.refusals = 0
         server.failing.clear()
-        self.up_event().set()
+        server.half_open = server.trial = server.refused_down = False
+        self._notify()
 
     def _take_down(self, server: _Route, err: RetryableError) -> None:
-        now = time.monotonic()
-        server.down_since = now
+        server.down_since = time.monotonic()
+        server.refused_down = err.refused
         others = [s.name for s in self.servers if s.down_since is None]
         if others:
             what = f"its rows go to {', '.join(others)}"
         else:
-            self.up_event().clear()
             what = f"rows wait for a server to answer (for at most {self.max_outage:g}s) without spending attempts"
         logger.warning("%s is down (%s): %s; probing it every %gs", server.name, err, what, _PROBE_SECONDS)
         self._on_down(server)
 
-    def up_event(self) -> asyncio.Event:
-        if self._up is None:
-            self._up = asyncio.Event()
-            if any(s.down_since is None for s in self.servers):
-                self._up.set()
-        return self._up
+    def _notify(self) -> None:
+        """Wake the waiting rows (each waits on the event current when it began to wait)."""
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
 
-    async def wait_up(self) -> None:
-        """Return once a server is up; ``ServerUnavailableError`` when none has been for ``max_outage``."""
-        up = self.up_event()
-        if up.is_set():
-            return
-        # from when this row began to wait: the first rows began when the last server went down
-        try:
-            await asyncio.wait_for(up.wait(), self.max_outage)
-        except TimeoutError:
-            errors = "; ".join(f"{s.name}: {s.last_error}" for s in self.servers)
-            raise ServerUnavailableError(
-                f"no server answered for {self.max_outage:g}s ({errors}): the rows answered so far are kept; "
-                f"start the server and run the same command again (raise retry.max_outage to wait longer)",
-                urls=tuple(s.name for s in self.servers),
-            ) from None
+    async def wait_up(self) -> _Route | None:
+        """Return once a server is up (None), or with a down server's trial to send (that server).
+
+        Raises:
+            ServerUnavailableError: no server answered for ``max_outage`` seconds from when this
+                row began to wait (the first rows began when the last server went down).
+        """
+        deadline = time.monotonic() + self.max_outage
+        while True:
+            if any(s.down_since is None for s in self.servers):
+                return None
+            trial = self._claim_trial()
+            if trial is not None:
+                return trial
+            if self._changed is None:
+                self._changed = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._changed.wait(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                break
+        errors = "; ".join(f"{s.name}: {s.last_error}" for s in self.servers)
+        raise ServerUnavailableError(
+            f"no server answered for {self.max_outage:g}s ({errors}): the rows answered so far are kept; "
+            f"start the server and run the same command again (raise retry.max_outage to wait longer)",
+            urls=tuple(s.name for s in self.servers),
+        )
 
 
 # --------------------------------------------------------------------------- deadlines
@@ -495,12 +530,12 @@ class Client:
 
     # -- one attempt
 
-    async def _attempt(self, path: str, payload: bytes, parse: Parse, task: asyncio.Task[Any]) -> Result:
-        """One request; ``task`` is the worker sending it (the watchdog cancels it at the deadline).
-        A failure names its server in ``RetryableError.server``."""
+    async def _attempt(self, path: str, payload: bytes, parse: Parse, task: asyncio.Task[Any], server: _Route | None = None) -> Result:
+        """One request, to ``server`` or the router's pick; ``task`` is the worker sending it (the
+        watchdog cancels it at the deadline). A failure names its server in ``RetryableError.server``."""
         assert self._semaphore is not None and self._session is not None
         async with self._semaphore:
-            server = self.router.pick()
+            server = server or self.router.pick()
             sent = time.monotonic()
             server.in_flight += 1
             self.stats.in_flight += 1
@@ -577,9 +612,9 @@ class Client:
         spent = 0
         row = id(payload)  # this request, whichever worker sends it
         while True:
-            await self.router.wait_up()
+            trial = await self.router.wait_up()
             try:
-                result = await self._attempt(path, payload, parse, task)
+                result = await self._attempt(path, payload, parse, task, trial)
             except RetryableError as err:
                 if err.server is not None and self.router.failed(err.server, err, row):
                     continue  # the server's failure: not this row's attempt
@@ -603,6 +638,8 @@ class Client:
         timeout = aiohttp.ClientTimeout(total=min(_PROBE_TIMEOUT, self._watchdog.timeout), sock_connect=self._connect_seconds)
         while server.down_since is not None:
             await asyncio.sleep(_PROBE_SECONDS)
+            if server.half_open:
+                continue  # its trial decides
             try:
                 async with session.get(server.url + "/health", timeout=timeout, allow_redirects=False) as resp:
                     status = resp.status
@@ -611,7 +648,7 @@ class Client:
                 server.last_error = f"cannot connect to {server.name} ({redact_text(cause) or type(err).__name__})"
                 continue
             if status < 500:  # any answer but a server error: it serves again (/health may be absent)
-                self.router.bring_up(server)
+                self.router.probe_answered(server)
             else:
                 server.last_error = f"/health answered {status}"
 
