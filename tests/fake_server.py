@@ -772,7 +772,7 @@ class FakeServer:
         self.kill()
         self._stop()
         self.proc = new  # stopped by __exit__ even if it never listens
-        port = self._read_line(new, "LISTENING")
+        port = self._read_line(new, "LISTENING", extra=down)
         assert port == self.port, (port, self.port)
 
     def __exit__(self, *exc_info: object) -> None:
@@ -783,10 +783,10 @@ class FakeServer:
         return cls._read_line(proc, "LISTENING")
 
     @classmethod
-    def _read_line(cls, proc: subprocess.Popen[bytes], word: str) -> int:
+    def _read_line(cls, proc: subprocess.Popen[bytes], word: str, extra: float = 0.0) -> int:
         """The port from the server's next line, which must be ``<word> <port>``."""
         assert proc.stdout is not None
-        deadline = time.monotonic() + cls.STARTUP_TIMEOUT
+        deadline = time.monotonic() + cls.STARTUP_TIMEOUT + extra
         buf = b""
         with selectors.DefaultSelector() as sel:
             sel.register(proc.stdout, selectors.EVENT_READ)
@@ -794,7 +794,7 @@ class FakeServer:
             while not buf.endswith(b"\n"):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise TimeoutError(f"fake server printed no {word} line in {cls.STARTUP_TIMEOUT}s")
+                    raise TimeoutError(f"fake server printed no {word} line in {cls.STARTUP_TIMEOUT + extra}s")
                 if not sel.select(remaining):
                     continue
                 chunk = os.read(proc.stdout.fileno(), 1)
