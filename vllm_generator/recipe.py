@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import string
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import RecipeError
 
@@ -47,7 +50,54 @@ API_KEY_ENV_VARS = ("VLLM_API_KEY", "OPENAI_API_KEY")
 
 
 class _Config(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # allow_inf_nan: ".inf" or ".nan" would be sent as null, or make every request fail
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_flag_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic takes true as 1: "batch_size: true" is a mistake, not a batch of one
+        if isinstance(value, bool) and info.field_name is not None:
+            kinds = _kinds(cls.model_fields[info.field_name].annotation)
+            if bool not in kinds and (int in kinds or float in kinds):
+                raise ValueError(f"expects a number, not {str(value).lower()}")
+        return value
+
+
+def _kinds(annotation: Any) -> set[Any]:
+    """The types an annotation admits (``int | None`` -> {int, NoneType})."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return set().union(*(_kinds(a) for a in args))
+    return {annotation}
+
+
+def _check_finite(value: Any, where: str) -> None:
+    """Refuse NaN and infinity anywhere inside a JSON-like value (JSON has neither)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where} is {value}: give a finite number")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_finite(item, f"{where}[{i}]")
+
+
+def template_fields(template: str) -> list[str]:
+    """Every field a ``str.format`` template reads, those nested in format specs included
+    (``{x:>{width}}`` reads x and width), in order.
+
+    Raises:
+        ValueError: the template does not parse.
+    """
+    fields: list[str] = []
+    for _, name, spec, _ in string.Formatter().parse(template):
+        if name is not None:
+            fields.append(name)
+        if spec and "{" in spec:
+            fields += template_fields(spec)
+    return fields
 
 
 class PromptConfig(_Config):
@@ -70,13 +120,19 @@ class PromptConfig(_Config):
     def _template_parses(cls, value: str | None) -> str | None:
         if value is not None:
             try:
-                fields = [f for _, f, _, _ in string.Formatter().parse(value) if f is not None]
+                fields = template_fields(value)
             except ValueError as err:
                 raise ValueError(f"template is not a valid str.format string: {err}") from err
             if not fields:
                 raise ValueError("template names no column: write it like 'Q: {question}'")
             if any(f == "" or f.isdigit() for f in fields):
                 raise ValueError("template fields must be column names like {question}, not {} or {0}")
+            reaching = next((f for f in fields if "." in f or "[" in f), None)
+            if reaching is not None:
+                # {prompt.__class__} would send "<class 'str'>" for every row
+                raise ValueError(
+                    f"template field {{{reaching}}} reads an attribute or an item: templates take plain column names like {{question}}"
+                )
         return value
 
     @property
@@ -95,9 +151,7 @@ class PromptConfig(_Config):
     def prompt_columns(self) -> list[str]:
         """The dataset columns a request is built from."""
         if self.template:
-            names = [f for _, f, _, _ in string.Formatter().parse(self.template) if f]
-            # "{a.b}" or "{a[0]}" read column "a"
-            return list(dict.fromkeys(re.split(r"[.\[]", f, maxsplit=1)[0] for f in names))
+            return list(dict.fromkeys(template_fields(self.template)))
         return [self.column]
 
 
@@ -177,6 +231,8 @@ class GenerationConfig(_Config):
 
     @model_validator(mode="after")
     def _check(self) -> GenerationConfig:
+        for name in ("extra_body", "response_format", "structured_outputs", "chat_template_kwargs"):
+            _check_finite(getattr(self, name), name)
         owned = [k for k in _OWNED_FIELDS if k in self.extra_body]
         if owned:
             raise ValueError(f"extra_body.{owned[0]} cannot be set: use {_OWNED_FIELDS[owned[0]]}")
@@ -475,6 +531,26 @@ def format_validation_error(err: ValidationError, where: str) -> str:
     return "\n".join(lines)
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: a second ``generation:``
+    would silently replace the first."""
+
+
+def _unique_mapping(loader: _RecipeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    first: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in first:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the key {key!r} is given twice (first on line {first[key] + 1}): merge them", key_node.start_mark
+            )
+        first[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=True)
+
+
+_RecipeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def load_recipe(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> Recipe:
     """Read, expand ``${ENV}`` references, apply ``section.key`` overrides, and validate a recipe.
 
@@ -483,11 +559,19 @@ def load_recipe(path: str | os.PathLike[str], overrides: dict[str, Any] | None =
     """
     where = str(path)
     try:
-        text = Path(path).read_text()
+        data = Path(path).read_bytes()
     except OSError as err:
         raise RecipeError(f"cannot read recipe {where}: {err.strerror or err}") from err
     try:
-        raw = yaml.safe_load(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise RecipeError(f"{where}: line {line}: not UTF-8 text (byte 0x{data[err.start]:02x}): save the recipe as UTF-8") from None
+    try:
+        raw = yaml.load(text, Loader=_RecipeLoader)
+    except yaml.MarkedYAMLError as err:
+        line = f"line {err.problem_mark.line + 1}: " if err.problem_mark is not None else ""
+        raise RecipeError(f"{where}: not valid YAML: {line}{err.problem}") from err
     except yaml.YAMLError as err:
         raise RecipeError(f"{where}: not valid YAML: {err}") from err
     if not isinstance(raw, dict):
