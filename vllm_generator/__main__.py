@@ -18,7 +18,6 @@ import gc
 import json
 import logging
 import logging.handlers
-import os
 import shlex
 import signal
 import sys
@@ -70,8 +69,13 @@ def configure_logging(cfg: LoggingConfig) -> None:
     console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     root.addHandler(console)
     if cfg.file:
-        os.makedirs(os.path.dirname(os.path.abspath(cfg.file)), exist_ok=True)
-        handler = logging.handlers.RotatingFileHandler(cfg.file, maxBytes=cfg.max_bytes, backupCount=cfg.backup_count)
+        from .storage import make_parent
+
+        make_parent(cfg.file, "logging.file")
+        try:
+            handler = logging.handlers.RotatingFileHandler(cfg.file, maxBytes=cfg.max_bytes, backupCount=cfg.backup_count)
+        except OSError as err:
+            raise RecipeError(f"logging.file: cannot write {cfg.file} ({err.strerror or err})") from err
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
         root.addHandler(handler)
 

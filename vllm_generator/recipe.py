@@ -428,6 +428,8 @@ class ProcessingConfig(_Config):
     # boundaries or behind one slow row; None: up to 128 x max_concurrency x servers, but only
     # 2 x that many unfinished rows unless map is waiting. 0 turns it off. A crash loses these too.
     lookahead: int | None = Field(None, ge=0)
+    # Another run writing the same split: false refuses at once (naming it), true waits for it.
+    wait_for_lock: bool = False
     # Where chunk caches live; None: "<output path>.work" (Hub-only: ./.vllm_generator_work/<org>--<name>/<hub_split>)
     work_dir: str | None = None
 
@@ -565,13 +567,13 @@ def load_recipe(path: str | os.PathLike[str], overrides: dict[str, Any] | None =
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        raise RecipeError(f"{where}: line {line}: not UTF-8 text (byte 0x{data[err.start]:02x}): save the recipe as UTF-8") from None
+        number = data[: err.start].count(b"\n") + 1
+        raise RecipeError(f"{where}: line {number}: not UTF-8 text (byte 0x{data[err.start]:02x}): save the recipe as UTF-8") from None
     try:
         raw = yaml.load(text, Loader=_RecipeLoader)
     except yaml.MarkedYAMLError as err:
-        line = f"line {err.problem_mark.line + 1}: " if err.problem_mark is not None else ""
-        raise RecipeError(f"{where}: not valid YAML: {line}{err.problem}") from err
+        at = f"line {err.problem_mark.line + 1}: " if err.problem_mark is not None else ""
+        raise RecipeError(f"{where}: not valid YAML: {at}{err.problem}") from err
     except yaml.YAMLError as err:
         raise RecipeError(f"{where}: not valid YAML: {err}") from err
     if not isinstance(raw, dict):

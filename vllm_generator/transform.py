@@ -178,7 +178,7 @@ class VllmGenerate:
 
     def generate(self, batch: Mapping[str, Sequence[Any]], indices: Sequence[int] | None = None) -> list[Result]:
         """Every row's result, in order: build, send and wait."""
-        return self.collect(self.submit(self.wire.bodies(batch), indices), indices)
+        return self.collect(self.submit(self.wire.bodies(batch, indices), indices), indices)
 
     # -- the map functions
 

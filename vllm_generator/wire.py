@@ -13,7 +13,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,6 +106,27 @@ def check_columns(prompt: PromptConfig, columns: Sequence[str], where: str | Non
         raise RecipeError(f"data.{field}: column(s) {names} not in {where} (columns: {', '.join(columns)})")
     what = "template" if prompt.template else "prompt"
     raise RecipeError(f"the {what} reads column(s) {names} that the dataset does not have; its columns are: {', '.join(columns)}")
+
+
+def messages_problem(messages: Any) -> str | None:
+    """What keeps a row's value from being chat messages, or None when it is a list of them."""
+    if not isinstance(messages, list):
+        return f"holds a {type(messages).__name__}, not a list of messages"
+    for j, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            return f"message {j} is a {type(message).__name__}, not a mapping"
+        if not isinstance(message.get("role"), str):
+            return f"message {j} has no 'role'"
+    return None
+
+
+def format_template(template: str, values: Mapping[str, Any], where: str) -> str:
+    """``template.format(**values)``; a value the template cannot format is a ``RecipeError``
+    naming the row (``{n:d}`` over a text, say)."""
+    try:
+        return template.format(**values)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+        raise RecipeError(f"{where}: the template {template!r} cannot format this row's values ({type(err).__name__}: {err})") from None
 
 
 def is_null(value: Any) -> bool:
@@ -371,22 +392,27 @@ class WireFormat:
     def parse(self, data: Any) -> Result:
         return parse_response(data, chat=self.chat, n=self.n, parse_reasoning=self.parse_reasoning, want_logprobs=self.want_logprobs)
 
-    def bodies(self, batch: Mapping[str, Sequence[Any]]) -> list[dict[str, Any] | None]:
+    def bodies(self, batch: Mapping[str, Sequence[Any]], indices: Sequence[int] | None = None) -> list[dict[str, Any] | None]:
         """The request bodies (without ``model``) of every row of a batch; None for a row whose
-        prompt is null (it gets an error and is not sent).
+        prompt is null (it gets an error and is not sent). ``indices``, the rows' numbers in the
+        dataset, name the row in errors.
 
         Raises:
             RecipeError: a column the prompt needs is missing, the batch is one row (map without
-                ``batched=True``), or a row's value has the wrong type.
+                ``batched=True``), or a row's value cannot make a request (naming the row).
         """
         # every batch: one transform may map several datasets, and the check is a few lookups
         check_columns(self.prompt, list(batch.keys()))
         self._check_batched(batch)
         prompt = self.prompt
+
+        def row(i: int) -> str:
+            return f"row {indices[i]}" if indices is not None else f"row {i} of the batch"
+
         if prompt.source == "messages":
-            return [None if is_null(m) else self._messages_body(i, m) for i, m in enumerate(batch[prompt.column])]
-        texts = self._texts(batch)
-        return [None if is_null(text) else self._text_body(i, text) for i, text in enumerate(texts)]
+            return [None if is_null(m) else self._messages_body(row(i), m) for i, m in enumerate(batch[prompt.column])]
+        texts = self._texts(batch, row)
+        return [None if is_null(text) else self._text_body(row(i), text) for i, text in enumerate(texts)]
 
     def _check_batched(self, batch: Mapping[str, Sequence[Any]]) -> None:
         # Without batched=True map hands over one row (a LazyRow; a dict of scalars with the numpy
@@ -396,7 +422,7 @@ class WireFormat:
         if type(batch).__name__ == "LazyRow" or isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
             raise RecipeError("vllm_generate is a batched transform: use ds.map(generate, batched=True, batch_size=8192)")
 
-    def _texts(self, batch: Mapping[str, Sequence[Any]]) -> list[Any]:
+    def _texts(self, batch: Mapping[str, Sequence[Any]], row: Callable[[int], str]) -> list[Any]:
         prompt = self.prompt
         if prompt.template is None:
             return list(batch[prompt.column])
@@ -404,26 +430,24 @@ class WireFormat:
         texts: list[Any] = []
         for i in range(len(columns[0][1])):
             values = {name: column[i] for name, column in columns}
-            texts.append(None if any(map(is_null, values.values())) else prompt.template.format(**values))
+            texts.append(None if any(map(is_null, values.values())) else format_template(prompt.template, values, row(i)))
         return texts
 
-    def _messages_body(self, i: int, messages: Any) -> dict[str, Any]:
+    def _messages_body(self, where: str, messages: Any) -> dict[str, Any]:
         prompt = self.prompt
-        if not isinstance(messages, list) or not all(isinstance(m, Mapping) and "role" in m for m in messages):
-            raise RecipeError(
-                f"row {i} of the batch: column {prompt.column!r} must hold a list of {{role, content}} messages, "
-                f"got {type(messages).__name__}"
-            )
+        problem = messages_problem(messages)
+        if problem is not None:
+            raise RecipeError(f"{where}: column {prompt.column!r}: {problem} (each message is {{role, content}})")
         msgs = list(messages)
         if prompt.system_prompt and not any(m["role"] == "system" for m in msgs):
             msgs.insert(0, {"role": "system", "content": prompt.system_prompt})
         return {"messages": msgs, **self.fields}
 
-    def _text_body(self, i: int, text: Any) -> dict[str, Any]:
+    def _text_body(self, where: str, text: Any) -> dict[str, Any]:
         prompt = self.prompt
         if not isinstance(text, str):
             hint = "use messages_column for chat messages" if isinstance(text, list) else "convert the column to text"
-            raise RecipeError(f"row {i} of the batch: column {prompt.column!r} must hold text, got {type(text).__name__} ({hint})")
+            raise RecipeError(f"{where}: column {prompt.column!r} must hold text, got {type(text).__name__} ({hint})")
         if not self.chat:
             return {"prompt": text, **self.fields}
         if prompt.system_prompt:
