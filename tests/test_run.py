@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import collections
+import gc
 import inspect
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,12 +25,13 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import write_recipe
+from datasets import Dataset
 from fake_server import FakeServer
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 from huggingface_hub import HfApi as RealHfApi
 
 import vllm_generator
-from vllm_generator import MergeError, RecipeError, ServerUnavailableError
+from vllm_generator import MergeError, RecipeError, ServerUnavailableError, StorageError, vllm_generate
 from vllm_generator.merge import merge_outputs
 from vllm_generator.recipe import load_recipe
 from vllm_generator.run import RunSummary, run_recipe
@@ -981,3 +985,205 @@ def test_merge_refuses_splits_with_other_columns(tmp_path: Path, fake_server: Fa
     split1 = out.parent / "answers.split-00001-of-00002.parquet"
     assert str(info.value) == f"cannot merge {out}: split 1 ({split1}) has other columns than split 0; rerun it"
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------- bad rows, caught before the first request
+
+
+def test_a_message_without_a_role_deep_in_the_input_is_named_before_anything_is_sent(tmp_path: Path, fake_server: FakeServer) -> None:
+    rows = [[{"role": "user", "content": f"q {i}"}] for i in range(3000)]
+    rows[2500] = [{"role": "system", "content": "be terse"}, {"content": "no role here"}]
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in rows))
+    recipe = make_recipe(tmp_path, fake_server.url, path, data={"prompt_column": None, "messages_column": "messages"})
+    with pytest.raises(RecipeError) as info:
+        run(recipe)
+    assert str(info.value) == f"data.messages_column: row 2500 of {path}: message 1 has no 'role'"
+    assert fake_server.log() == []
+    # split 1 of 2 holds that row too: its number in the input, not in the split
+    with pytest.raises(RecipeError) as info:
+        run(recipe, processing__num_splits=2, processing__split_id=1)
+    assert str(info.value) == f"data.messages_column: row 2500 of {path}: message 1 has no 'role'"
+
+
+def test_a_messages_row_of_the_wrong_shape_in_a_plain_map_names_its_dataset_row(fake_server: FakeServer) -> None:
+    ds = Dataset.from_list([{"m": [{"role": "user", "content": "a"}]}] * 5 + [{"m": [{"content": "b"}]}])
+    with pytest.raises(RecipeError) as info:
+        ds.map(vllm_generate(fake_server.url, messages_column="m"), batched=True, batch_size=4, with_indices=True)
+    assert str(info.value) == "row 5: column 'm': message 0 has no 'role' (each message is {role, content})"
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("{question:d}", "data.template: row 0 of {input}: the template '{{question:d}}' cannot format this row's values (ValueError: "),
+        ("{question!s:^{id}}", None),  # id is a column too: this one works
+    ],
+)
+def test_template_values_are_checked_on_the_first_rows(tmp_path: Path, fake_server: FakeServer, template: str, message: str | None) -> None:
+    input_path = write_input(tmp_path / "in.parquet", questions(5))
+    recipe = make_recipe(tmp_path, fake_server.url, input_path, data={"prompt_column": None, "template": template})
+    if message is None:
+        assert run(recipe).succeeded == 5
+        assert sent_prompts(fake_server.log())[2] == format("question 2", f"^{2}")
+        return
+    with pytest.raises(RecipeError) as info:
+        run(recipe)
+    assert str(info.value).startswith(message.format(input=input_path))
+    assert fake_server.log() == []
+
+
+def test_text_that_is_not_utf8_is_named_by_row_and_column(tmp_path: Path, fake_server: FakeServer) -> None:
+    values = pa.array([b"fine", b"also fine", b"caf\xe9"], pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"question": ["a", "b", "c"], "notes": values}), tmp_path / "in.parquet")
+    with pytest.raises(RecipeError) as info:
+        run(make_recipe(tmp_path, fake_server.url, tmp_path / "in.parquet"))
+    assert str(info.value) == f"data.input: row 2 of {tmp_path / 'in.parquet'}, column 'notes': not UTF-8 text: write the file as UTF-8"
+    assert fake_server.log() == []
+
+
+def test_a_broken_jsonl_line_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"question": "a"}\n{"question": "b"}\n{"question": "c"} trailing\n')
+    with pytest.raises(RecipeError) as info:
+        run(make_recipe(tmp_path, "http://127.0.0.1:9", path))
+    assert str(info.value).startswith(f"data.input.path: cannot read {path}: line 3 is not one JSON value (Extra data: ")
+
+
+def test_an_output_path_that_is_a_folder_is_refused_before_anything_is_sent(tmp_path: Path, fake_server: FakeServer) -> None:
+    (tmp_path / "out" / "answers.parquet").mkdir(parents=True)
+    with pytest.raises(RecipeError) as info:
+        run(make_recipe(tmp_path, fake_server.url, write_input(tmp_path / "in.parquet", questions(3))))
+    assert (
+        str(info.value)
+        == f"data.output.path: {tmp_path / 'out' / 'answers.parquet'} is a folder: name a .parquet file to write (it is replaced as a whole)"
+    )
+    assert fake_server.log() == []
+
+
+def test_a_log_file_in_a_folder_that_cannot_be_made_is_refused_up_front(tmp_path: Path, fake_server: FakeServer) -> None:
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    recipe = make_recipe(
+        tmp_path,
+        fake_server.url,
+        write_input(tmp_path / "in.parquet", questions(3)),
+        logging={"file": str(tmp_path / "blocker" / "run.log")},
+    )
+    with pytest.raises(RecipeError) as info:
+        run(recipe)
+    assert str(info.value) == f"logging.file: cannot create the folder {tmp_path / 'blocker'} (File exists)"
+    assert fake_server.log() == []
+
+
+# --------------------------------------------------------------------------- damaged and shared state
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])
+def test_a_damaged_chunk_cache_is_sent_again_with_a_warning_naming_it(
+    tmp_path: Path, fake_server: FakeServer, caplog: pytest.LogCaptureFixture, damage: str
+) -> None:
+    texts = questions(30)
+    recipe = make_recipe(tmp_path, fake_server.url, write_input(tmp_path / "in.parquet", texts))
+    run(recipe)
+    first = run(recipe, data__output__path=str(tmp_path / "reference.parquet"))  # another output, same answers
+    assert first.generated_rows == 30
+    broken = chunk_files(tmp_path / "out" / "answers.parquet")[1]
+    data = broken.read_bytes()
+    broken.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "garbage": b"not arrow at all" * 10}[damage])
+    fake_server.reset()
+    caplog.set_level(logging.WARNING, logger="vllm_generator")
+
+    again = run(recipe)
+    assert (again.reused_rows, again.generated_rows) == (20, 10)
+    assert sorted(sent_prompts(fake_server.log())) == texts[10:20]
+    assert any(r.getMessage().startswith(f"chunk cache {broken} is damaged (") for r in caplog.records)
+    assert pq.read_table(tmp_path / "out" / "answers.parquet").to_pylist() == pq.read_table(tmp_path / "reference.parquet").to_pylist()
+
+
+def test_a_second_run_on_the_same_split_refuses_naming_the_first(tmp_path: Path, start_fake_server: Callable[..., FakeServer]) -> None:
+    server = start_fake_server("--latency", "0.2", "--slots", "2")
+    recipe = make_recipe(
+        tmp_path,
+        server.url,
+        write_input(tmp_path / "in.parquet", questions(20)),
+        processing={"chunk_size": 10, "batch_size": 5, "max_concurrency": 2},
+    )
+    command = [sys.executable, "-m", "vllm_generator", str(recipe), "--progress=false"]
+    first = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not server.log() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        second = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False)
+        assert second.returncode == 1
+        assert second.stderr.startswith(
+            f"error: split 0 of 1 of {tmp_path / 'out' / 'answers.parquet'} is being written by pid {first.pid} on "
+        )
+        assert second.stderr.rstrip().endswith("wait for it to finish or stop it (set processing.wait_for_lock: true to wait)")
+        _, stderr = first.communicate(timeout=120)
+        assert first.returncode == 0, stderr
+    finally:
+        first.kill()
+        first.wait()
+    assert collections.Counter(sent_prompts(server.log())) == {t: 1 for t in questions(20)}  # nothing sent twice
+    # the lock went with the run: the next one resumes at once
+    assert run(recipe).reused_rows == 20
+
+
+def test_a_run_that_waits_for_the_lock_resumes_from_the_first_run_s_work(tmp_path: Path, fake_server: FakeServer) -> None:
+    from vllm_generator.storage import hold_lock
+
+    recipe = make_recipe(tmp_path, fake_server.url, write_input(tmp_path / "in.parquet", questions(10)), processing={"wait_for_lock": True})
+    split_dir = tmp_path / "out" / "answers.parquet.work" / "split-00000-of-00001"
+    split_dir.mkdir(parents=True)
+    held = threading.Event()
+    done: list[RunSummary] = []
+
+    def hold() -> None:
+        with hold_lock(str(split_dir), "it", wait=False):
+            held.set()
+            time.sleep(1.0)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(10)
+    started = time.monotonic()
+    done.append(run(recipe))
+    holder.join()
+    assert time.monotonic() - started >= 0.8 and done[0].succeeded == 10
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0 and not os.environ.get("CI"), reason="mounting a small tmpfs needs root")
+
+
+@needs_root
+def test_a_full_disk_says_where_and_what_is_kept_and_the_rerun_resumes(tmp_path: Path, fake_server: FakeServer) -> None:
+    disk = tmp_path / "small"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(disk)], check=True)
+    try:
+        texts = [f"question {i} " + "x" * 400 for i in range(2000)]
+        recipe = make_recipe(tmp_path, fake_server.url, write_input(tmp_path / "in.parquet", texts),
+                             processing={"chunk_size": 50, "batch_size": 25, "work_dir": str(disk)})  # fmt: skip
+        with pytest.raises(StorageError) as info:
+            run(recipe)
+        message = str(info.value)
+        del info
+        with warnings.catch_warnings():  # datasets' cache writer leaves its file open when a write fails
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()
+        assert message.startswith("no space left on ") and "(No space left on device)" in message
+        assert " chunks (" in message and "rows) are kept in " in message and message.endswith("(it sends only what is not kept)")
+        kept = int(message.split(" chunks (")[1].split(" rows")[0])
+        assert kept < 2000
+        assert not [p for p in disk.rglob("*") if p.name.startswith("tmp") or ".tmp-" in p.name]  # nothing left that cannot resume
+
+        subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)  # room again
+        fake_server.reset()
+        again = run(recipe)
+        assert (again.reused_rows, again.generated_rows) == (kept, 2000 - kept)
+        assert len(fake_server.log()) == 2000 - kept
+        rows = pq.read_table(tmp_path / "out" / "answers.parquet").to_pylist()
+        assert [r["response"] for r in rows] == [f"echo: {t}" for t in texts]
+    finally:
+        subprocess.run(["umount", "--lazy", str(disk)], check=True)  # the chunks may still be memory-mapped here

@@ -9,6 +9,7 @@ from .errors import (
     RecipeError,
     ServerStartError,
     ServerUnavailableError,
+    StorageError,
     VllmGeneratorError,
 )
 from .recipe import Recipe, TransformConfig, load_recipe
@@ -32,6 +33,7 @@ __all__ = [
     "GenerationError",
     "ServerStartError",
     "MergeError",
+    "StorageError",
     "HubError",
     "__version__",
 ]

@@ -53,7 +53,7 @@ from .storage import (
     write_parquet,
 )
 from .transform import VllmGenerate
-from .wire import check_auth, check_columns, format_template, is_null
+from .wire import check_auth, check_columns, format_template, is_null, messages_problem
 
 __all__ = ["RunSummary", "CheckedRecipe", "check_recipe", "run_recipe", "run_split"]
 
@@ -267,7 +267,7 @@ def _check_rows(config: TransformConfig, split: Dataset, start: int, where: str)
         _check_utf8(table.column(name), name, start, where)
     prompt = config.prompt
     if prompt.source == "messages":
-        _check_messages(table.column(prompt.column), prompt.column, start, where)
+        _check_messages(split, prompt.column, start, where)
     elif prompt.template:
         first = split.select_columns(prompt.prompt_columns())[:_TEMPLATE_ROWS_CHECKED]
         for i in range(len(first[prompt.prompt_columns()[0]])):
@@ -295,24 +295,33 @@ def _check_utf8(column: pa.ChunkedArray, name: str, start: int, where: str) -> N
         offset += len(chunk)
 
 
-def _check_messages(column: pa.ChunkedArray, name: str, start: int, where: str) -> None:
-    """Every message of every row has a role (checked on Arrow, not row by row)."""
+def _check_messages(split: Dataset, name: str, start: int, where: str) -> None:
+    """Every message of every row has a role: on Arrow when the column is a list of structs,
+    else (messages of mixed shapes, which datasets stores as JSON) row by row."""
+    column = split.data.table.column(name)
     kind = column.type
     if pa.types.is_null(kind):
         return
     struct = kind.value_type
-    if not pa.types.is_struct(struct) or struct.get_field_index("role") < 0:
-        raise RecipeError(f"data.messages_column: column {name!r} of {where} holds {kind}, not lists of {{role, content}} messages")
+    if pa.types.is_struct(struct) and struct.get_field_index("role") >= 0:
+        offset = 0
+        for chunk in column.chunks:
+            flat = pc.list_flatten(chunk)
+            missing = pc.fill_null(pc.or_(flat.is_null(), pc.struct_field(flat, "role").is_null()), True)
+            if pc.any(missing).as_py():
+                first = int(pc.index(missing, True).as_py())
+                row = int(pc.list_parent_indices(chunk)[first].as_py())
+                message = first - int(chunk.offsets[row].as_py()) + int(chunk.offsets[0].as_py())
+                raise RecipeError(f"data.messages_column: row {start + offset + row} of {where}: message {message} has no 'role'")
+            offset += len(chunk)
+        return
     offset = 0
-    for chunk in column.chunks:
-        flat = pc.list_flatten(chunk)
-        missing = pc.fill_null(pc.or_(flat.is_null(), pc.struct_field(flat, "role").is_null()), True)
-        if pc.any(missing).as_py():
-            first = int(pc.index(missing, True).as_py())
-            row = int(pc.list_parent_indices(chunk)[first].as_py())
-            message = first - int(chunk.offsets[row].as_py()) + int(chunk.offsets[0].as_py())
-            raise RecipeError(f"data.messages_column: row {start + offset + row} of {where}: message {message} has no 'role'")
-        offset += len(chunk)
+    for batch in split.select_columns([name]).iter(batch_size=10_000):
+        for i, messages in enumerate(batch[name]):
+            problem = None if is_null(messages) else messages_problem(messages)
+            if problem is not None:
+                raise RecipeError(f"data.messages_column: row {start + offset + i} of {where}: {problem}")
+        offset += len(batch[name])
 
 
 def _null_prompts(config: TransformConfig, ds: Dataset) -> np.ndarray:
