@@ -13,9 +13,12 @@ import base64
 import io
 import mimetypes
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["IMAGE_ERROR", "ImageValueError", "attach_images", "clean_content_parts", "image_url"]
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+__all__ = ["IMAGE_ERROR", "ImageValueError", "attach_images", "clean_content_parts", "image_url", "undecoded"]
 
 IMAGE_ERROR = "image"  # the error_type of a row whose image cannot be read
 _REMOTE = ("http://", "https://", "data:")
@@ -131,3 +134,16 @@ def clean_content_parts(message: Any) -> Any:
 def _without_nulls(part: Mapping[str, Any]) -> dict[str, Any]:
     # one level down too: {"image_url": {"url": ..., "detail": null}}
     return {k: _without_nulls(v) if isinstance(v, Mapping) else v for k, v in part.items() if v is not None}
+
+
+def undecoded(ds: Dataset, columns: Sequence[str]) -> Dataset:
+    """``ds`` with its ``datasets.Image`` columns among ``columns`` read as ``{bytes, path}``: the
+    file's own bytes are sent (no decode and PNG re-encode), and a corrupt file is its row's error
+    here instead of an exception inside ``datasets``' decoding that would stop the map."""
+    from datasets import Image
+
+    for column in columns:
+        feature = ds.features.get(column)
+        if isinstance(feature, Image) and feature.decode:
+            ds = ds.cast_column(column, Image(decode=False))  # only the features change: no rewrite
+    return ds

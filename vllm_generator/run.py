@@ -32,6 +32,7 @@ from datasets import Dataset
 from .chunks import Chunk, map_chunk, plan_chunks, remove_stale_chunks, retry_failed, with_input
 from .client import Stats, run_on_loop
 from .errors import RecipeError, ServerUnavailableError
+from .images import undecoded
 from .lookahead import Lookahead
 from .recipe import Recipe, TransformConfig
 from .storage import (
@@ -180,6 +181,8 @@ def check_recipe(recipe: Recipe, split_id: int = 0, num_splits: int = 1) -> Chec
     ds = load_input(data.input)
     where = str(data.input.path or data.input.hub_id)
     config = recipe.transform_config()
+    if config.prompt.image_columns():
+        ds = undecoded(ds, [c for c in config.prompt.image_columns() if c in ds.column_names])
     _check_prompt_columns(config, ds, where)
     if num_splits > len(ds):  # an empty split would crash in shard() and could never be merged
         raise RecipeError(f"processing.num_splits {num_splits} is more than the {len(ds)} rows of {where}: use at most {len(ds)} splits")
