@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Dataset
 
+from .card import render_card
 from .chunks import Chunk, map_chunk, plan_chunks, remove_stale_chunks, retry_failed, with_input
 from .client import Stats, run_on_loop
 from .errors import RecipeError, ServerUnavailableError
@@ -239,6 +240,7 @@ class _Plan:
     gen_key: str  # what decides the text (TransformConfig.fingerprint)
     chunks: list[Chunk]
     done_before: set[int]  # chunks finished by an earlier run
+    served_model: str | None = None  # what the servers said they serve (model.model unset)
 
     @property
     def cached(self) -> list[Chunk]:
@@ -267,7 +269,7 @@ def _plan(recipe: Recipe, checked: CheckedRecipe, transform: VllmGenerate) -> _P
     size = recipe.processing.chunk_size
     gen_key = transform.config.fingerprint(served_model)
     chunks = plan_chunks(checked.split, split_dir, size, gen_key)
-    plan = _Plan(work, split_dir, gen_key, chunks, {c.index for c in chunks if c.files()})
+    plan = _Plan(work, split_dir, gen_key, chunks, {c.index for c in chunks if c.files()}, served_model)
     if unreachable is not None and plan.todo:
         raise unreachable  # rows are left to send, and no server answers
     if plan.done_before:
@@ -497,6 +499,13 @@ def _write_outputs(recipe: Recipe, checked: CheckedRecipe, plan: _Plan, result: 
             output.private,
             delete_patterns=[hub_pattern(output.hub_split)],
             keep_patterns=[hub_pattern(output.hub_split, num_splits)],
+            readme=lambda files: render_card(
+                output.hub_repo_id or "",
+                output.hub_split,
+                files,
+                {**summary.to_dict(), "served_model": recipe.model.model or plan.served_model},
+                recipe,
+            ),
         )
         summary.hub_repo_id = output.hub_repo_id
         write_json(summary.metrics_path, summary.to_dict())
