@@ -51,6 +51,15 @@ Uncounted (they apply once the prompt's counted faults, if any, are used up, so
     [[reasoning:field|legacy|inline|close_only|unclosed|field_unclosed]]  reasoning
                      output shapes of vLLM (see DESIGN.md §5); for /v1/completions only
                      the in-text shapes (inline, close_only, unclosed) apply.
+    [[json:bad|wrong]]  with a response_format json_schema: an answer that is not JSON
+                     (bad), or JSON missing the schema's first required field (wrong)
+
+Structured outputs: a chat request with ``response_format: {"type": "json_schema", ...}``
+gets, instead of the echo, JSON that follows the schema (strings are the echo, integers the
+prompt's word count, numbers 0.5, booleans true, arrays two items, optional nullable fields
+null; ``$ref`` resolved), so tests can check both the parsing and the row alignment.
+Image inputs: a user message whose content parts hold ``image_url`` parts gets
+`` [images: K]`` after the echo.
 
 "Immediate" faults are admission rejections (like a proxy or a full queue): no slot, no
 latency. The others model an engine failing mid-generation.
@@ -124,7 +133,7 @@ class BadDirective(ValueError):
 class Directives:
     """What the ``[[...]]`` markers in one prompt ask for."""
 
-    __slots__ = ("always", "faults", "reasoning", "redirect", "retry_after", "sleep", "text_usage")
+    __slots__ = ("always", "faults", "json", "reasoning", "redirect", "retry_after", "sleep", "text_usage")
 
     def __init__(self, text: str) -> None:
         self.faults: list[tuple[str, int]] = []  # counted faults, in prompt order
@@ -134,6 +143,7 @@ class Directives:
         self.reasoning: str | None = None
         self.text_usage = False
         self.redirect: int | None = None
+        self.json: str | None = None
         for match in _DIRECTIVE.finditer(text):
             name, arg = match.group(1).lower(), match.group(2)
             try:
@@ -155,6 +165,10 @@ class Directives:
                     if arg not in _REASONING_SHAPES:
                         raise ValueError(arg)
                     self.reasoning = arg
+                elif name == "json":
+                    if arg not in ("bad", "wrong"):
+                        raise ValueError(arg)
+                    self.json = arg
                 # Unknown names are ordinary prompt text.
             except ValueError:
                 raise BadDirective(f"fake_server: bad directive {match.group(0)}") from None
@@ -188,7 +202,7 @@ def _text_of(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "\n".join(p.get("text", "") for p in content if isinstance(p, dict))
+        return "\n".join(p.get("text") or "" for p in content if isinstance(p, dict) and p.get("type", "text") == "text")
     return ""
 
 
@@ -202,6 +216,68 @@ def _break_choice(choice: dict[str, Any], fault: str, chat: bool) -> None:
         choice["message"] = None
     else:
         choice["message"].update(content=None, reasoning=None)
+
+
+def _image_count(messages: Any) -> int:
+    """``image_url`` parts in the last user message."""
+    user = next((m for m in reversed(messages) if isinstance(m, dict) and m.get("role") == "user"), {})
+    content = user.get("content")
+    return sum(isinstance(p, dict) and p.get("type") == "image_url" for p in content) if isinstance(content, list) else 0
+
+
+def _schema_value(node: Any, root: dict[str, Any], prompt: str) -> Any:
+    """A value that follows the JSON schema ``node``, derived from the prompt."""
+    if not isinstance(node, dict):
+        return None
+    if "$ref" in node:
+        target: Any = root
+        for part in str(node["$ref"])[2:].split("/"):
+            target = target[part]
+        return _schema_value(target, root, prompt)
+    for key in ("anyOf", "oneOf", "allOf"):
+        if key in node:
+            options = [o for o in node[key] if not (isinstance(o, dict) and o.get("type") == "null")]
+            return _schema_value(options[0], root, prompt)
+    if "enum" in node:
+        return node["enum"][0]
+    if "const" in node:
+        return node["const"]
+    kind = node.get("type")
+    kind = next(t for t in kind if t != "null") if isinstance(kind, list) else kind
+    if kind == "string":
+        return "echo: " + prompt
+    if kind == "integer":
+        return len(prompt.split())
+    if kind == "number":
+        return 0.5
+    if kind == "boolean":
+        return True
+    if kind == "array":
+        return [_schema_value(node.get("items"), root, prompt) for _ in range(2)]
+    required = set(node.get("required") or [])
+    out = {}
+    for name, sub in (node.get("properties") or {}).items():
+        nullable = isinstance(sub, dict) and (
+            any(isinstance(o, dict) and o.get("type") == "null" for o in sub.get("anyOf", []))
+            or (isinstance(sub.get("type"), list) and "null" in sub["type"])
+        )
+        out[name] = None if nullable and name not in required else _schema_value(sub, root, prompt)
+    return out
+
+
+def _structured_answer(body: dict[str, Any], prompt: str, directives: Directives | None) -> str | None:
+    """The answer to a request with a json_schema response_format (None without one)."""
+    fmt = body.get("response_format")
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+        return None
+    schema = fmt["json_schema"]["schema"]
+    mode = directives.json if directives is not None else None
+    if mode == "bad":
+        return "echo: " + prompt + " {not json"
+    value = _schema_value(schema, schema, prompt)
+    if mode == "wrong" and isinstance(value, dict) and schema.get("required"):
+        value.pop(schema["required"][0], None)
+    return json.dumps(value)
 
 
 def _truncate(text: str, max_tokens: int | None) -> tuple[str, bool]:
@@ -477,12 +553,16 @@ class FakeVLLM:
         if not isinstance(max_tokens, int):
             max_tokens = None
         shape = directives.reasoning if directives is not None else None
+        images = _image_count(body.get("messages")) if chat else 0
         choices: list[dict[str, Any]] = []
         completion_tokens = 0
         for prompt in prompts:
             thinking = "thinking about " + prompt
             for i in range(n):
-                echo = "echo: " + prompt + (f" #{i}" if n > 1 else "")
+                echo = "echo: " + prompt + (f" #{i}" if n > 1 else "") + (f" [images: {images}]" if images else "")
+                structured = _structured_answer(body, prompt + (f" #{i}" if n > 1 else ""), directives) if chat else None
+                if structured is not None:
+                    echo = structured
                 content: str | None = echo
                 reasoning: str | None = None
                 finish = "stop"

@@ -256,7 +256,7 @@ def test_output_columns_must_differ() -> None:
         vllm_generate("http://localhost:8000", columns={"response": "error"})
     assert str(info.value) == (
         "vllm_generate: columns: output column names must differ: "
-        "['error', 'reasoning', 'finish_reason', 'prompt_tokens', 'completion_tokens', 'error', 'logprobs']"
+        "['error', 'reasoning', 'finish_reason', 'prompt_tokens', 'completion_tokens', 'error', 'logprobs', 'parsed']"
     )
 
 

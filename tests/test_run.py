@@ -719,6 +719,7 @@ class RecordingHfApi:
         self.files = list(files or [])
         self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
         self.uploaded: dict[str, list[dict[str, Any]]] = {}
+        self.cards: list[str] = []  # every README.md pushed, in order
 
     def _record(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         inspect.signature(getattr(RealHfApi, name)).bind(self, *args, **kwargs)
@@ -735,7 +736,11 @@ class RecordingHfApi:
         operations = kwargs.pop("operations")
         described: list[tuple[str, ...]] = []
         for op in operations:
-            if isinstance(op, CommitOperationAdd):
+            if isinstance(op, CommitOperationAdd) and op.path_in_repo == "README.md":
+                assert isinstance(op.path_or_fileobj, bytes)
+                self.cards.append(op.path_or_fileobj.decode())
+                described.append(("add", "README.md", "<card>"))
+            elif isinstance(op, CommitOperationAdd):
                 assert isinstance(op.path_or_fileobj, str)
                 self.uploaded[op.path_in_repo] = pq.read_table(op.path_or_fileobj).to_pylist()
                 described.append(("add", op.path_in_repo, op.path_or_fileobj))
@@ -800,6 +805,7 @@ def test_merge_pushes_one_file_and_removes_the_split_files(split_outputs: tuple[
     assert api.calls[2][2]["operations"] == [
         ("add", "data/train-00000-of-00001.parquet", str(out)),
         *[("delete", f"data/train-0000{i}-of-00003.parquet") for i in range(3)],
+        ("add", "README.md", "<card>"),
     ]
     assert [r["id"] for r in api.uploaded["data/train-00000-of-00001.parquet"]] == list(range(30))
 
@@ -846,7 +852,7 @@ def test_each_split_uploads_its_own_file_and_removes_files_of_other_split_counts
                 "create_commit",
                 ("org/answers",),
                 {
-                    "operations": [("add", name, staged), *(("delete", f) for f in stale)],
+                    "operations": [("add", name, staged), *(("delete", f) for f in stale), ("add", "README.md", "<card>")],
                     "repo_type": "dataset",
                     "commit_message": f"vllm-generator: upload {name}",
                 },
@@ -1187,3 +1193,81 @@ def test_a_full_disk_says_where_and_what_is_kept_and_the_rerun_resumes(tmp_path:
         assert [r["response"] for r in rows] == [f"echo: {t}" for t in texts]
     finally:
         subprocess.run(["umount", "--lazy", str(disk)], check=True)  # the chunks may still be memory-mapped here
+
+
+# --------------------------------------------------------------------------- the dataset card
+
+
+def test_every_push_writes_a_dataset_card_with_the_run_and_a_viewer_config(
+    tmp_path: Path, fake_server: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api = RecordingHfApi(["README.md", "data/test-00000-of-00001.parquet", "data/train-v2-00000-of-00001.parquet"])
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda *args, **kwargs: api)
+    texts = questions(10, {4: "[[400]]"})
+    recipe = make_recipe(
+        tmp_path,
+        fake_server.url,
+        write_input(tmp_path / "in.parquet", texts),
+        generation={"temperature": 0.5, "max_tokens": 32},
+        data={"system_prompt": "Be brief."},
+    )
+    raw = yaml.safe_load(recipe.read_text())
+    raw["data"]["output"]["hub_repo_id"] = "org/answers"
+    raw["model"]["base_url"] = fake_server.url.replace("http://", "http://user:hunter2@")
+    recipe.write_text(yaml.safe_dump(raw))
+    summary = run(recipe)
+    (card,) = api.cards
+    front, body = card.removeprefix("---\n").split("---\n", 1)
+    # train's own pattern: "data/train-*" would also take the train-v2 split's files
+    assert yaml.safe_load(front)["configs"] == [
+        {
+            "config_name": "default",
+            "data_files": [
+                {"split": "test", "path": "data/test-*"},
+                {"split": "train", "path": "data/train-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9].parquet"},
+                {"split": "train-v2", "path": "data/train-v2-*"},
+            ],
+        }
+    ]
+    assert "| served model name | fake-model |" in body
+    assert '| generation parameters | {"max_tokens": 32, "temperature": 0.5} |' in body
+    assert "| prompt source | text column `question`, system prompt `Be brief.` |" in body
+    assert "| rows | 10 |\n| succeeded | 9 |\n| failed | 1 |\n| failed by type | http_400: 1 |" in body
+    assert f"| tokens | {summary.prompt_tokens:,} prompt, {summary.completion_tokens:,} completion |" in body
+    assert f"| throughput | {summary.rows_per_s:,.1f} rows/s" in body
+    assert f"| library version | vllm-generator {vllm_generator.__version__} |" in body
+    recipe_block = body.split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert yaml.safe_load(recipe_block)["model"]["base_url"] == [fake_server.url.replace("http://", "http://<redacted>@")]
+    assert "hunter2" not in card
+    assert 'load_dataset("org/answers", split="train")' in body
+
+
+def test_the_card_redacts_secret_settings() -> None:
+    from vllm_generator.card import redact
+
+    recipe = {
+        "model": {
+            "api_key_env": "MY_KEY",  # a variable's name: kept
+            "serve": {"env": {"HF_TOKEN": "hf_abc", "VLLM_CPU_KVCACHE_SPACE": "1"}, "args": ["--api-key", "sk-1", "--dtype", "bf16"]},
+        },
+        "generation": {"extra_body": {"auth": {"user": "x"}}},
+    }
+    assert redact(recipe) == {
+        "model": {
+            "api_key_env": "MY_KEY",
+            "serve": {
+                "env": {"HF_TOKEN": "<redacted>", "VLLM_CPU_KVCACHE_SPACE": "1"},
+                "args": ["--api-key", "<redacted>", "--dtype", "bf16"],
+            },
+        },
+        "generation": {"extra_body": {"auth": "<redacted>"}},
+    }
+
+
+def test_a_merge_push_writes_a_card_with_the_totals(split_outputs: tuple[Path, Path]) -> None:
+    _, out = split_outputs
+    api = RecordingHfApi([])
+    merge_outputs(str(out), hub_repo_id="org/answers", hub_split="train", private=True, api=api)
+    (card,) = api.cards
+    assert "  - split: train\n    path: data/train-*\n" in card
+    assert "| rows | 30 |\n| succeeded | 30 |\n| failed | 0 |\n| failed by type | none |" in card

@@ -41,7 +41,10 @@ _SECTIONS = ("data", "model", "generation", "processing", "retry", "logging")
 # short flags that Fire cannot map unambiguously (-t it can, but then it would parse the template)
 _SHORT = {"-i": "--input", "-o": "--output", "-m": "--base-url", "-t": "--template"}
 # Flags whose value is text as typed: Fire would turn '{prompt}' into a set, '123' into an int.
-_TEXT_FLAGS = {"input", "output", "model", "prompt_column", "messages_column", "template", "system_prompt", "hub_repo_id", "hub_split"}
+_TEXT_FLAGS = {
+    "input", "output", "model", "prompt_column", "messages_column", "template", "system_prompt", "hub_repo_id", "hub_split",
+    "output_schema", "image_column",
+}  # fmt: skip
 # generate's errors name these flags, not the recipe fields they fill
 _GENERATE_FLAGS = {
     "data.input.path": "-i/--input",
@@ -232,6 +235,7 @@ class Commands:
         messages_column: str | None = None,
         template: str | None = None,
         system_prompt: str | None = None,
+        image_column: str | None = None,
         limit: int | None = None,
         batch_size: int | None = None,
         max_concurrency: int | None = None,
@@ -251,6 +255,7 @@ class Commands:
                 "messages_column": messages_column,
                 "template": template,
                 "system_prompt": system_prompt,
+                "image_column": image_column,
             }.items()
             if v is not None
         }

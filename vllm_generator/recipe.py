@@ -107,6 +107,9 @@ class PromptConfig(_Config):
     messages_column: str | None = None
     template: str | None = None
     system_prompt: str | None = None
+    # Columns of images sent after the text (datasets.Image, {bytes, path}, file paths or URLs;
+    # a list column for several per row): one name or a list of names.
+    image_column: str | list[str] | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> PromptConfig:
@@ -154,6 +157,27 @@ class PromptConfig(_Config):
             return list(dict.fromkeys(template_fields(self.template)))
         return [self.column]
 
+    def image_columns(self) -> list[str]:
+        """The dataset columns whose images follow the text."""
+        if self.image_column is None:
+            return []
+        return [self.image_column] if isinstance(self.image_column, str) else list(self.image_column)
+
+    def input_columns(self) -> list[str]:
+        """Every dataset column a request is built from: the prompt's, then the images'."""
+        return list(dict.fromkeys(self.prompt_columns() + self.image_columns()))
+
+    @model_validator(mode="after")
+    def _images_after_text(self) -> PromptConfig:
+        if self.image_column is not None and self.messages_column:
+            raise ValueError(
+                "image_column adds images to a text prompt (prompt_column or template); "
+                "with messages_column put image_url parts in the messages' content, which is sent as it is"
+            )
+        if isinstance(self.image_column, list) and not self.image_column:
+            raise ValueError("image_column is an empty list: name at least one column, or leave it out")
+        return self
+
 
 class OutputColumns(_Config):
     """Names of the columns the transform adds."""
@@ -166,6 +190,8 @@ class OutputColumns(_Config):
     error: str = "error"
     # only written when generation.logprobs is set: the choices' logprobs as JSON text
     logprobs: str = "logprobs"
+    # only written when generation.output_schema is set: each answer as a value of the schema
+    parsed: str = "parsed"
 
     @model_validator(mode="after")
     def _distinct(self) -> OutputColumns:
@@ -211,6 +237,9 @@ class GenerationConfig(_Config):
     logit_bias: dict[str, float] | None = None
     structured_outputs: dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    # A JSON schema the answer must follow (sent as response_format json_schema) and be parsed
+    # into the "parsed" column with: a pydantic model class, a schema, a .json file or module:Class.
+    output_schema: dict[str, Any] | None = None
     # True/False set chat_template_kwargs.enable_thinking; None leaves the model's default.
     thinking: bool | None = None
     # Split "<think>...</think>" out of the text when the server has no reasoning parser.
@@ -222,6 +251,27 @@ class GenerationConfig(_Config):
     @classmethod
     def _stop_list(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @field_validator("output_schema", mode="before")
+    @classmethod
+    def _load_output_schema(cls, value: Any) -> Any:
+        from .structured import compile_schema, load_schema
+
+        if value is None:
+            return None
+        schema = load_schema(value)  # a SchemaError is a ValueError: pydantic names the field
+        compile_schema(schema)  # fails here, naming the place in the schema, not at the first answer
+        return schema
+
+    @model_validator(mode="after")
+    def _one_answer_constraint(self) -> GenerationConfig:
+        if self.output_schema is not None:
+            given = [k for k in ("response_format", "structured_outputs") if getattr(self, k) is not None or k in self.extra_body]
+            if given:
+                raise ValueError(f"output_schema sets response_format itself: leave out {given[0]}")
+            if self.mode == "completion":
+                raise ValueError("output_schema applies to mode 'chat' (it sends response_format)")
+        return self
 
     @field_validator("logit_bias", mode="before")
     @classmethod
@@ -363,6 +413,8 @@ class TransformConfig(_Config):
                 raise ValueError("mode 'completion' sends a raw prompt: use prompt_column or template, not messages_column")
             if self.prompt.system_prompt:
                 raise ValueError("system_prompt only applies to mode 'chat'")
+            if self.prompt.image_column is not None:
+                raise ValueError("image_column only applies to mode 'chat' (images go as content parts of the user message)")
         return self
 
     def fingerprint(self, served_model: str | None = None) -> str:
@@ -371,12 +423,18 @@ class TransformConfig(_Config):
         ``served_model``: the model the servers said they serve, when ``model.model`` is None.
         """
         relevant = {
-            "prompt": self.prompt.model_dump(mode="json"),
-            "generation": self.generation.model_dump(mode="json"),
-            "columns": self.columns.model_dump(mode="json"),
+            "prompt": _without_later_defaults(self.prompt.model_dump(mode="json"), {"image_column": None}),
+            "generation": _without_later_defaults(self.generation.model_dump(mode="json"), {"output_schema": None}),
+            "columns": _without_later_defaults(self.columns.model_dump(mode="json"), {"parsed": "parsed"}),
             "model": self.model.model or served_model or (self.model.serve.model if self.model.serve else None),
         }
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _without_later_defaults(values: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
+    """``values`` without the fields added in later versions while they hold their default: the
+    chunk caches of a run started before those fields existed keep their keys and resume."""
+    return {k: v for k, v in values.items() if not (k in later and v == later[k])}
 
 
 class InputConfig(_Config):
@@ -387,12 +445,29 @@ class InputConfig(_Config):
     config: str | None = None  # Hub dataset config name
     split: str = "train"
     limit: int | None = Field(None, ge=1)  # the first N rows only
+    # Refused (see the validator): a recipe's resume and splits need the input on disk.
+    streaming: bool = False
 
     @model_validator(mode="after")
     def _one_source(self) -> InputConfig:
         if bool(self.path) == bool(self.hub_id):
             raise ValueError("set exactly one of path (file, glob or folder) or hub_id")
         return self
+
+    @field_validator("streaming")
+    @classmethod
+    def _no_streaming(cls, value: bool) -> bool:
+        if value:
+            # Resume is exact because each chunk's cache is keyed on the input's fingerprint and
+            # its row range, and splits are Dataset.shard row ranges: a stream has neither a
+            # fingerprint nor a length, so a rerun could not prove which rows are done.
+            raise ValueError(
+                "streaming: true is not supported by recipes: resume keys each chunk on the input's fingerprint and "
+                "row range, and splits on its row count, which a stream does not have, so a rerun could not prove which "
+                "rows are done. Let the recipe load the input (datasets keeps it memory-mapped on disk), or stream in "
+                "Python: load_dataset(..., streaming=True).map(vllm_generate(...), batched=True)"
+            )
+        return value
 
 
 class OutputConfig(_Config):

@@ -29,9 +29,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Dataset
 
+from .card import render_card
 from .chunks import Chunk, check_chunk, map_chunk, plan_chunks, remove_stale_chunks, retry_failed, with_input
 from .client import Stats, run_on_loop
 from .errors import RecipeError, ServerUnavailableError, StorageError
+from .images import undecoded
 from .lookahead import Lookahead
 from .recipe import Recipe, TransformConfig
 from .storage import (
@@ -220,6 +222,8 @@ def check_recipe(recipe: Recipe, split_id: int = 0, num_splits: int = 1) -> Chec
     where = str(data.input.path or data.input.hub_id)
     config = recipe.transform_config()
     check_auth(config.model.base_url, config.model.api_key())
+    if config.prompt.image_columns():
+        ds = undecoded(ds, [c for c in config.prompt.image_columns() if c in ds.column_names])
     _check_prompt_columns(config, ds, where)
     if recipe.logging.file:
         make_parent(recipe.logging.file, "logging.file")
@@ -345,6 +349,7 @@ class _Plan:
     gen_key: str  # what decides the text (TransformConfig.fingerprint)
     chunks: list[Chunk]
     done_before: set[int]  # chunks finished by an earlier run
+    served_model: str | None = None  # what the servers said they serve (model.model unset)
 
     @property
     def cached(self) -> list[Chunk]:
@@ -368,7 +373,7 @@ def _plan(recipe: Recipe, checked: CheckedRecipe, transform: VllmGenerate, work:
     gen_key = transform.config.fingerprint(served_model)
     chunks = plan_chunks(checked.split, split_dir, size, gen_key)
     columns = transform.new_columns.column_names
-    plan = _Plan(work, split_dir, gen_key, chunks, {c.index for c in chunks if check_chunk(c, columns)})
+    plan = _Plan(work, split_dir, gen_key, chunks, {c.index for c in chunks if check_chunk(c, columns)}, served_model)
     if unreachable is not None and plan.todo:
         raise unreachable  # rows are left to send, and no server answers
     if plan.done_before:
@@ -598,6 +603,13 @@ def _write_outputs(recipe: Recipe, checked: CheckedRecipe, plan: _Plan, result: 
             output.private,
             delete_patterns=[hub_pattern(output.hub_split)],
             keep_patterns=[hub_pattern(output.hub_split, num_splits)],
+            readme=lambda files: render_card(
+                output.hub_repo_id or "",
+                output.hub_split,
+                files,
+                {**summary.to_dict(), "served_model": recipe.model.model or plan.served_model},
+                recipe,
+            ),
         )
         summary.hub_repo_id = output.hub_repo_id
         write_json(summary.metrics_path, summary.to_dict())

@@ -21,7 +21,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -381,13 +381,15 @@ def push_to_hub(
     api: Any = None,
     delete_patterns: list[str] | None = None,
     keep_patterns: list[str] | None = None,
+    readme: Callable[[list[str]], str] | None = None,
 ) -> None:
     """Upload one Parquet file to a Hub dataset repo, creating the repo if needed, in one commit
     that also deletes the files matching ``delete_patterns`` but not ``keep_patterns``.
 
     Each split uploads its own file name (``hub_path``), so splits pushing to one repo never
     delete each other's files, which ``Dataset.push_to_hub`` would do. The token comes from
-    ``HF_TOKEN`` or the saved login (huggingface_hub reads them).
+    ``HF_TOKEN`` or the saved login (huggingface_hub reads them). ``readme`` gives the dataset
+    card (README.md, in the same commit) from the files the repo holds after it.
 
     Raises:
         HubError: the Hub refused or could not be reached; ``local_path`` is kept.
@@ -399,8 +401,8 @@ def push_to_hub(
         api = api or HfApi()
         api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
         operations: list[Any] = [CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=local_path)]
+        existing = api.list_repo_files(repo_id, repo_type="dataset") if delete_patterns or readme else []
         if delete_patterns:
-            existing = api.list_repo_files(repo_id, repo_type="dataset")
             operations += [
                 CommitOperationDelete(path_in_repo=f)
                 for f in existing
@@ -409,6 +411,10 @@ def push_to_hub(
                 and any(fnmatch.fnmatchcase(f, p) for p in delete_patterns)
                 and not any(fnmatch.fnmatchcase(f, p) for p in keep_patterns or [])
             ]
+        if readme is not None:
+            deleted = {op.path_in_repo for op in operations if isinstance(op, CommitOperationDelete)}
+            after = sorted({f for f in existing if f not in deleted} | {path_in_repo})
+            operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=readme(after).encode()))
         api.create_commit(repo_id, operations=operations, repo_type="dataset", commit_message=f"vllm-generator: upload {path_in_repo}")
     except (HfHubHTTPError, OSError, _http_error()) as err:  # refused, or not reached: not a bug
         raise HubError(

@@ -20,12 +20,15 @@ from typing import Any
 import orjson
 
 from .errors import RecipeError
+from .images import IMAGE_ERROR, attach_images, clean_content_parts
 from .recipe import GenerationConfig, PromptConfig, TransformConfig
+from .structured import Structured, request_field
 
 __all__ = [
     "CHAT_PATH",
     "COMPLETIONS_PATH",
     "Result",
+    "Unsent",
     "WireFormat",
     "FinalError",
     "RetryableError",
@@ -72,7 +75,7 @@ def decode(body: bytes) -> Any:
 def request_fields(gen: GenerationConfig) -> dict[str, Any]:
     """The JSON body fields a generation config adds to every request (``None`` is not sent)."""
     body: dict[str, Any] = {}
-    skip = {"mode", "thinking", "parse_reasoning", "extra_body", "chat_template_kwargs"}
+    skip = {"mode", "thinking", "parse_reasoning", "extra_body", "chat_template_kwargs", "output_schema"}
     for name, value in gen:
         if name not in skip and value is not None and not (name == "n" and value == 1):
             body[name] = value
@@ -97,12 +100,14 @@ def check_columns(prompt: PromptConfig, columns: Sequence[str], where: str | Non
     ``where`` (a recipe's input) names the file and the recipe field; without it the message
     speaks of the dataset handed to ``map``.
     """
-    missing = [c for c in prompt.prompt_columns() if c not in columns]
+    missing = [c for c in prompt.input_columns() if c not in columns]
     if not missing:
         return
     names = ", ".join(map(repr, missing))
     if where is not None:
         field = "template" if prompt.template else "messages_column" if prompt.messages_column else "prompt_column"
+        if set(missing) <= set(prompt.image_columns()):
+            field = "image_column"
         raise RecipeError(f"data.{field}: column(s) {names} not in {where} (columns: {', '.join(columns)})")
     what = "template" if prompt.template else "prompt"
     raise RecipeError(f"the {what} reads column(s) {names} that the dataset does not have; its columns are: {', '.join(columns)}")
@@ -134,14 +139,22 @@ def is_null(value: Any) -> bool:
     return value is None or (isinstance(value, float) and value != value)
 
 
-def prompt_text(body: dict[str, Any] | None) -> str:
+def prompt_text(body: dict[str, Any] | Unsent | None) -> str:
     """The row's own text (the last message, not a shared system prompt), for error messages."""
-    if body is None:
+    if not isinstance(body, dict):
         return ""
     if "prompt" in body:
         return str(body["prompt"])
     content = body["messages"][-1].get("content") if body["messages"] else ""
     return content if isinstance(content, str) else json.dumps(content)
+
+
+@dataclass(frozen=True, slots=True)
+class Unsent:
+    """In place of a row's body: the row is not sent, and gets this error (an unreadable image)."""
+
+    error: str
+    error_type: str
 
 
 # --------------------------------------------------------------------------- responses
@@ -159,6 +172,7 @@ class Result:
     error: str | None = None
     error_type: str | None = None  # for metrics: "http_400", "timeout", ...
     logprobs: str | None = None
+    parsed: Any = None  # with an output schema: the answer as a value of the schema (a list when n > 1)
     attempts: int = 0
     latency: float = 0.0  # seconds the successful attempt took
 
@@ -369,11 +383,15 @@ class WireFormat:
     n: int
     parse_reasoning: bool
     want_logprobs: bool
+    structured: Structured | None = None  # output_schema: answers parsed into Result.parsed
 
     @classmethod
     def from_config(cls, config: TransformConfig) -> WireFormat:
         gen = config.generation
         fields = request_fields(gen)
+        structured = Structured.from_schema(gen.output_schema) if gen.output_schema is not None else None
+        if structured is not None:
+            fields.update(request_field(structured.schema))
         # With thinking off the chat template closes the think block in the prompt: everything
         # generated is answer, even a stray "</think>" (vLLM's parser leaves those in content).
         thinking_off = (fields.get("chat_template_kwargs") or {}).get("enable_thinking") is False
@@ -387,15 +405,18 @@ class WireFormat:
             # decided from the body sent, so extra_body counts too; logprobs is a flag in chat
             # mode and a count (0 included) in completion mode
             want_logprobs=fields.get("logprobs", False) is not False,
+            structured=structured,
         )
 
     def parse(self, data: Any) -> Result:
-        return parse_response(data, chat=self.chat, n=self.n, parse_reasoning=self.parse_reasoning, want_logprobs=self.want_logprobs)
+        result = parse_response(data, chat=self.chat, n=self.n, parse_reasoning=self.parse_reasoning, want_logprobs=self.want_logprobs)
+        return self.structured.apply(result) if self.structured is not None else result
 
-    def bodies(self, batch: Mapping[str, Sequence[Any]], indices: Sequence[int] | None = None) -> list[dict[str, Any] | None]:
+    def bodies(self, batch: Mapping[str, Sequence[Any]], indices: Sequence[int] | None = None) -> list[dict[str, Any] | Unsent | None]:
         """The request bodies (without ``model``) of every row of a batch; None for a row whose
-        prompt is null (it gets an error and is not sent). ``indices``, the rows' numbers in the
-        dataset, name the row in errors.
+        prompt is null (it gets an error and is not sent), ``Unsent`` for a row whose image cannot
+        be read (the same, with that error). ``indices``, the rows' numbers in the dataset, name
+        the row in errors.
 
         Raises:
             RecipeError: a column the prompt needs is missing, the batch is one row (map without
@@ -412,7 +433,13 @@ class WireFormat:
         if prompt.source == "messages":
             return [None if is_null(m) else self._messages_body(row(i), m) for i, m in enumerate(batch[prompt.column])]
         texts = self._texts(batch, row)
-        return [None if is_null(text) else self._text_body(row(i), text) for i, text in enumerate(texts)]
+        bodies: list[dict[str, Any] | Unsent | None] = [
+            None if is_null(text) else self._text_body(row(i), text) for i, text in enumerate(texts)
+        ]
+        if prompt.image_columns():  # encoded here, batch by batch: memory stays flat in the rows
+            for i, error in attach_images(bodies, batch, prompt.image_columns()).items():
+                bodies[i] = Unsent(error, IMAGE_ERROR)
+        return bodies
 
     def _check_batched(self, batch: Mapping[str, Sequence[Any]]) -> None:
         # Without batched=True map hands over one row (a LazyRow; a dict of scalars with the numpy
@@ -438,7 +465,9 @@ class WireFormat:
         problem = messages_problem(messages)
         if problem is not None:
             raise RecipeError(f"{where}: column {prompt.column!r}: {problem} (each message is {{role, content}})")
-        msgs = list(messages)
+        # content parts (text, image_url) pass through as they are, less the null fields that Arrow
+        # gives every part of a list of structs (a text part's "image_url": null)
+        msgs = [clean_content_parts(m) for m in messages]
         if prompt.system_prompt and not any(m["role"] == "system" for m in msgs):
             msgs.insert(0, {"role": "system", "content": prompt.system_prompt})
         return {"messages": msgs, **self.fields}
