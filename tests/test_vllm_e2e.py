@@ -20,6 +20,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -669,3 +670,45 @@ def test_quickstart_recipe_serves_its_own_model(tmp_path: Path) -> None:
     assert len(stopped) == 1, proc.stderr[-3000:]
     assert wait_group_gone(int(stopped[0]), timeout=5) == []
     assert len(list((tmp_path / "logs").glob("vllm-*.log"))) == 1
+
+
+def test_a_run_survives_its_vllm_server_restarting(tmp_path: Path) -> None:
+    """The only server is stopped mid-run (vLLM answers 500s while its engine shuts down, then
+    refuses connections) and started again on the same port, which takes it ~30 s to load: with
+    default retry settings the run waits, resumes, and every row gets its answer."""
+    require_real_vllm()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    serve = tiny_serve().model_copy(update={"port": port})
+    url = f"http://127.0.0.1:{port}"
+    rows = 1500
+    questions = [{"question": f"Count to {i}."} for i in range(rows)]
+    recipe = write_recipe(
+        tmp_path, url, data={"input": {"path": str(write_jsonl(tmp_path / "q.jsonl", questions))}},
+        processing={"chunk_size": 250, "batch_size": 50, "max_concurrency": 32},
+    )  # fmt: skip
+    output = output_of(recipe)
+    command = [sys.executable, "-m", "vllm_generator", "run", str(recipe), "--progress=false"]
+    first = contextlib.ExitStack()
+    first.enter_context(serve_models(serve))
+    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        work = Path(f"{output}.work")
+        while not list(work.rglob("chunk-*.arrow")) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        first.close()  # the server stops mid-run; the run goes on
+        with serve_models(serve):
+            _, stderr = proc.communicate(timeout=300)
+    finally:
+        first.close()
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, stderr
+    answered = read_rows(output)
+    assert len(answered) == rows and all(r["error"] is None for r in answered), stderr
+    assert any(" is down (" in line and "without spending attempts" in line for line in stderr.splitlines()), stderr
+    assert any("answers again after" in line for line in stderr.splitlines()), stderr
+    assert read_metrics(output)["failed"] == 0
