@@ -864,6 +864,36 @@ def test_each_split_uploads_its_own_file_and_removes_files_of_other_split_counts
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(("status", "calls"), [(503, 2), (401, 1)])
+def test_a_passing_hub_failure_is_retried_and_a_refusal_is_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, status: int, calls: int
+) -> None:
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+
+    class FlakyHfApi(RecordingHfApi):
+        commits = 0
+
+        def create_commit(self, *args: Any, **kwargs: Any) -> None:
+            FlakyHfApi.commits += 1
+            if FlakyHfApi.commits == 1:
+                response = httpx2.Response(status, request=httpx2.Request("POST", "https://huggingface.co/api/datasets/org/a/commit/main"))
+                raise HfHubHTTPError(f"{status} from the Hub", response=response)
+            super().create_commit(*args, **kwargs)
+
+    local = tmp_path / "answers.parquet"
+    pq.write_table(pa.table({"id": [1, 2]}), local)
+    monkeypatch.setattr("vllm_generator.storage._HUB_WAIT", 0.01)
+    api = FlakyHfApi()
+    if calls == 1:
+        with pytest.raises(vllm_generator.HubError):
+            push_to_hub(str(local), "org/a", "data/train-00000-of-00001.parquet", True, api=api)
+    else:
+        push_to_hub(str(local), "org/a", "data/train-00000-of-00001.parquet", True, api=api)
+        assert api.uploaded["data/train-00000-of-00001.parquet"] == [{"id": 1}, {"id": 2}]
+    assert FlakyHfApi.commits == calls
+
+
 def test_a_failed_push_keeps_the_file_and_says_how_to_push_again(
     tmp_path: Path, fake_server: FakeServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
