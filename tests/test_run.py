@@ -1071,10 +1071,10 @@ def test_template_values_are_checked_on_the_first_rows(tmp_path: Path, fake_serv
 
 def test_text_that_is_not_utf8_is_named_by_row_and_column(tmp_path: Path, fake_server: FakeServer) -> None:
     values = pa.array([b"fine", b"also fine", b"caf\xe9"], pa.binary()).view(pa.string())
-    pq.write_table(pa.table({"question": ["a", "b", "c"], "notes": values}), tmp_path / "in.parquet")
+    pq.write_table(pa.table({"question": values, "notes": ["a", "b", "c"]}), tmp_path / "in.parquet")
     with pytest.raises(RecipeError) as info:
         run(make_recipe(tmp_path, fake_server.url, tmp_path / "in.parquet"))
-    assert str(info.value) == f"data.input: row 2 of {tmp_path / 'in.parquet'}, column 'notes': not UTF-8 text: write the file as UTF-8"
+    assert str(info.value) == f"data.input: row 2 of {tmp_path / 'in.parquet'}, column 'question': not UTF-8 text: write the file as UTF-8"
     assert fake_server.log() == []
 
 
@@ -1267,7 +1267,7 @@ def test_every_push_writes_a_dataset_card_with_the_run_and_a_viewer_config(
     assert f"| throughput | {summary.rows_per_s:,.1f} rows/s" in body
     assert f"| library version | vllm-generator {vllm_generator.__version__} |" in body
     recipe_block = body.split("```yaml\n", 1)[1].split("```", 1)[0]
-    assert yaml.safe_load(recipe_block)["model"]["base_url"] == [fake_server.url.replace("http://", "http://<redacted>@")]
+    assert yaml.safe_load(recipe_block)["model"]["base_url"] == [fake_server.url.replace("http://", "http://user:***@")]
     assert "hunter2" not in card
     assert 'load_dataset("org/answers", split="train")' in body
 
@@ -1278,7 +1278,10 @@ def test_the_card_redacts_secret_settings() -> None:
     recipe = {
         "model": {
             "api_key_env": "MY_KEY",  # a variable's name: kept
-            "serve": {"env": {"HF_TOKEN": "hf_abc", "VLLM_CPU_KVCACHE_SPACE": "1"}, "args": ["--api-key", "sk-1", "--dtype", "bf16"]},
+            "serve": {
+                "env": {"HF_TOKEN": "hf_abc", "VLLM_CPU_KVCACHE_SPACE": "1"},
+                "args": ["--api-key", "sk-1", "--hf-token=hf_xyz", "--dtype", "bf16", "--note=see http://u:pw@h:1/x"],
+            },
         },
         "generation": {"extra_body": {"auth": {"user": "x"}}},
     }
@@ -1287,7 +1290,7 @@ def test_the_card_redacts_secret_settings() -> None:
             "api_key_env": "MY_KEY",
             "serve": {
                 "env": {"HF_TOKEN": "<redacted>", "VLLM_CPU_KVCACHE_SPACE": "1"},
-                "args": ["--api-key", "<redacted>", "--dtype", "bf16"],
+                "args": ["--api-key", "<redacted>", "--hf-token=<redacted>", "--dtype", "bf16", "--note=see http://u:***@h:1/x"],
             },
         },
         "generation": {"extra_body": {"auth": "<redacted>"}},
@@ -1301,3 +1304,13 @@ def test_a_merge_push_writes_a_card_with_the_totals(split_outputs: tuple[Path, P
     (card,) = api.cards
     assert "  - split: train\n    path: data/train-*\n" in card
     assert "| rows | 30 |\n| succeeded | 30 |\n| failed | 0 |\n| failed by type | none |" in card
+
+
+def test_retry_failed_names_the_dataset_row_of_a_row_that_fails_again(tmp_path: Path, fake_server: FakeServer) -> None:
+    texts = questions(20, {13: "question 13 [[400]]", 17: "question 17 [[400]]"})
+    recipe = make_recipe(tmp_path, fake_server.url, write_input(tmp_path / "in.parquet", texts))
+    assert run(recipe).failed == 2
+    with pytest.raises(vllm_generator.GenerationError) as info:
+        run(recipe, retry__retry_failed=True, retry__on_error="raise")
+    assert info.value.row == 13  # not 10, the first row of its chunk
+    assert str(info.value).startswith("row 13 failed: 400 from ")

@@ -290,7 +290,7 @@ class Commands:
         from .client import choose_model
         from .run import check_recipe
         from .slurm import resolve_split
-        from .wire import WireFormat
+        from .wire import WireFormat, redact_url
 
         loaded = load_recipe(recipe, self._overrides)
         print(f"ok: {recipe} is a valid recipe")
@@ -308,8 +308,8 @@ class Commands:
                 print(f"skip: servers are started by the run (model.serve: {loaded.model.serve.model})")
             for url in loaded.model.base_url:
                 ids = [m["id"] for m in _list_models(url, config.model.api_key())]
-                choose_model(url, ids, loaded.model.model, hint=f"set model.model in {recipe}")
-                print(f"ok: {url} serves {', '.join(ids)}")
+                choose_model(redact_url(url), ids, loaded.model.model, hint=f"set model.model in {recipe}")
+                print(f"ok: {redact_url(url)} serves {', '.join(ids)}")
 
     def list_models(self, base_url: str | list[str], *rest: Any, **unknown: Any) -> None:
         """List the models a server serves, with their maximum context length."""
@@ -328,9 +328,11 @@ class Commands:
             raise RecipeError(
                 format_validation_error(err, "list-models").replace("list-models: base_url", "list-models: -m/--base-url")
             ) from None
+        from .wire import redact_url
+
         for url in cfg.base_url:
             if len(cfg.base_url) > 1:
-                print(f"{url}:")
+                print(f"{redact_url(url)}:")
             for m in _list_models(url, cfg.api_key()):
                 print(f"{m['id']}\tmax_model_len={m.get('max_model_len', '?')}")
 

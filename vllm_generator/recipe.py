@@ -614,10 +614,15 @@ class _RecipeLoader(yaml.SafeLoader):
 
 
 def _unique_mapping(loader: _RecipeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    loader.flatten_mapping(node)  # "<<: *defaults" merge keys first, as SafeLoader does
     first: dict[Any, int] = {}
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=True)
-        if key in first:
+        try:
+            seen = key in first
+        except TypeError:  # a list or a mapping as a key
+            raise yaml.constructor.ConstructorError(None, None, f"a key cannot be {type(key).__name__}", key_node.start_mark) from None
+        if seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"the key {key!r} is given twice (first on line {first[key] + 1}): merge them", key_node.start_mark
             )

@@ -129,39 +129,42 @@ def run_split(recipe: Recipe, split_id: int, num_splits: int, *, progress: bool 
     checked = check_recipe(recipe, split_id, num_splits)
     if checked.nulls:
         logger.warning("%s: they get an error and are not sent", checked.nulls_text())
-    if recipe.model.serve is not None and base_url is None:
-        from .serve import serve_models
-
-        with serve_models(recipe.model.serve) as urls:
-            return _run(recipe, checked, urls, progress, started)
-    return _run(recipe, checked, base_url, progress, started)
-
-
-def _run(recipe: Recipe, checked: CheckedRecipe, base_url: list[str] | None, progress: bool, started: float) -> RunSummary:
-    serving = time.monotonic()  # rates leave out the servers' start-up
-    config = recipe.transform_config(base_url) if base_url is not None else checked.config
-    transform = VllmGenerate(config)
-    stats = transform.connect().stats
     work = work_dir(recipe.data.output, recipe.processing.work_dir)
-    split_dir = os.path.join(work, f"split-{split_tag(checked.split_id, checked.num_splits)}")
+    split_dir = os.path.join(work, f"split-{split_tag(split_id, num_splits)}")
     try:
         os.makedirs(split_dir, exist_ok=True)
     except OSError as err:
         raise RecipeError(f"processing.work_dir: cannot create {split_dir} ({err.strerror or err})") from err
-    what = f"split {checked.split_id} of {checked.num_splits} of {checked.out_path or recipe.data.output.hub_repo_id}"
+    what = f"split {split_id} of {num_splits} of {checked.out_path or recipe.data.output.hub_repo_id}"
+    # before managed servers start: a second run must not load a model onto GPUs to be refused
     with hold_lock(split_dir, what, wait=recipe.processing.wait_for_lock):
-        plan = _plan(recipe, checked, transform, work, split_dir)
-        try:
-            result, retried = _generate(recipe, checked, plan, transform, progress)
-        except Exception as err:
-            _raise_if_no_space(err, plan, plan.split_dir)
-            raise
-        summary = _summarize(recipe, checked, plan, result, retried, stats, started, serving)
-        try:
-            _write_outputs(recipe, checked, plan, result, summary)
-        except Exception as err:
-            _raise_if_no_space(err, plan, os.path.dirname(os.path.abspath(checked.out_path or split_dir)))
-            raise
+        if recipe.model.serve is not None and base_url is None:
+            from .serve import serve_models
+
+            with serve_models(recipe.model.serve) as urls:
+                return _run(recipe, checked, urls, progress, started, work, split_dir)
+        return _run(recipe, checked, base_url, progress, started, work, split_dir)
+
+
+def _run(
+    recipe: Recipe, checked: CheckedRecipe, base_url: list[str] | None, progress: bool, started: float, work: str, split_dir: str
+) -> RunSummary:
+    serving = time.monotonic()  # rates leave out the servers' start-up
+    config = recipe.transform_config(base_url) if base_url is not None else checked.config
+    transform = VllmGenerate(config)
+    stats = transform.connect().stats
+    plan = _plan(recipe, checked, transform, work, split_dir)
+    try:
+        result, retried = _generate(recipe, checked, plan, transform, progress)
+    except Exception as err:
+        _raise_if_no_space(err, plan, plan.split_dir)
+        raise
+    summary = _summarize(recipe, checked, plan, result, retried, stats, started, serving)
+    try:
+        _write_outputs(recipe, checked, plan, result, summary)
+    except Exception as err:
+        _raise_if_no_space(err, plan, os.path.dirname(os.path.abspath(checked.out_path or split_dir)))
+        raise
     return summary
 
 
@@ -263,11 +266,11 @@ def _check_prompt_columns(config: TransformConfig, ds: Dataset, where: str) -> N
 
 
 def _check_rows(config: TransformConfig, split: Dataset, start: int, where: str) -> None:
-    """Rows that could not make a request, found before the first one is sent: text that is not
-    UTF-8, messages that are not messages, values the template cannot format (on the first rows:
+    """Rows that could not make a request, found before the first one is sent: prompt text that
+    is not UTF-8, messages that are not messages, values the template cannot format (on the first rows:
     the rest are checked as they are sent)."""
     table = split.data.table
-    for name in table.column_names:
+    for name in config.prompt.prompt_columns():  # the columns decoded to text; the rest are copied as they are
         _check_utf8(table.column(name), name, start, where)
     prompt = config.prompt
     if prompt.source == "messages":
