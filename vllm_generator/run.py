@@ -33,7 +33,7 @@ from .chunks import Chunk, map_chunk, plan_chunks, remove_stale_chunks, retry_fa
 from .client import Stats, run_on_loop
 from .errors import RecipeError, ServerUnavailableError
 from .lookahead import Lookahead
-from .recipe import Recipe, TransformConfig
+from .recipe import Recipe, TransformConfig, dotted_overrides, load_recipe
 from .storage import (
     check_output_path,
     datasets_bars_off,
@@ -97,13 +97,39 @@ class RunSummary:
 # --------------------------------------------------------------------------- entry points
 
 
-def run_recipe(recipe: Recipe, *, progress: bool = True, base_url: list[str] | None = None) -> RunSummary:
-    """Run the split of a recipe that its ``processing`` section names (or, left unset, the
-    SLURM array task's: see ``slurm.resolve_split``)."""
+def run_recipe(recipe: Recipe | str | os.PathLike[str], *, progress: bool = True, **overrides: Any) -> RunSummary:
+    """Run a recipe end to end: the split its ``processing`` section names or, left unset, the
+    SLURM array task's (see ``slurm.resolve_split``); with ``model.serve`` in a SLURM job that was
+    given GPUs, the servers run on those GPUs (``slurm.allocated_gpus``).
+
+    Args:
+        recipe: a ``Recipe``, or the path of its YAML file.
+        progress: show a progress bar on stderr.
+        **overrides: a section as a dict, merged into the recipe's down to its fields
+            (``generation={"temperature": 0.2}``), or dotted keys as the command's
+            ``--section.key=value`` (``**{"processing.split_id": 1}``).
+
+    Returns:
+        What the run did, also written as the metrics file beside the output.
+
+    Raises:
+        RecipeError: a bad recipe, override or input (before any request).
+        ServerUnavailableError, GenerationError: the run stopped; finished chunks are kept and
+        the same call resumes from them.
+
+    Example::
+
+        from vllm_generator import run_recipe
+
+        summary = run_recipe("recipe.yaml", generation={"temperature": 0.2}, processing={"split_id": 1, "num_splits": 4})
+        print(summary.rows, summary.failed, summary.output_path)
+    """
     from .slurm import resolve_split
 
-    num_splits, split_id = resolve_split(recipe.processing)
-    return run_split(recipe, split_id, num_splits, progress=progress, base_url=base_url)
+    flat = dotted_overrides(overrides, "run_recipe")
+    loaded = load_recipe(recipe, flat) if not isinstance(recipe, Recipe) else recipe.with_overrides(flat, "run_recipe") if flat else recipe
+    num_splits, split_id = resolve_split(loaded.processing)
+    return run_split(loaded, split_id, num_splits, progress=progress)
 
 
 def run_split(recipe: Recipe, split_id: int, num_splits: int, *, progress: bool = True, base_url: list[str] | None = None) -> RunSummary:
