@@ -34,6 +34,7 @@ from .client import Stats, run_on_loop
 from .errors import RecipeError, ServerUnavailableError
 from .lookahead import Lookahead
 from .recipe import Recipe, TransformConfig, dotted_overrides, load_recipe
+from .status import SplitStatus
 from .storage import (
     check_output_path,
     datasets_bars_off,
@@ -43,6 +44,7 @@ from .storage import (
     metrics_path,
     push_to_hub,
     split_bounds,
+    split_dir,
     split_output_path,
     split_tag,
     work_dir,
@@ -145,26 +147,33 @@ def run_split(recipe: Recipe, split_id: int, num_splits: int, *, progress: bool 
         the run stopped; finished chunks are kept and the next run resumes from them.
     """
     started = time.monotonic()
-    checked = check_recipe(recipe, split_id, num_splits)
-    if checked.nulls:
-        logger.warning("%s: they get an error and are not sent", checked.nulls_text())
-    if recipe.model.serve is not None and base_url is None:
-        from .serve import serve_models
+    with SplitStatus(recipe, split_id, num_splits) as status:  # what `vllm-generator status` reads
+        checked = check_recipe(recipe, split_id, num_splits)
+        status.checked(len(checked.split))
+        if checked.nulls:
+            logger.warning("%s: they get an error and are not sent", checked.nulls_text())
+        if recipe.model.serve is not None and base_url is None:
+            from .serve import serve_models
 
-        with serve_models(recipe.model.serve) as urls:
-            return _run(recipe, checked, urls, progress, started)
-    return _run(recipe, checked, base_url, progress, started)
+            with serve_models(recipe.model.serve) as urls:
+                return _run(recipe, checked, urls, progress, started, status)
+        return _run(recipe, checked, base_url, progress, started, status)
 
 
-def _run(recipe: Recipe, checked: CheckedRecipe, base_url: list[str] | None, progress: bool, started: float) -> RunSummary:
+def _run(
+    recipe: Recipe, checked: CheckedRecipe, base_url: list[str] | None, progress: bool, started: float, status: SplitStatus
+) -> RunSummary:
     serving = time.monotonic()  # rates leave out the servers' start-up
     config = recipe.transform_config(base_url) if base_url is not None else checked.config
     transform = VllmGenerate(config)
     stats = transform.connect().stats
     plan = _plan(recipe, checked, transform)
+    before = stats.done
+    status.running(plan.reused, lambda: stats.done - before)
     result, retried = _generate(recipe, checked, plan, transform, progress)
     summary = _summarize(recipe, checked, plan, result, retried, stats, started, serving)
     _write_outputs(recipe, checked, plan, result, summary)
+    status.finish(summary.rows, summary.failed, summary.output_path)
     return summary
 
 
@@ -278,19 +287,19 @@ class _Plan:
 
 def _plan(recipe: Recipe, checked: CheckedRecipe, transform: VllmGenerate) -> _Plan:
     work = work_dir(recipe.data.output, recipe.processing.work_dir)
-    split_dir = os.path.join(work, f"split-{split_tag(checked.split_id, checked.num_splits)}")
+    folder = split_dir(work, checked.split_id, checked.num_splits)
     try:
-        os.makedirs(split_dir, exist_ok=True)
+        os.makedirs(folder, exist_ok=True)
     except OSError as err:
-        raise RecipeError(f"processing.work_dir: cannot create {split_dir} ({err.strerror or err})") from err
-    for leftover in glob.glob(os.path.join(split_dir, "tmp*")):
+        raise RecipeError(f"processing.work_dir: cannot create {folder} ({err.strerror or err})") from err
+    for leftover in glob.glob(os.path.join(folder, "tmp*")):
         os.remove(leftover)  # a chunk that map was writing when an earlier run was killed
 
-    served_model, unreachable = _served_model(transform, split_dir)
+    served_model, unreachable = _served_model(transform, folder)
     size = recipe.processing.chunk_size
     gen_key = transform.config.fingerprint(served_model)
-    chunks = plan_chunks(checked.split, split_dir, size, gen_key)
-    plan = _Plan(work, split_dir, gen_key, chunks, {c.index for c in chunks if c.files()})
+    chunks = plan_chunks(checked.split, folder, size, gen_key)
+    plan = _Plan(work, folder, gen_key, chunks, {c.index for c in chunks if c.files()})
     if unreachable is not None and plan.todo:
         raise unreachable  # rows are left to send, and no server answers
     if plan.done_before:
@@ -305,7 +314,7 @@ def _plan(recipe: Recipe, checked: CheckedRecipe, transform: VllmGenerate) -> _P
     return plan
 
 
-def _served_model(transform: VllmGenerate, split_dir: str) -> tuple[str | None, ServerUnavailableError | None]:
+def _served_model(transform: VllmGenerate, folder: str) -> tuple[str | None, ServerUnavailableError | None]:
     """With ``model.model`` unset, the model the servers serve: it decides the text, so it is part
     of the chunk keys (a server now serving another model never resumes from the old one's chunks).
 
@@ -315,7 +324,7 @@ def _served_model(transform: VllmGenerate, split_dir: str) -> tuple[str | None, 
     """
     if transform.config.model.model is not None:
         return None, None
-    saved = os.path.join(split_dir, "served_model.json")
+    saved = os.path.join(folder, "served_model.json")
     try:
         model = run_on_loop(transform.connect().resolve_model()).result()
     except ServerUnavailableError as err:
