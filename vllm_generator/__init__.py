@@ -11,6 +11,7 @@ from .errors import (
     RecipeError,
     ServerStartError,
     ServerUnavailableError,
+    SlurmError,
     VllmGeneratorError,
 )
 from .recipe import Recipe, TransformConfig, load_recipe
@@ -40,6 +41,7 @@ __all__ = [
     "ServerStartError",
     "MergeError",
     "HubError",
+    "SlurmError",
     "__version__",
 ]
 

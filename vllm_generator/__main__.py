@@ -28,6 +28,7 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +60,12 @@ _TEXT_FLAGS = {
     "system_prompt",
     "hub_repo_id",
     "hub_split",
+    "splits",
+    "partition",
+    "time",
+    "mem",
+    "sbatch_args",
+    "setup",
 }
 # generate's errors name these flags, not the recipe fields they fill
 _GENERATE_FLAGS = {
@@ -74,7 +81,25 @@ _USAGE = {
     "merge": "vllm-generator merge RECIPE|OUTPUT.parquet [--hub-repo-id ORG/NAME] [--hub-split SPLIT] [--private=false]",
     "list-models": "vllm-generator list-models -m URL [-m URL ...]",
     "generate": "vllm-generator generate -i INPUT -o OUTPUT.parquet -m URL [--model NAME] [--prompt-column C] [--temperature 0.7 ...]",
+    "submit": "vllm-generator submit RECIPE --num-splits N [--splits 1,3] [--partition P] [--time 04:00:00] [--gpus-per-task G] "
+    "[--cpus-per-task C] [--mem 64G] [--sbatch-args '--account=A ...'] [--setup 'source venv/bin/activate'] [--dry-run] "
+    "[--section.key=value ...]",
+    "status": "vllm-generator status RECIPE [--num-splits N] [--section.key=value ...]",
 }
+_SUBMIT_OPTIONS = [
+    "config",
+    "num_splits",
+    "splits",
+    "partition",
+    "time",
+    "gpus_per_task",
+    "cpus_per_task",
+    "mem",
+    "sbatch_args",
+    "setup",
+    "dry_run",
+]
+_LISTED_LOGS = 10  # submit lists each split's log up to this many splits, else their pattern
 # flags of generate that fill a recipe field (the others are generation settings)
 _GENERATE_FIELDS = {
     "input": "data.input.path",
@@ -182,6 +207,26 @@ def _flag_names(text: str) -> str:
             line = f"{prefix}--{name.replace('_', '-')}{dot}{key}{sep}{msg}"
         lines.append(line)
     return "\n".join(lines)
+
+
+def _count(name: str, value: Any) -> int:
+    """A flag that is a whole number of at least 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RecipeError(f"--{name.replace('_', '-')} takes a whole number of at least 1, not {value!r}")
+    return value
+
+
+def _split_ids(value: Any) -> list[int] | None:
+    """``--splits``: "1", "0,3" or "2-5"."""
+    if value is None:
+        return None
+    ids: list[int] = []
+    for item in str(value).split(","):
+        first, dash, last = item.strip().partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise RecipeError(f"--splits takes split ids such as 1, 0,3 or 2-5, not {value!r}")
+        ids += range(int(first), int(last) + 1) if dash else [int(first)]
+    return ids
 
 
 def _flag(name: str, value: Any) -> bool:
@@ -431,6 +476,106 @@ class Commands:
             path, hub_repo_id=hub_repo_id, hub_split=hub_split or "train", private=True if private is None else _flag("private", private)
         )
         print(f"merged {summary['splits']} splits: {summary['rows']} rows ({summary['rows_with_error']} with an error) -> {path}")
+
+    def submit(
+        self,
+        recipe: str | None = None,
+        *rest: Any,
+        config: str | None = None,
+        num_splits: int | None = None,
+        splits: str | None = None,
+        partition: str | None = None,
+        time: str | None = None,
+        gpus_per_task: int | None = None,
+        cpus_per_task: int | None = None,
+        mem: str | None = None,
+        sbatch_args: str | None = None,
+        setup: str | None = None,
+        dry_run: bool = False,
+        **unknown: Any,
+    ) -> None:
+        """Submit a recipe's splits to SLURM, one per task of a job array, and a job that merges them once all succeeded."""
+        _refuse_extras("submit", rest, unknown, _SUBMIT_OPTIONS)
+        from .run import check_recipe
+        from .slurm import SbatchOptions, merge_command, submit
+
+        path = _recipe_path("submit", recipe, config)
+        loaded = load_recipe(path, self._overrides)
+        count = _count("num_splits", num_splits) if num_splits is not None else loaded.processing.num_splits
+        if count is None:
+            raise RecipeError(f"submit needs --num-splits N, or processing.num_splits in {path} (usage: {_USAGE['submit']})")
+        check_recipe(loaded, 0, count)  # the input, its columns, the output path: refused here, not in every task
+        options = SbatchOptions(
+            partition=partition,
+            time=time,
+            gpus_per_task=None if gpus_per_task is None else _count("gpus_per_task", gpus_per_task),
+            cpus_per_task=None if cpus_per_task is None else _count("cpus_per_task", cpus_per_task),
+            mem=mem,
+            sbatch_args=shlex.split(sbatch_args) if sbatch_args else [],
+            setup=setup,
+        )
+        done = submit(path, loaded, self._overrides, count, _split_ids(splits), options, dry_run=_flag("dry_run", dry_run))
+        if done.split_job is None:
+            for script, command in (
+                (done.split_script, ["sbatch", done.split_script]),
+                (done.merge_script, merge_command("<split job>", done.merge_script)),
+            ):
+                print(f"# {script} (submit: {shlex.join(command)})")
+                sys.stdout.write(Path(script).read_text())
+            print("dry run: nothing submitted")
+            return
+        array = ",".join(map(str, done.splits)) if len(done.splits) < count else f"0-{count - 1}"
+        print(f"submitted job {done.split_job}: splits {array} of {count}, one per array task")
+        print(f"submitted job {done.merge_job}: the merge, once every split succeeded (SLURM cancels it if one fails)")
+        if len(done.splits) <= _LISTED_LOGS:
+            for i in done.splits:
+                print(f"  split {i} log: {done.split_log(i)}")
+        else:
+            print(f"  split logs: {done.split_log(0).replace('_0.log', '_<split>.log')}")
+        print(f"  merge log: {done.merge_log}")
+        print(f"  follow with: vllm-generator status {path}")
+
+    def status(
+        self, recipe: str | None = None, *rest: Any, config: str | None = None, num_splits: int | None = None, **unknown: Any
+    ) -> None:
+        """Each split's state (done, running with rows/s and ETA, not started, failed with its error), and SLURM's view."""
+        _refuse_extras("status", rest, unknown, ["config", "num_splits"])
+        from .slurm import queue_states, submissions
+        from .status import num_splits_on_disk, read_split_states
+
+        path = _recipe_path("status", recipe, config)
+        loaded = load_recipe(path, self._overrides)
+        count = _count("num_splits", num_splits) if num_splits is not None else loaded.processing.num_splits
+        if count is None:
+            jobs, on_disk = submissions(loaded), num_splits_on_disk(loaded)
+            if len(on_disk) > 1 and not jobs:
+                raise RecipeError(f"status: runs of {path} used {', '.join(map(str, on_disk))} splits: give --num-splits N")
+            count = int(jobs[-1]["num_splits"]) if jobs else on_disk[0] if on_disk else 1
+        states = read_split_states(loaded, count)
+        queue = queue_states(loaded, count)
+        tasks, merge = queue if queue is not None else ({}, None)
+        for state in states:
+            seen = f" [{tasks[state.split_id].describe()}]" if state.split_id in tasks else ""
+            print(f"split {state.split_id}: {state.describe()}{seen}")
+        output = loaded.data.output.path
+        if count > 1 and output:
+            merged = "done" if os.path.exists(output) and _merged(output) else "not yet"
+            print(f"merge: {merged}" + (f" -> {output}" if merged == "done" else "") + (f" [{merge.describe()}]" if merge else ""))
+        tally: dict[str, int] = {}
+        for state in states:
+            tally[state.state] = tally.get(state.state, 0) + 1
+        print(f"{count} splits: " + ", ".join(f"{n} {name}" for name, n in tally.items()))
+
+
+def _merged(path: str) -> bool:
+    """Whether ``path`` is a merge's output (not a single split's)."""
+    from .errors import MergeError
+    from .storage import read_output_metadata
+
+    try:
+        return "merged_from" in read_output_metadata(path)
+    except (MergeError, OSError, ValueError):  # not a Parquet file of ours
+        return False
 
 
 def _list_models(url: str, api_key: str | None) -> list[dict[str, Any]]:

@@ -126,12 +126,16 @@ def run_recipe(recipe: Recipe | str | os.PathLike[str], *, progress: bool = True
         summary = run_recipe("recipe.yaml", generation={"temperature": 0.2}, processing={"split_id": 1, "num_splits": 4})
         print(summary.rows, summary.failed, summary.output_path)
     """
-    from .slurm import resolve_split
+    from .slurm import resolve_split, with_allocated_gpus
 
     flat = dotted_overrides(overrides, "run_recipe")
     loaded = load_recipe(recipe, flat) if not isinstance(recipe, Recipe) else recipe.with_overrides(flat, "run_recipe") if flat else recipe
     num_splits, split_id = resolve_split(loaded.processing)
-    return run_split(loaded, split_id, num_splits, progress=progress)
+    on_gpus = with_allocated_gpus(loaded, os.environ)
+    if on_gpus is not loaded:
+        assert on_gpus.model.serve is not None
+        logger.info("model.serve.gpus on the GPUs SLURM gave this job: %s", on_gpus.model.serve.gpus)
+    return run_split(on_gpus, split_id, num_splits, progress=progress)
 
 
 def run_split(recipe: Recipe, split_id: int, num_splits: int, *, progress: bool = True, base_url: list[str] | None = None) -> RunSummary:
