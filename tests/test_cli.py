@@ -18,21 +18,13 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import write_recipe
+from conftest import cli, write_recipe
 from fake_server import FakeServer
 
 from vllm_generator.recipe import load_recipe
 from vllm_generator.run import run_recipe
 
 CONSOLE_SCRIPT = Path(sys.executable).parent / "vllm-generator"
-
-
-def cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """``python -m vllm_generator ARGS``, as a user runs it."""
-    return subprocess.run(
-        [sys.executable, "-m", "vllm_generator", *args],
-        cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False, env={**os.environ, **(env or {})},
-    )  # fmt: skip
 
 
 def write_input(path: Path, n: int, column: str = "question") -> list[str]:

@@ -169,9 +169,10 @@ class SplitState:
         if self.state == "stopped":
             return f"stopped at {self.done or 0} of {self.rows} rows (interrupted); finished chunks are kept and the next run resumes from them"
         if self.state == "lost":
+            seen = time.strftime("%H:%M:%S", time.localtime(self.updated or 0))
             return (
-                f"lost: was running ({self.done or 0} of {self.rows} rows) on {self.where}, which is gone or silent since "
-                f"{time.strftime('%H:%M:%S', time.localtime(self.updated or 0))} (killed?); the next run resumes from its finished chunks"
+                f"lost: its run ({self.where}) is gone or silent since {seen}, when {self.done or 0} of {self.rows} rows were done "
+                "(killed?); the next run resumes from its finished chunks"
             )
         return self.state
 
