@@ -31,7 +31,7 @@ from vllm_generator.__main__ import _parse_argv
 from vllm_generator.errors import RecipeError
 from vllm_generator.recipe import ServeConfig
 from vllm_generator.run import run_recipe
-from vllm_generator.slurm import allocated_gpus
+from vllm_generator.slurm import allocated_gpus, array_spec
 
 FAKE_SERVER = Path(__file__).with_name("fake_server.py").resolve()
 WAIT_S = 120  # for any job; a task here takes a few seconds
@@ -178,6 +178,10 @@ def test_submit_without_sbatch_says_where_to_run_it(tmp_path: Path) -> None:
         1,
         "error: sbatch is not installed here: submit from a SLURM login node (or see the scripts with --dry-run)\n",
     )
+
+
+def test_array_spec_names_runs_of_splits() -> None:
+    assert [array_spec(s) for s in ([0, 1, 2], [3], [0, 1, 2, 5, 7, 8])] == ["0-2", "3", "0-2,5,7-8"]
 
 
 def test_the_recipe_s_gpus_become_the_task_s_gpus() -> None:

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import fire
 import yaml
 
-from .errors import RecipeError, VllmGeneratorError
+from .errors import RecipeError, SlurmError, VllmGeneratorError
 from .recipe import LoggingConfig, Recipe, load_recipe
 
 if TYPE_CHECKING:  # run imports datasets, which takes a second: only commands that need it load it
@@ -497,7 +497,7 @@ class Commands:
         """Submit a recipe's splits to SLURM, one per task of a job array, and a job that merges them once all succeeded."""
         _refuse_extras("submit", rest, unknown, _SUBMIT_OPTIONS)
         from .run import check_recipe
-        from .slurm import SbatchOptions, merge_command, submit
+        from .slurm import SbatchOptions, array_spec, merge_command, submit
 
         path = _recipe_path("submit", recipe, config)
         loaded = load_recipe(path, self._overrides)
@@ -524,8 +524,7 @@ class Commands:
                 sys.stdout.write(Path(script).read_text())
             print("dry run: nothing submitted")
             return
-        array = ",".join(map(str, done.splits)) if len(done.splits) < count else f"0-{count - 1}"
-        print(f"submitted job {done.split_job}: splits {array} of {count}, one per array task")
+        print(f"submitted job {done.split_job}: splits {array_spec(done.splits)} of {count}, one per array task")
         print(f"submitted job {done.merge_job}: the merge, once every split succeeded (SLURM cancels it if one fails)")
         if len(done.splits) <= _LISTED_LOGS:
             for i in done.splits:
@@ -552,7 +551,11 @@ class Commands:
                 raise RecipeError(f"status: runs of {path} used {', '.join(map(str, on_disk))} splits: give --num-splits N")
             count = int(jobs[-1]["num_splits"]) if jobs else on_disk[0] if on_disk else 1
         states = read_split_states(loaded, count)
-        queue = queue_states(loaded, count)
+        try:
+            queue = queue_states(loaded, count)
+        except SlurmError as err:  # the work folder still says what each split did
+            print(f"slurm: {err}")
+            queue = None
         tasks, merge = queue if queue is not None else ({}, None)
         for state in states:
             seen = f" [{tasks[state.split_id].describe()}]" if state.split_id in tasks else ""

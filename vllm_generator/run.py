@@ -144,7 +144,7 @@ def run_split(recipe: Recipe, split_id: int, num_splits: int, *, progress: bool 
 
     Everything that can be checked without a server (input, columns, split, output path) is
     checked before managed servers start or any request is sent. ``base_url`` replaces the
-    recipe's servers.
+    recipe's servers. The split's status file (``status.SplitStatus``) says what the run is doing.
 
     Raises:
         RecipeError: bad input (before any request). ServerUnavailableError, GenerationError:

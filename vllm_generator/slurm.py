@@ -37,6 +37,8 @@ __all__ = [
     "SbatchOptions",
     "Submission",
     "submit",
+    "merge_command",
+    "array_spec",
     "submissions",
     "queue_states",
     "resolve_split",
@@ -122,17 +124,16 @@ def submit(
     _write(submission.merge_script, merge_script(recipe_file, overrides, options, folder, name))
     if dry_run:
         return submission
-    submission.split_job = _sbatch([submission.split_script])
+    submission.split_job = _sbatch(["sbatch", submission.split_script])
     try:
-        submission.merge_job = _sbatch(merge_command(submission.split_job, submission.merge_script)[1:])
+        submission.merge_job = _sbatch(merge_command(submission.split_job, submission.merge_script))
     except SlurmError as err:
-        err.submitted = (submission.split_job,)
         raise SlurmError(
-            f"{err} (the split jobs {submission.split_job} are submitted: once they are done, "
-            f"run `vllm-generator merge {recipe_path}`)",
-            command=err.command, returncode=err.returncode, stderr=err.stderr, submitted=err.submitted,
+            f"{err} (the split jobs {submission.split_job} are submitted: once they are done, run `vllm-generator merge {recipe_path}`)",
+            command=err.command, returncode=err.returncode, stderr=err.stderr, submitted=(submission.split_job,),
         ) from err  # fmt: skip
-    _record(folder, submission, name)
+    finally:
+        _record(folder, submission, name)  # status follows the tasks even if the merge was refused
     return submission
 
 
@@ -161,7 +162,7 @@ def split_script(
     command = f'{shlex.join(run)} --split-id "$SLURM_ARRAY_TASK_ID"{_override_flags(task_overrides)}'
     directives = [
         f"--job-name={name}",
-        f"--array={_array(splits)}",
+        f"--array={array_spec(splits)}",
         f"--output={os.path.join(folder, 'split-%A_%a.log')}",
         "--open-mode=append",  # a requeued task adds to its log
         f"--chdir={os.getcwd()}",
@@ -239,7 +240,7 @@ def _override_flags(overrides: Mapping[str, Any]) -> str:
     return "".join(f" {shlex.quote(f'--{key}={json.dumps(value)}')}" for key, value in overrides.items())
 
 
-def _array(splits: Sequence[int]) -> str:
+def array_spec(splits: Sequence[int]) -> str:
     """sbatch's --array for these split ids: "0-3", or "1,4-5"."""
     ranges: list[list[int]] = []
     for i in splits:
@@ -290,9 +291,9 @@ def _write(path: str, text: str) -> None:
         Path(tmp).write_text(text)
 
 
-def _sbatch(args: list[str]) -> str:
-    """Submit; the job id (``--parsable`` prints ``id`` or ``id;cluster``)."""
-    out = _slurm(["sbatch", "--parsable", *args])
+def _sbatch(command: list[str]) -> str:
+    """Run an ``sbatch ...`` command; the job id (``--parsable`` prints ``id`` or ``id;cluster``)."""
+    out = _slurm([command[0], "--parsable", *command[1:]])
     return out.strip().split(";")[0]
 
 
