@@ -182,10 +182,13 @@ class SlurmCluster:
             time.sleep(0.3)
 
     def cancel_all(self) -> None:
-        """Cancel every job and wait until none runs (their processes are gone)."""
+        """Cancel every job and wait until none runs and the node is idle again (bounded)."""
         self.run("scancel", "--user=root")
         deadline = time.monotonic() + STOP_TIMEOUT_S
-        while any(s not in TERMINAL for s in self.states().values()) and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            idle = self.run("sinfo", "--noheader", "--format=%t").stdout.strip() == "idle"
+            if idle and all(s in TERMINAL for s in self.states().values()):
+                return
             time.sleep(0.3)
 
     # ------------------------------------------------------------------ stop

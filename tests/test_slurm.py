@@ -16,7 +16,7 @@ import textwrap
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,13 @@ SUBMIT_USAGE = (
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture
+def slurm(slurm_cluster: SlurmCluster) -> Iterator[SlurmCluster]:
+    """The session's cluster, left with no job and an idle node for the next test."""
+    yield slurm_cluster
+    slurm_cluster.cancel_all()
 
 
 def write_questions(path: Path, texts: list[str]) -> list[str]:
@@ -204,25 +211,25 @@ def test_the_recipe_s_gpus_become_the_task_s_gpus() -> None:
 
 
 @pytest.mark.slow
-def test_dry_run_scripts_are_accepted_by_sbatch_test_only(tmp_path: Path, slurm_cluster: SlurmCluster) -> None:
+def test_dry_run_scripts_are_accepted_by_sbatch_test_only(tmp_path: Path, slurm: SlurmCluster) -> None:
     recipe = make_recipe(tmp_path, "http://127.0.0.1:9", [f"q {i}" for i in range(10)])
-    before = slurm_cluster.states()
+    before = slurm.states()
     result = cli(
         "submit", str(recipe), "--num-splits", "3", "--partition", "debug", "--time", "10", "--gpus-per-task", "1", "--cpus-per-task", "1",
         "--mem", "100M", "--sbatch-args", "--comment=vllm-generator", "--setup", "export VG_SETUP=1", "--dry-run", cwd=tmp_path,
-        env=slurm_cluster.env,
+        env=slurm.env,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     for script in ("split.sbatch", "merge.sbatch"):
-        checked = slurm_cluster.run("sbatch", "--test-only", str(slurm_dir(tmp_path) / script))
+        checked = slurm.run("sbatch", "--test-only", str(slurm_dir(tmp_path) / script))
         assert checked.returncode == 0, checked.stderr
         assert re.search(r"sbatch: Job \d+ to start at .* on nodes \S+ in partition debug", checked.stderr), checked.stderr
-    assert slurm_cluster.states() == before  # nothing was submitted
+    assert slurm.states() == before  # nothing was submitted
 
 
 @pytest.mark.slow
 def test_submit_runs_each_split_as_a_task_and_merges_like_one_process(
-    tmp_path: Path, slurm_cluster: SlurmCluster, start_fake_server: Callable[..., FakeServer], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, slurm: SlurmCluster, start_fake_server: Callable[..., FakeServer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every row sent once; the key reaches the tasks through the environment, never a script or log."""
     secret = f"sk-test-{uuid.uuid4().hex}"
@@ -233,7 +240,7 @@ def test_submit_runs_each_split_as_a_task_and_merges_like_one_process(
     expected = reference(tmp_path, recipe, server.url)
     server.reset()
 
-    split_job, merge_job, stdout = submit(slurm_cluster, recipe, "--num-splits", "3", env={"VLLM_API_KEY": secret})
+    split_job, merge_job, stdout = submit(slurm, recipe, "--num-splits", "3", env={"VLLM_API_KEY": secret})
     folder = slurm_dir(tmp_path)
     logs = [folder / f"split-{split_job}_{i}.log" for i in range(3)]
     assert stdout.splitlines() == [
@@ -243,7 +250,7 @@ def test_submit_runs_each_split_as_a_task_and_merges_like_one_process(
         f"  merge log: {folder / f'merge-{merge_job}.log'}",
         f"  follow with: vllm-generator status {recipe}",
     ]
-    assert slurm_cluster.wait_for(merge_job, timeout=WAIT_S) == "COMPLETED", (folder / f"merge-{merge_job}.log").read_text()
+    assert slurm.wait_for(merge_job, timeout=WAIT_S) == "COMPLETED", (folder / f"merge-{merge_job}.log").read_text()
 
     assert pq.read_table(tmp_path / "out" / "answers.parquet").to_pylist() == expected
     assert received(server) == Counter(texts)  # every row once, across the three tasks
@@ -253,7 +260,7 @@ def test_submit_runs_each_split_as_a_task_and_merges_like_one_process(
         assert secret not in path.read_text(errors="replace"), path
 
     out = tmp_path / "out"
-    assert status(slurm_cluster, recipe) == [
+    assert status(slurm, recipe) == [
         *(f"split {i}: done: 30 rows (0 with an error) -> {out}/answers.split-0000{i}-of-00003.parquet "
           f"[slurm {split_job}_{i} COMPLETED, log {logs[i]}]" for i in range(3)),
         f"merge: done -> {out}/answers.parquet [slurm {merge_job} COMPLETED, log {folder / f'merge-{merge_job}.log'}]",
@@ -263,7 +270,7 @@ def test_submit_runs_each_split_as_a_task_and_merges_like_one_process(
 
 @pytest.mark.slow
 def test_tasks_killed_mid_run_then_requeued_resume_and_splits_resubmitted_alone_bring_a_merge(
-    tmp_path: Path, slurm_cluster: SlurmCluster, start_fake_server: Callable[..., FakeServer]
+    tmp_path: Path, slurm: SlurmCluster, start_fake_server: Callable[..., FakeServer]
 ) -> None:
     """Task 1 by `scancel --signal=KILL` (SLURM sends TERM first: the run stops cleanly), task 2's
     run by SIGKILL itself (an out-of-memory kill: no chance to stop); both requeued by hand."""
@@ -271,31 +278,31 @@ def test_tasks_killed_mid_run_then_requeued_resume_and_splits_resubmitted_alone_
     texts = [f"question {i}" for i in range(180)]
     recipe = make_recipe(tmp_path, server.url, texts, processing={"max_concurrency": 2})
     expected = reference(tmp_path, recipe, start_fake_server().url)
-    split_job, merge_job, _ = submit(slurm_cluster, recipe, "--num-splits", "3")
+    split_job, merge_job, _ = submit(slurm, recipe, "--num-splits", "3")
     finished: dict[int, list[int]] = {}
     for i in (1, 2):  # two CPUs: task 2 starts once task 0 or 1 is over
         work = split_dir(tmp_path, i, 3)
         wait_until(lambda work=work: chunk_indices(work), f"a finished chunk in split {i}")
         if i == 1:
-            assert slurm_cluster.run("scancel", "--signal=KILL", f"{split_job}_1").returncode == 0
+            assert slurm.run("scancel", "--signal=KILL", f"{split_job}_1").returncode == 0
         else:
             os.kill(json.loads((work / "status.json").read_text())["pid"], signal.SIGKILL)
-        assert slurm_cluster.wait_for(f"{split_job}_{i}", timeout=30) == ("CANCELLED" if i == 1 else "FAILED")
+        assert slurm.wait_for(f"{split_job}_{i}", timeout=30) == ("CANCELLED" if i == 1 else "FAILED")
         finished[i] = chunk_indices(work)
         assert 1 <= len(finished[i]) < 6, finished  # killed mid-run
     # a task that can never succeed cancels the merge that waited for it (rather than leave it pending)
-    assert slurm_cluster.wait_for(merge_job, {"CANCELLED"}, timeout=30) == "CANCELLED"
-    lines = status(slurm_cluster, recipe)
+    assert slurm.wait_for(merge_job, {"CANCELLED"}, timeout=30) == "CANCELLED"
+    lines = status(slurm, recipe)
     stopped_at = re.match(r"split 1: stopped at (\d+) of 60 rows \(interrupted\)", lines[1])
     assert stopped_at and int(stopped_at.group(1)) >= 10 * len(finished[1]), lines  # rows answered; whole chunks are kept
     assert lines[1].endswith(f"[slurm {split_job}_1 CANCELLED, log {slurm_dir(tmp_path)}/split-{split_job}_1.log]"), lines
-    assert re.match(rf"split 2: lost: its run \({slurm_cluster.node}:\d+\) is gone or silent since [\d:]+, when \d+ of 60 rows", lines[2])
+    assert re.match(rf"split 2: lost: its run \({slurm.node}:\d+\) is gone or silent since [\d:]+, when \d+ of 60 rows", lines[2])
     assert f"[slurm {split_job}_2 FAILED (NonZeroExitCode), log" in lines[2], lines
 
     for i in (1, 2):
         task = f"{split_job}_{i}"
-        assert slurm_cluster.run("scontrol", "requeue", task).returncode == 0
-        assert slurm_cluster.wait_for(task, {"COMPLETED"}, timeout=WAIT_S) == "COMPLETED"
+        assert slurm.run("scontrol", "requeue", task).returncode == 0
+        assert slurm.wait_for(task, {"COMPLETED"}, timeout=WAIT_S) == "COMPLETED"
         log = (slurm_dir(tmp_path) / f"split-{task}.log").read_text()
         count = len(finished[i])
         assert f"resuming: {count} of 6 chunks ({10 * count} rows) are done and will not be sent again" in log
@@ -309,41 +316,41 @@ def test_tasks_killed_mid_run_then_requeued_resume_and_splits_resubmitted_alone_
 
     # the merge was cancelled: submitting the two splits alone brings a new one; their runs send nothing
     sent = len(server.log())
-    _, merge_again, stdout = submit(slurm_cluster, recipe, "--num-splits", "3", "--splits", "1,2")
-    assert "splits 1,2 of 3, one per array task" in stdout
-    assert slurm_cluster.wait_for(merge_again, timeout=WAIT_S) == "COMPLETED"
+    _, merge_again, stdout = submit(slurm, recipe, "--num-splits", "3", "--splits", "1,2")
+    assert "splits 1-2 of 3, one per array task" in stdout
+    assert slurm.wait_for(merge_again, timeout=WAIT_S) == "COMPLETED"
     assert len(server.log()) == sent
     assert pq.read_table(tmp_path / "out" / "answers.parquet").to_pylist() == expected
 
 
 @pytest.mark.slow
 def test_slurm_s_warning_stops_the_task_which_requeues_itself_and_resumes(
-    tmp_path: Path, slurm_cluster: SlurmCluster, start_fake_server: Callable[..., FakeServer]
+    tmp_path: Path, slurm: SlurmCluster, start_fake_server: Callable[..., FakeServer]
 ) -> None:
     """What a time limit or a preemption does (`--signal=B:USR1@120`), sent now: the merge still follows."""
     server = start_fake_server("--latency", "0.1", "--slots", "4")
     texts = [f"question {i}" for i in range(180)]
     recipe = make_recipe(tmp_path, server.url, texts, processing={"max_concurrency": 2})
     expected = reference(tmp_path, recipe, start_fake_server().url)
-    split_job, merge_job, _ = submit(slurm_cluster, recipe, "--num-splits", "3")
+    split_job, merge_job, _ = submit(slurm, recipe, "--num-splits", "3")
     task = f"{split_job}_1"
     work = split_dir(tmp_path, 1, 3)
     wait_until(lambda: chunk_indices(work), "finished chunk in split 1")
-    assert slurm_cluster.run("scancel", "--batch", "--signal=USR1", task).returncode == 0
+    assert slurm.run("scancel", "--batch", "--signal=USR1", task).returncode == 0
     stopped = wait_until(
-        lambda: next((line for line in status(slurm_cluster, recipe) if line.startswith("split 1: stopped") and " PENDING" in line), None),
+        lambda: next((line for line in status(slurm, recipe) if line.startswith("split 1: stopped") and " PENDING" in line), None),
         "stopped split 1, requeued",
     )
     assert f"finished chunks are kept and the next run resumes from them [slurm {task} PENDING" in stopped, stopped
     finished = chunk_indices(work)
 
-    assert slurm_cluster.wait_for(merge_job, timeout=WAIT_S) == "COMPLETED"
+    assert slurm.wait_for(merge_job, timeout=WAIT_S) == "COMPLETED"
     assert pq.read_table(tmp_path / "out" / "answers.parquet").to_pylist() == expected
     log = (slurm_dir(tmp_path) / f"split-{task}.log").read_text()
     assert "vllm-generator: SLURM warned this task of its end: stopping the run, then requeueing the task" in log
     assert "interrupted: finished chunks are saved; run the same command again to resume" in log
     assert f"resuming: {len(finished)} of 6 chunks" in log
-    assert "Restarts=1 " in slurm_cluster.run("scontrol", "show", "job", task).stdout
+    assert "Restarts=1 " in slurm.run("scontrol", "show", "job", task).stdout
     counts = received(server)
     for i in finished:
         assert [counts[t] for t in texts[60 + 10 * i : 70 + 10 * i]] == [1] * 10
@@ -351,16 +358,16 @@ def test_slurm_s_warning_stops_the_task_which_requeues_itself_and_resumes(
 
 
 @pytest.mark.slow
-def test_status_reports_each_split_s_state_and_the_queue_s(tmp_path: Path, slurm_cluster: SlurmCluster, fake_server: FakeServer) -> None:
+def test_status_reports_each_split_s_state_and_the_queue_s(tmp_path: Path, slurm: SlurmCluster, fake_server: FakeServer) -> None:
     """One task at a time (each takes every CPU): split 0 done, 1 failed, 2 running, 3 waiting."""
     texts = [f"question {i}" for i in range(10)] + ["forbidden [[403]]"] * 10
     texts += [f"slow {i} [[sleep:1]]" for i in range(10)] + [f"later {i}" for i in range(10)]
     recipe = make_recipe(tmp_path, fake_server.url, texts, processing={"max_concurrency": 1, "batch_size": 1, "chunk_size": 2})
-    split_job, merge_job, _ = submit(slurm_cluster, recipe, "--num-splits", "4", "--cpus-per-task", str(os.cpu_count()))
+    split_job, merge_job, _ = submit(slurm, recipe, "--num-splits", "4", "--cpus-per-task", str(os.cpu_count()))
     lines = wait_until(
-        lambda: "ETA" in (lines := status(slurm_cluster, recipe))[2] and lines,
+        lambda: "ETA" in (lines := status(slurm, recipe))[2] and lines,
         "running split with an ETA",
-        seen=lambda: "\n".join(status(slurm_cluster, recipe)),
+        seen=lambda: "\n".join(status(slurm, recipe)),
     )
     folder, out = slurm_dir(tmp_path), tmp_path / "out"
     assert lines[0] == (
@@ -372,16 +379,16 @@ def test_status_reports_each_split_s_state_and_the_queue_s(tmp_path: Path, slurm
         lines[1],
     )
     assert re.fullmatch(
-        rf"split 2: running: [1-9] of 10 rows, [\d.]+ rows/s, ETA 0:00:\d\d \({slurm_cluster.node}:\d+\) "
-        rf"\[slurm {split_job}_2 RUNNING on {slurm_cluster.node}, log {folder}/split-{split_job}_2.log\]",
+        rf"split 2: running: [1-9] of 10 rows, [\d.]+ rows/s, ETA 0:00:\d\d \({slurm.node}:\d+\) "
+        rf"\[slurm {split_job}_2 RUNNING on {slurm.node}, log {folder}/split-{split_job}_2.log\]",
         lines[2],
     ), lines[2]
     assert re.fullmatch(rf"split 3: not started \[slurm {split_job}_3 PENDING \(\w+\), log {folder}/split-{split_job}_3.log\]", lines[3])
     # SLURM decides about an array dependency once every task is over
     assert lines[4] == f"merge: not yet [slurm {merge_job} PENDING (Dependency), log {folder}/merge-{merge_job}.log]"
     assert lines[5] == "4 splits: 1 done, 1 failed, 1 running, 1 not started"
-    assert slurm_cluster.run("scancel", split_job).returncode == 0
-    assert slurm_cluster.wait_for(merge_job, timeout=30) == "CANCELLED"  # it can never run now
+    assert slurm.run("scancel", split_job).returncode == 0
+    assert slurm.wait_for(merge_job, timeout=30) == "CANCELLED"  # it can never run now
 
 
 LAUNCHER = textwrap.dedent(
@@ -401,7 +408,7 @@ LAUNCHER = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_each_task_serves_its_model_on_the_gpus_slurm_gave_it(tmp_path: Path, slurm_cluster: SlurmCluster) -> None:
+def test_each_task_serves_its_model_on_the_gpus_slurm_gave_it(tmp_path: Path, slurm: SlurmCluster) -> None:
     launcher = tmp_path / "launcher.py"
     launcher.write_text(f"FAKE_SERVER = {str(FAKE_SERVER)!r}\n" + LAUNCHER)
     records = tmp_path / "records"
@@ -409,8 +416,8 @@ def test_each_task_serves_its_model_on_the_gpus_slurm_gave_it(tmp_path: Path, sl
     serve = {"model": "m1", "command": [sys.executable, str(launcher)], "gpus": ["0"], "port": 8000, "env": {"RECORD_DIR": str(records)}}
     texts = [f"question {i}" for i in range(8)]
     recipe = make_recipe(tmp_path, "unused", texts, model={"base_url": [], "serve": serve})
-    _, merge_job, _ = submit(slurm_cluster, recipe, "--num-splits", "2")  # --gpus-per-task 1, from serve.gpus
-    assert slurm_cluster.wait_for(merge_job, timeout=WAIT_S) == "COMPLETED"
+    _, merge_job, _ = submit(slurm, recipe, "--num-splits", "2")  # --gpus-per-task 1, from serve.gpus
+    assert slurm.wait_for(merge_job, timeout=WAIT_S) == "COMPLETED"
     assert pq.read_table(tmp_path / "out" / "answers.parquet").column("response").to_pylist() == [f"echo: {t}" for t in texts]
     seen = [json.loads((records / f"{i}.json").read_text()) for i in range(2)]
     # both tasks ran at once, each on the GPU SLURM gave it (the recipe's "0" is the job's first GPU)
