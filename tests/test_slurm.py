@@ -228,6 +228,19 @@ def test_dry_run_scripts_are_accepted_by_sbatch_test_only(tmp_path: Path, slurm:
 
 
 @pytest.mark.slow
+def test_a_script_sbatch_refuses_is_one_line_and_nothing_is_recorded(tmp_path: Path, slurm: SlurmCluster) -> None:
+    recipe = make_recipe(tmp_path, "http://127.0.0.1:9", [f"q {i}" for i in range(10)])
+    result = cli("submit", str(recipe), "--num-splits", "2", "--partition", "nope", cwd=tmp_path, env=slurm.env)
+    script = slurm_dir(tmp_path) / "split.sbatch"
+    assert (result.returncode, result.stdout) == (1, "")
+    assert (
+        result.stderr
+        == f"error: sbatch --parsable {script} failed: sbatch: error: Batch job submission failed: Invalid partition name specified\n"
+    )
+    assert not (slurm_dir(tmp_path) / "jobs.json").exists()
+
+
+@pytest.mark.slow
 def test_submit_runs_each_split_as_a_task_and_merges_like_one_process(
     tmp_path: Path, slurm: SlurmCluster, start_fake_server: Callable[..., FakeServer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
