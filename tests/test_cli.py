@@ -274,6 +274,86 @@ def test_api_key_never_reaches_a_file_or_the_terminal(tmp_path: Path, start_fake
     assert secret not in result.stdout + result.stderr
 
 
+def test_a_password_in_the_server_url_never_reaches_a_file_or_the_terminal(tmp_path: Path, start_fake_server: Any) -> None:
+    secret = f"pw-{uuid.uuid4().hex}"
+    server = start_fake_server()
+    url = server.url.replace("http://", f"http://user:{secret}@")
+    pq.write_table(
+        pa.table({"question": ["fine", "retried [[500:1]]", "too long [[400]]", "moved [[redirect:307]]"]}), tmp_path / "in.parquet"
+    )
+    write_recipe(tmp_path, url, logging={"level": "DEBUG", "file": "out/run.log"})
+    result = cli("run", "recipe.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert len(server.log()) == 5  # it worked: the 500 was retried once
+    rows = pq.read_table(tmp_path / "out" / "answers.parquet").to_pylist()
+    shown = server.url.replace("http://", "http://user:***@")
+    assert rows[2]["error"].startswith(f"400 from {shown}/v1/chat/completions: ")
+    assert rows[3]["error"].startswith(f"307 from {shown}/v1/chat/completions: redirected to ")
+    assert f"retrying in 0.0s [2/2]: 500 from {shown}/v1/chat/completions" in result.stderr
+    written = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert any(p.suffix == ".arrow" for p in written) and any(p.name == "run.log" for p in written)
+    for path in written:
+        assert secret.encode() not in path.read_bytes(), path
+    assert secret not in result.stdout + result.stderr
+
+    # with an API key as well: one clear error before anything is sent
+    server.reset()
+    both = cli("run", "recipe.yaml", cwd=tmp_path, env={"VLLM_API_KEY": "sk-x"})
+    assert (both.returncode, both.stderr.splitlines()[-1]) == (
+        1,
+        f"error: model.base_url {shown} carries a user and password, and an API key is set too: both would be the "
+        "Authorization header; drop the password from the URL or unset the key (VLLM_API_KEY, OPENAI_API_KEY or model.api_key_env)",
+    )
+    assert secret not in both.stderr and server.log() == []
+
+
+def run_through_an_outage(tmp_path: Path, server: FakeServer, down: float) -> tuple[subprocess.CompletedProcess[str], list[dict[str, Any]]]:
+    """``vllm-generator run`` with default retry settings, while its only server goes away for
+    ``down`` seconds in the middle of the run (killed with requests in flight, then refusing)."""
+    texts = write_input(tmp_path / "in.parquet", 400)
+    path = write_recipe(tmp_path, server.url, processing={"chunk_size": 100, "batch_size": 50, "max_concurrency": 8})
+    raw = load_recipe(path).model_dump(mode="json", exclude_defaults=True)
+    raw.pop("retry", None)  # the defaults: 5 attempts, a 600 s outage limit
+    path.write_text(json.dumps(raw))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm_generator", "run", "recipe.yaml", "--progress=false"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+
+        def mid_run() -> None:
+            deadline = time.monotonic() + 60
+            while server.stats()["requests"] < 150 and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+        server.restart(down=down, before_kill=mid_run)
+        stdout, stderr = proc.communicate(timeout=down + 120)
+    finally:
+        proc.kill()
+        proc.wait()
+    rows = pq.read_table(tmp_path / "out" / "answers.parquet").to_pylist() if proc.returncode == 0 else []
+    assert [r["response"] for r in rows] == [f"echo: {t}" for t in texts], stderr
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), rows
+
+
+@pytest.mark.parametrize("down", [pytest.param(5.0, id="5s"), pytest.param(60.0, id="60s", marks=pytest.mark.slow)])
+def test_an_outage_of_the_only_server_with_default_settings_loses_nothing(tmp_path: Path, start_fake_server: Any, down: float) -> None:
+    server = start_fake_server("--latency", "0.05", "--slots", "8")
+    result, rows = run_through_an_outage(tmp_path, server, down)
+    assert result.returncode == 0, result.stderr
+    assert all(r["error"] is None for r in rows)
+    # the restarted server got only rows the first one had not answered, each once
+    after = [e["body"]["messages"][-1]["content"] for e in server.log()]
+    assert after and len(after) == len(set(after)) < 400
+    # a handful of lines: the first refusal, down, back (and a retry for a row cut mid-answer)
+    warnings = [line for line in result.stderr.splitlines() if " WARNING " in line]
+    assert len(warnings) <= 12, warnings
+    assert any(" is down (" in w and "without spending attempts" in w for w in warnings), warnings
+    assert any("answers again after" in w for w in warnings), warnings
+    metrics = json.loads((tmp_path / "out" / "answers.metrics.json").read_text())
+    assert metrics["failed"] == 0 and metrics["retries"] <= 8
+
+
 def interrupt_when(proc: subprocess.Popen[str], ready: Callable[[], bool], signum: int) -> None:
     """Send ``signum`` once ``ready()`` holds, and check the run stopped as interrupted (exit 130)."""
     try:

@@ -20,7 +20,7 @@ from conftest import CHAT, MakeClient, received
 from fake_server import BlackHole, FakeServer
 
 from vllm_generator import GenerationError, RecipeError, ServerUnavailableError, vllm_generate
-from vllm_generator.client import Client, _Watchdog, run_on_loop
+from vllm_generator.client import Client, _Router, _Watchdog, run_on_loop
 from vllm_generator.errors import RowFailedError
 from vllm_generator.recipe import RetryConfig
 from vllm_generator.wire import Result, RetryableError, parse_response
@@ -28,61 +28,113 @@ from vllm_generator.wire import Result, RetryableError, parse_response
 # --------------------------------------------------------------------------- routing and backoff (no I/O)
 
 
-def test_pick_server_prefers_the_least_busy_healthy_server() -> None:
+def refusal(server: Any) -> RetryableError:
+    return RetryableError(f"cannot connect to {server.name}", "connection", refused=True, server=server)
+
+
+def test_pick_server_prefers_the_least_busy_server_in_rotation() -> None:
     client = Client(["http://a:1", "http://b:2", "http://c:3"])
     a, b, c = client.servers
     a.in_flight, b.in_flight, c.in_flight = 5, 2, 3
     assert client.router.pick() is b
-    b.down_until = time.monotonic() + 60
+    b.down_since = time.monotonic()
     assert client.router.pick() is c
 
 
-def test_pick_server_with_every_server_down_probes_the_one_down_longest() -> None:
-    # out of rotation routes around a bad server only while another is up: with none up,
-    # requests go on (each row with its own attempts) to the server that left first
+def test_with_every_server_down_pick_gives_the_one_down_longest() -> None:
+    # rows wait for a server to come back (wait_up); one that got past the wait as the last
+    # server went down is sent to the one that left first
     client = Client(["http://a:1", "http://b:2", "http://c:3"])
     a, b, c = client.servers
-    a.down_until, b.down_until, c.down_until = [time.monotonic() + s for s in (50, 20, 40)]
+    now = time.monotonic()
+    a.down_since, b.down_since, c.down_since = now - 20, now - 50, now - 40
     assert client.router.pick() is b
-    b.down_until = 0.0  # b answered
-    assert client.router.pick() is b
 
 
-def test_a_failed_probe_sends_the_next_probe_to_another_server() -> None:
-    client = Client(["http://a:1", "http://b:2"])
-    a, b = client.servers
-    for server in (a, b):
-        for _ in range(3):
-            client.router.refused(server)
-    assert client.router.pick() is a  # out of rotation first
-    client.router.refused(a)
-    assert client.router.pick() is b
-    client.router.refused(b)
-    assert client.router.pick() is a
-
-
-def test_three_refusals_of_the_only_server_keep_it_in_use(caplog: pytest.LogCaptureFixture) -> None:
-    client = Client(["http://a:1"])
-    (a,) = client.servers
+def test_three_refusals_take_a_server_down_and_send_its_rows_elsewhere(caplog: pytest.LogCaptureFixture) -> None:
+    router = _Router(["http://a:1", "http://b:2"], max_outage=600)
+    a, b = router.servers
     caplog.set_level(logging.WARNING, logger="vllm_generator")
-    for _ in range(3):
-        client.router.refused(a)
-    assert a.down_until > time.monotonic() + 20
-    assert client.router.pick() is a
+    # a refusal is never the row's failure: the row goes straight to another try
+    assert router.failed(a, refusal(a), row=1) is True
+    assert router.failed(a, refusal(a), row=1) is True
+    assert a.down_since is None
+    assert router.pick() is b  # a refused a second ago: it goes last
+    assert router.failed(a, refusal(a), row=1) is True
+    assert a.down_since is not None and router.pick() is b
     assert [r.getMessage() for r in caplog.records] == [
-        "http://a:1 did not accept 3 connections in a row, and no other server is up: rows keep trying it, with backoff"
+        "cannot connect to http://a:1; trying another server",  # the first refusal of a run of them
+        "http://a:1 is down (cannot connect to http://a:1): its rows go to http://b:2; probing it every 1s",
     ]
 
 
-def test_three_refusals_take_a_server_out_of_rotation() -> None:
-    client = Client(["http://a:1", "http://b:2"])
-    a, b = client.servers
-    for _ in range(2):
-        client.router.refused(a)
-    assert a.down_until <= time.monotonic()
-    client.router.refused(a)
-    assert a.down_until > time.monotonic() + 20
-    assert client.router.pick() is b
+def test_one_row_failing_again_and_again_does_not_take_a_server_down() -> None:
+    router = _Router(["http://a:1"], max_outage=600)
+    (a,) = router.servers
+    failure = RetryableError("500 from http://a:1", "http_500", server=a)
+    assert [router.failed(a, failure, row=7) for _ in range(5)] == [False] * 5  # charged to the row
+    assert a.down_since is None
+    # three different rows in a row (7, 8, 9), with no success between: the server's failure
+    assert [router.failed(a, failure, row=r) for r in (8, 9)] == [False, True]
+    assert a.down_since is not None
+    assert router.failed(a, failure, row=10) is True  # down: not charged
+
+
+def test_a_success_between_failures_keeps_a_server_up() -> None:
+    router = _Router(["http://a:1"], max_outage=600)
+    (a,) = router.servers
+    failure = RetryableError("502 from http://a:1", "http_502", server=a)
+    for row in range(10):
+        assert router.failed(a, failure, row=row) is False
+        router.answered(a) if row % 2 else None
+    assert a.down_since is None
+
+
+def test_only_the_server_s_kind_of_failure_counts_against_it() -> None:
+    router = _Router(["http://a:1"], max_outage=600)
+    (a,) = router.servers
+    for kind in ("timeout", "bad_body", "http_408", "client_error"):
+        for row in range(5):
+            assert router.failed(a, RetryableError(kind, kind, server=a), row=row) is False
+    assert a.down_since is None and a.failing == set()
+
+
+def test_the_only_server_down_makes_rows_wait_until_the_outage_limit() -> None:
+    async def main() -> tuple[float, str]:
+        client = Client(["http://a:1"], retry=RetryConfig(max_outage=0.3))
+        (a,) = client.servers
+        for _ in range(3):
+            client.router.failed(a, refusal(a), row=1)
+        started = time.monotonic()
+        try:
+            await client.router.wait_up()
+        except ServerUnavailableError as err:
+            return time.monotonic() - started, str(err)
+        finally:
+            await client.aclose()
+        return time.monotonic() - started, ""
+
+    took, message = asyncio.run(main())
+    assert 0.25 <= took < 2.0
+    assert message == (
+        "no server answered for 0.3s (http://a:1: cannot connect to http://a:1): the rows answered so far are kept; "
+        "start the server and run the same command again (raise retry.max_outage to wait longer)"
+    )
+
+
+def test_a_server_back_wakes_the_waiting_rows_at_once() -> None:
+    async def main() -> float:
+        client = Client(["http://a:1"], retry=RetryConfig(max_outage=30))
+        (a,) = client.servers
+        for _ in range(3):
+            client.router.failed(a, refusal(a), row=1)
+        asyncio.get_running_loop().call_later(0.2, client.router.probe_answered, a)
+        started = time.monotonic()
+        await client.router.wait_up()
+        await client.aclose()
+        return time.monotonic() - started
+
+    assert asyncio.run(main()) < 1.0
 
 
 def test_backoff_honours_retry_after_and_otherwise_grows_within_bounds() -> None:
@@ -149,33 +201,43 @@ def test_a_restart_blip_of_the_only_server_loses_no_row(
 
     assert [r.error for r in results] == [None] * 60
     assert [r.response for r in results] == ["echo: " + p for p in prompts]
-    # the blip was real: connections were refused often enough to take the server out of rotation
-    warned = [r.getMessage() for r in caplog.records if "connections in a row" in r.getMessage()]
-    assert warned and warned[0].startswith(f"{server.url} did not accept ")
-    assert f"{server.url} answers again: back in rotation" in [r.getMessage() for r in caplog.records]
+    # the blip was real: connections were refused often enough to take the server down, and
+    # one line said so, one that it was back
+    messages = [r.getMessage() for r in caplog.records]
+    down = [m for m in messages if m.startswith(f"{server.url} is down (")]
+    back = [m for m in messages if m.startswith(f"{server.url} answers again after ")]
+    assert len(down) == 1 and "rows wait for a server to answer (for at most 600s) without spending attempts" in down[0]
+    assert len(back) == 1 and back[0].endswith("s: back in rotation")
     # the restarted server got rows, each once, and only rows the first server did not finish
     after = received(server)
     assert after and set(after) <= set(prompts) and set(after.values()) == {1}
-    assert client.stats.requests > 60 and client.stats.retries == client.stats.requests - 60
+    # the rows in flight at the kill spent at most one attempt (the dropped connection); the
+    # refusals spent none
+    assert client.stats.requests > 60 and client.stats.retries <= 8
+    assert all(r.attempts <= 2 for r in results)
 
 
-def test_a_rerun_right_after_every_server_refused_sends_again(
+def test_rows_wait_out_an_outage_without_spending_attempts_and_stop_at_the_limit(
     start_fake_server: Callable[..., FakeServer], make_client: MakeClient
 ) -> None:
     server = start_fake_server()
-    client = make_client(server.url, attempts=2)
+    client = make_client(server.url, attempts=2, max_outage=1.0)
     assert [r.response for r in send(client, ["a"])] == ["echo: a"]
     server.kill()
+    started = time.monotonic()
     with pytest.raises(ServerUnavailableError) as info:
         send(client, ["b", "c", "d"])
-    assert str(info.value).startswith(f"cannot reach {server.url} after 2 attempts (cannot connect to {server.url} (")
-    assert str(info.value).endswith(f"is `vllm serve` running? try `vllm-generator list-models -m {server.url}`")
-    assert client.servers[0].down_until > time.monotonic()  # out of rotation, yet tried again:
+    assert 1.0 <= time.monotonic() - started < 5.0  # waited the outage limit, not two attempts' backoff
+    assert str(info.value).startswith(f"no server answered for 1s ({server.url}: cannot connect to {server.url} (")
+    assert str(info.value).endswith(
+        "the rows answered so far are kept; start the server and run the same command again (raise retry.max_outage to wait longer)"
+    )
+    assert client.servers[0].down_since is not None
 
-    server.restart()
+    server.restart()  # the same client (a rerun in a notebook): the probe brings the server back
     assert [r.response for r in send(client, ["e", "f"])] == ["echo: e", "echo: f"]
     assert received(server) == Counter({"e": 1, "f": 1})
-    assert client.servers[0].down_until == 0.0  # back in rotation
+    assert client.servers[0].down_since is None
 
 
 def test_a_dead_server_at_the_start_still_fails_at_once(make_client: MakeClient) -> None:
@@ -186,7 +248,7 @@ def test_a_dead_server_at_the_start_still_fails_at_once(make_client: MakeClient)
     with pytest.raises(ServerUnavailableError, match=f"^cannot list models at {server.url}/v1/models \\(ClientConnectorError: "):
         send(client, ["a"])
     # one model lookup, no generation attempt and no backoff: the model lookup fails fast
-    assert (client.servers[0].failures, client.stats.requests) == (1, 0)
+    assert (client.servers[0].refusals, client.stats.requests) == (1, 0)
 
 
 # -- connect timeouts
@@ -205,10 +267,12 @@ def test_a_black_holed_server_costs_the_connect_timeout_and_leaves_the_rotation(
     assert [r.response for r in results] == ["echo: " + p for p in prompts]
     assert received(fake_server) == Counter(prompts)  # each row once, all from the live server
     sent_to_hole = client.stats.requests - len(prompts)
-    assert sent_to_hole >= 3 and all(r.attempts <= 2 for r in results)
-    warned = [r.getMessage() for r in caplog.records if "connections in a row" in r.getMessage()]
-    assert warned == [f"{hole.url} did not accept 3 connections in a row: out of rotation for 30s; its requests go to {fake_server.url}"]
-    assert all(m.endswith(f"cannot connect to {hole.url} (no answer within 0.3s)") for m in retry_lines(caplog)), retry_lines(caplog)
+    assert sent_to_hole >= 3 and all(r.attempts == 1 for r in results)  # a refusal spends no attempt
+    warned = [r.getMessage() for r in caplog.records if " is down (" in r.getMessage()]
+    assert warned == [
+        f"{hole.url} is down (cannot connect to {hole.url} (no answer within 0.3s)): its rows go to {fake_server.url}; probing it every 1s"
+    ]
+    assert retry_lines(caplog) == []
 
 
 def test_a_black_holed_server_at_the_start_fails_within_the_connect_timeout(make_client: MakeClient) -> None:
@@ -217,7 +281,7 @@ def test_a_black_holed_server_at_the_start_fails_within_the_connect_timeout(make
         with pytest.raises(ServerUnavailableError) as info:
             send(client, ["a"])
     assert str(info.value).startswith(f"cannot list models at {hole.url}/v1/models (ConnectionTimeoutError: ")
-    assert client.servers[0].failures == 1  # counted like a refusal
+    assert client.servers[0].refusals == 1  # counted like a refusal
 
 
 # -- the watchdog alone (no server)
@@ -539,3 +603,68 @@ def test_creating_a_transform_does_no_network_io(fake_server: FakeServer) -> Non
     stats = fake_server.stats()
     assert (stats["models_requests"], stats["requests"]) == (1, 2)  # the model lookup, once
     transform.close()
+
+
+# -- answers that are not answers, odd fields, redirects (issue: never record a wrong success)
+
+
+@pytest.mark.parametrize("fault", ["no_message", "null_message", "null_content"])
+def test_an_answer_without_text_is_retried_never_recorded_as_a_success(
+    fake_server: FakeServer, make_client: MakeClient, fault: str
+) -> None:
+    client = make_client(fake_server.url, attempts=2)
+    once, always = f"once [[{fault}:1]]", f"always [[{fault}:9]]"
+    ok, failed = send(client, [once, always])
+
+    assert (ok.response, ok.attempts, ok.error) == (f"echo: {once}", 2, None)
+    what = "no message (got NoneType)" if fault != "null_content" else "no content"
+    assert failed.response is None and failed.error_type == "bad_body"
+    assert failed.error == f"gave up after 2 attempts: {fake_server.url} sent a broken response body (a choice has {what})"
+    assert received(fake_server) == Counter({once: 2, always: 2})
+
+
+def test_token_counts_sent_as_text_are_counted_and_the_batch_goes_on(fake_server: FakeServer, make_client: MakeClient) -> None:
+    client = make_client(fake_server.url)
+    results = send(client, ["a b c [[text_usage]]", "plain"])
+    assert [r.error for r in results] == [None, None]
+    assert results[0].prompt_tokens == 4 and isinstance(results[0].completion_tokens, int)
+    assert client.stats.prompt_tokens == 4 + 1
+
+
+@pytest.mark.parametrize("status", [302, 307])
+def test_a_redirect_is_a_row_error_and_is_not_followed(
+    start_fake_server: Callable[..., FakeServer], make_client: MakeClient, status: int
+) -> None:
+    elsewhere = start_fake_server()
+    server = start_fake_server("--redirect-to", f"{elsewhere.url}{CHAT}")
+    client = make_client(server.url)
+    moved, fine = send(client, [f"x [[redirect:{status}]]", "y"])
+
+    assert moved.response is None and moved.error_type == f"http_{status}" and moved.attempts == 1
+    assert moved.error == (
+        f"{status} from {server.url}{CHAT}: redirected to {elsewhere.url}{CHAT}; "
+        "redirects are not followed for generation requests: set base_url to the server itself"
+    )
+    assert fine.response == "echo: y"
+    assert elsewhere.log() == [] and received(server) == Counter({f"x [[redirect:{status}]]": 1, "y": 1})
+
+
+def test_a_server_failing_every_row_for_a_while_costs_the_rows_no_attempt(
+    start_fake_server: Callable[..., FakeServer], make_client: MakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    # what a vLLM server shutting down does: 500 "EngineCore encountered an issue" to everything
+    server = start_fake_server("--latency", "0.02")
+    client = make_client(server.url, attempts=2, max_concurrency=8)
+    caplog.set_level(logging.WARNING, logger="vllm_generator")
+    send(client, ["warm up"])
+    server.fail(seconds=2.0)
+    prompts = [f"row {i}" for i in range(40)]
+    results = send(client, prompts)
+
+    assert [r.error for r in results] == [None] * 40
+    assert [r.response for r in results] == ["echo: " + p for p in prompts]
+    # the first rows' 500s took the server down; no row spent its two attempts
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if " is down (500 from " in m]) == 1
+    assert len([m for m in messages if "answers again after" in m]) == 1
+    assert len(messages) <= 6, messages

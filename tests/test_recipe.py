@@ -256,7 +256,7 @@ def test_output_columns_must_differ() -> None:
         vllm_generate("http://localhost:8000", columns={"response": "error"})
     assert str(info.value) == (
         "vllm_generate: columns: output column names must differ: "
-        "['error', 'reasoning', 'finish_reason', 'prompt_tokens', 'completion_tokens', 'error', 'logprobs']"
+        "['error', 'reasoning', 'finish_reason', 'prompt_tokens', 'completion_tokens', 'error', 'logprobs', 'parsed']"
     )
 
 
@@ -484,10 +484,65 @@ def test_prompt_config_errors_through_vllm_generate_name_the_keyword() -> None:
         ({}, "prompt", ["prompt"]),
         ({"prompt_column": "question"}, "prompt", ["question"]),
         ({"messages_column": "chat"}, "messages", ["chat"]),
-        ({"template": "{a} and {b.x} and {c[0]} and {a}"}, "template", ["a", "b", "c"]),
+        ({"template": "{a} and {b!r} and {c:>{width}} and {a}"}, "template", ["a", "b", "c", "width"]),
     ],
 )
 def test_prompt_config_source_and_columns(kwargs: dict[str, str], source: str, columns: list[str]) -> None:
     config = PromptConfig(**kwargs)
     assert config.source == source
     assert config.prompt_columns() == columns
+
+
+# --------------------------------------------------------------------------- caught before anything runs
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("{prompt.__class__}", "template field {prompt.__class__} reads an attribute or an item"),
+        ("{prompt.nope}", "template field {prompt.nope} reads an attribute or an item"),
+        ("{prompt[x]}", "template field {prompt[x]} reads an attribute or an item"),
+        ("{prompt:>{id.x}}", "template field {id.x} reads an attribute or an item"),
+    ],
+)
+def test_templates_read_plain_columns_only(template: str, message: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        PromptConfig(template=template)
+    assert errors_of(info.value) == [(("template",), f"Value error, {message}: templates take plain column names like {{question}}")]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda r: r["generation"].update(temperature=float("inf")), "generation.temperature: Input should be a finite number"),
+        (lambda r: r["generation"].update(presence_penalty=float("nan")), "generation.presence_penalty: Input should be a finite number"),
+        (lambda r: r["generation"].update(extra_body={"x": [1, float("nan")]}), "generation: extra_body.x[1] is nan: give a finite number"),
+        (lambda r: r["processing"].update(batch_size=True), "processing.batch_size: expects a number, not true"),
+        (lambda r: r["retry"].update(attempts=False), "retry.attempts: expects a number, not false"),
+        (lambda r: r["model"].update(timeout=True), "model.timeout: expects a number, not true"),
+    ],
+    ids=["inf", "nan", "nan-inside", "batch-size-true", "attempts-false", "timeout-true"],
+)
+def test_non_finite_numbers_and_flags_for_numbers_are_refused(
+    tmp_path: Path, change: Callable[[dict[str, Any]], object], message: str
+) -> None:
+    raw = recipe_with(lambda r: [r.setdefault(k, {}) for k in ("generation", "processing", "retry")] and change(r))
+    path = write_recipe(tmp_path, raw)  # yaml writes .inf and .nan
+    assert load_error(path) == f"{path}: {message}"
+
+
+def test_a_flag_stays_a_flag_where_a_field_takes_one() -> None:
+    assert GenerationConfig(logprobs=True, thinking=False).logprobs is True
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path: Path) -> None:
+    path = tmp_path / "recipe.yaml"
+    path.write_text("data:\n  input: {path: in.parquet}\n  output: {path: out.parquet}\nmodel: {base_url: 'http://h:1'}\n"
+                    "generation:\n  temperature: 0.1\ngeneration:\n  max_tokens: 3\n")  # fmt: skip
+    assert load_error(path) == f"{path}: not valid YAML: line 7: the key 'generation' is given twice (first on line 5): merge them"
+
+
+def test_a_recipe_that_is_not_utf8_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(b"data:\n  prompt_column: caf\xe9\n")
+    assert load_error(path) == f"{path}: line 2: not UTF-8 text (byte 0xe9): save the recipe as UTF-8"

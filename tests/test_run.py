@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import collections
+import gc
 import inspect
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,12 +25,13 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import write_recipe
+from datasets import Dataset
 from fake_server import FakeServer
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 from huggingface_hub import HfApi as RealHfApi
 
 import vllm_generator
-from vllm_generator import MergeError, RecipeError, ServerUnavailableError
+from vllm_generator import MergeError, RecipeError, ServerUnavailableError, StorageError, vllm_generate
 from vllm_generator.merge import merge_outputs
 from vllm_generator.recipe import load_recipe
 from vllm_generator.run import RunSummary, run_recipe
@@ -758,6 +762,7 @@ class RecordingHfApi:
         self.files = list(files or [])
         self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
         self.uploaded: dict[str, list[dict[str, Any]]] = {}
+        self.cards: list[str] = []  # every README.md pushed, in order
 
     def _record(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         inspect.signature(getattr(RealHfApi, name)).bind(self, *args, **kwargs)
@@ -774,7 +779,11 @@ class RecordingHfApi:
         operations = kwargs.pop("operations")
         described: list[tuple[str, ...]] = []
         for op in operations:
-            if isinstance(op, CommitOperationAdd):
+            if isinstance(op, CommitOperationAdd) and op.path_in_repo == "README.md":
+                assert isinstance(op.path_or_fileobj, bytes)
+                self.cards.append(op.path_or_fileobj.decode())
+                described.append(("add", "README.md", "<card>"))
+            elif isinstance(op, CommitOperationAdd):
                 assert isinstance(op.path_or_fileobj, str)
                 self.uploaded[op.path_in_repo] = pq.read_table(op.path_or_fileobj).to_pylist()
                 described.append(("add", op.path_in_repo, op.path_or_fileobj))
@@ -839,6 +848,7 @@ def test_merge_pushes_one_file_and_removes_the_split_files(split_outputs: tuple[
     assert api.calls[2][2]["operations"] == [
         ("add", "data/train-00000-of-00001.parquet", str(out)),
         *[("delete", f"data/train-0000{i}-of-00003.parquet") for i in range(3)],
+        ("add", "README.md", "<card>"),
     ]
     assert [r["id"] for r in api.uploaded["data/train-00000-of-00001.parquet"]] == list(range(30))
 
@@ -885,7 +895,7 @@ def test_each_split_uploads_its_own_file_and_removes_files_of_other_split_counts
                 "create_commit",
                 ("org/answers",),
                 {
-                    "operations": [("add", name, staged), *(("delete", f) for f in stale)],
+                    "operations": [("add", name, staged), *(("delete", f) for f in stale), ("add", "README.md", "<card>")],
                     "repo_type": "dataset",
                     "commit_message": f"vllm-generator: upload {name}",
                 },
@@ -895,6 +905,36 @@ def test_each_split_uploads_its_own_file_and_removes_files_of_other_split_counts
         assert [r["response"] for r in api.uploaded[name]] == [f"echo: {t}" for t in texts[start : start + 10]]
     assert len(created) == 3
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("status", "calls"), [(503, 2), (401, 1)])
+def test_a_passing_hub_failure_is_retried_and_a_refusal_is_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, status: int, calls: int
+) -> None:
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+
+    class FlakyHfApi(RecordingHfApi):
+        commits = 0
+
+        def create_commit(self, *args: Any, **kwargs: Any) -> None:
+            FlakyHfApi.commits += 1
+            if FlakyHfApi.commits == 1:
+                response = httpx2.Response(status, request=httpx2.Request("POST", "https://huggingface.co/api/datasets/org/a/commit/main"))
+                raise HfHubHTTPError(f"{status} from the Hub", response=response)
+            super().create_commit(*args, **kwargs)
+
+    local = tmp_path / "answers.parquet"
+    pq.write_table(pa.table({"id": [1, 2]}), local)
+    monkeypatch.setattr("vllm_generator.storage._HUB_WAIT", 0.01)
+    api = FlakyHfApi()
+    if calls == 1:
+        with pytest.raises(vllm_generator.HubError):
+            push_to_hub(str(local), "org/a", "data/train-00000-of-00001.parquet", True, api=api)
+    else:
+        push_to_hub(str(local), "org/a", "data/train-00000-of-00001.parquet", True, api=api)
+        assert api.uploaded["data/train-00000-of-00001.parquet"] == [{"id": 1}, {"id": 2}]
+    assert FlakyHfApi.commits == calls
 
 
 def test_a_failed_push_keeps_the_file_and_says_how_to_push_again(
@@ -953,6 +993,7 @@ def test_server_death_leaves_no_output(tmp_path: Path, start_fake_server: Callab
         server.url,
         write_input(tmp_path / "in.parquet", questions(200)),
         processing={"chunk_size": 20, "batch_size": 10, "max_concurrency": 4},
+        retry={"attempts": 2, "initial_wait": 0.01, "max_wait": 0.05, "max_outage": 1},  # rows wait for a dead server this long
     )
 
     def kill_after_a_chunk() -> None:
@@ -1023,3 +1064,283 @@ def test_merge_refuses_splits_with_other_columns(tmp_path: Path, fake_server: Fa
     split1 = out.parent / "answers.split-00001-of-00002.parquet"
     assert str(info.value) == f"cannot merge {out}: split 1 ({split1}) has other columns than split 0; rerun it"
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------- bad rows, caught before the first request
+
+
+def test_a_message_without_a_role_deep_in_the_input_is_named_before_anything_is_sent(tmp_path: Path, fake_server: FakeServer) -> None:
+    rows = [[{"role": "user", "content": f"q {i}"}] for i in range(3000)]
+    rows[2500] = [{"role": "system", "content": "be terse"}, {"content": "no role here"}]
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in rows))
+    recipe = make_recipe(tmp_path, fake_server.url, path, data={"prompt_column": None, "messages_column": "messages"})
+    with pytest.raises(RecipeError) as info:
+        run(recipe)
+    assert str(info.value) == f"data.messages_column: row 2500 of {path}: message 1 has no 'role'"
+    assert fake_server.log() == []
+    # split 1 of 2 holds that row too: its number in the input, not in the split
+    with pytest.raises(RecipeError) as info:
+        run(recipe, processing__num_splits=2, processing__split_id=1)
+    assert str(info.value) == f"data.messages_column: row 2500 of {path}: message 1 has no 'role'"
+
+
+def test_a_messages_row_of_the_wrong_shape_in_a_plain_map_names_its_dataset_row(fake_server: FakeServer) -> None:
+    ds = Dataset.from_list([{"m": [{"role": "user", "content": "a"}]}] * 5 + [{"m": [{"content": "b"}]}])
+    with pytest.raises(RecipeError) as info:
+        ds.map(vllm_generate(fake_server.url, messages_column="m"), batched=True, batch_size=4, with_indices=True)
+    assert str(info.value) == "row 5: column 'm': message 0 has no 'role' (each message is {role, content})"
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("{question:d}", "data.template: row 0 of {input}: the template '{{question:d}}' cannot format this row's values (ValueError: "),
+        ("{question!s:^{id}}", None),  # id is a column too: this one works
+    ],
+)
+def test_template_values_are_checked_on_the_first_rows(tmp_path: Path, fake_server: FakeServer, template: str, message: str | None) -> None:
+    input_path = write_input(tmp_path / "in.parquet", questions(5))
+    recipe = make_recipe(tmp_path, fake_server.url, input_path, data={"prompt_column": None, "template": template})
+    if message is None:
+        assert run(recipe).succeeded == 5
+        assert sent_prompts(fake_server.log())[2] == format("question 2", f"^{2}")
+        return
+    with pytest.raises(RecipeError) as info:
+        run(recipe)
+    assert str(info.value).startswith(message.format(input=input_path))
+    assert fake_server.log() == []
+
+
+def test_text_that_is_not_utf8_is_named_by_row_and_column(tmp_path: Path, fake_server: FakeServer) -> None:
+    values = pa.array([b"fine", b"also fine", b"caf\xe9"], pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"question": ["a", "b", "c"], "notes": values}), tmp_path / "in.parquet")
+    with pytest.raises(RecipeError) as info:
+        run(make_recipe(tmp_path, fake_server.url, tmp_path / "in.parquet"))
+    assert str(info.value) == f"data.input: row 2 of {tmp_path / 'in.parquet'}, column 'notes': not UTF-8 text: write the file as UTF-8"
+    assert fake_server.log() == []
+
+
+def test_a_broken_jsonl_line_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"question": "a"}\n{"question": "b"}\n{"question": "c"} trailing\n')
+    with pytest.raises(RecipeError) as info:
+        run(make_recipe(tmp_path, "http://127.0.0.1:9", path))
+    assert str(info.value).startswith(f"data.input.path: cannot read {path}: line 3 is not one JSON value (Extra data: ")
+
+
+def test_an_output_path_that_is_a_folder_is_refused_before_anything_is_sent(tmp_path: Path, fake_server: FakeServer) -> None:
+    (tmp_path / "out" / "answers.parquet").mkdir(parents=True)
+    with pytest.raises(RecipeError) as info:
+        run(make_recipe(tmp_path, fake_server.url, write_input(tmp_path / "in.parquet", questions(3))))
+    assert (
+        str(info.value)
+        == f"data.output.path: {tmp_path / 'out' / 'answers.parquet'} is a folder: name a .parquet file to write (it is replaced as a whole)"
+    )
+    assert fake_server.log() == []
+
+
+def test_a_log_file_in_a_folder_that_cannot_be_made_is_refused_up_front(tmp_path: Path, fake_server: FakeServer) -> None:
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    recipe = make_recipe(
+        tmp_path,
+        fake_server.url,
+        write_input(tmp_path / "in.parquet", questions(3)),
+        logging={"file": str(tmp_path / "blocker" / "run.log")},
+    )
+    with pytest.raises(RecipeError) as info:
+        run(recipe)
+    assert str(info.value) == f"logging.file: cannot create the folder {tmp_path / 'blocker'} (File exists)"
+    assert fake_server.log() == []
+
+
+# --------------------------------------------------------------------------- damaged and shared state
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])
+def test_a_damaged_chunk_cache_is_sent_again_with_a_warning_naming_it(
+    tmp_path: Path, fake_server: FakeServer, caplog: pytest.LogCaptureFixture, damage: str
+) -> None:
+    texts = questions(30)
+    recipe = make_recipe(tmp_path, fake_server.url, write_input(tmp_path / "in.parquet", texts))
+    run(recipe)
+    first = run(recipe, data__output__path=str(tmp_path / "reference.parquet"))  # another output, same answers
+    assert first.generated_rows == 30
+    broken = chunk_files(tmp_path / "out" / "answers.parquet")[1]
+    data = broken.read_bytes()
+    broken.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "garbage": b"not arrow at all" * 10}[damage])
+    fake_server.reset()
+    caplog.set_level(logging.WARNING, logger="vllm_generator")
+
+    again = run(recipe)
+    assert (again.reused_rows, again.generated_rows) == (20, 10)
+    assert sorted(sent_prompts(fake_server.log())) == texts[10:20]
+    assert any(r.getMessage().startswith(f"chunk cache {broken} is damaged (") for r in caplog.records)
+    assert pq.read_table(tmp_path / "out" / "answers.parquet").to_pylist() == pq.read_table(tmp_path / "reference.parquet").to_pylist()
+
+
+def test_a_second_run_on_the_same_split_refuses_naming_the_first(tmp_path: Path, start_fake_server: Callable[..., FakeServer]) -> None:
+    server = start_fake_server("--latency", "0.2", "--slots", "2")
+    recipe = make_recipe(
+        tmp_path,
+        server.url,
+        write_input(tmp_path / "in.parquet", questions(20)),
+        processing={"chunk_size": 10, "batch_size": 5, "max_concurrency": 2},
+    )
+    command = [sys.executable, "-m", "vllm_generator", str(recipe), "--progress=false"]
+    first = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not server.log() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        second = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False)
+        assert second.returncode == 1
+        assert second.stderr.startswith(
+            f"error: split 0 of 1 of {tmp_path / 'out' / 'answers.parquet'} is being written by pid {first.pid} on "
+        )
+        assert second.stderr.rstrip().endswith("wait for it to finish or stop it (set processing.wait_for_lock: true to wait)")
+        _, stderr = first.communicate(timeout=120)
+        assert first.returncode == 0, stderr
+    finally:
+        first.kill()
+        first.wait()
+    assert collections.Counter(sent_prompts(server.log())) == {t: 1 for t in questions(20)}  # nothing sent twice
+    # the lock went with the run: the next one resumes at once
+    assert run(recipe).reused_rows == 20
+
+
+def test_a_run_that_waits_for_the_lock_resumes_from_the_first_run_s_work(tmp_path: Path, fake_server: FakeServer) -> None:
+    from vllm_generator.storage import hold_lock
+
+    recipe = make_recipe(tmp_path, fake_server.url, write_input(tmp_path / "in.parquet", questions(10)), processing={"wait_for_lock": True})
+    split_dir = tmp_path / "out" / "answers.parquet.work" / "split-00000-of-00001"
+    split_dir.mkdir(parents=True)
+    held = threading.Event()
+    done: list[RunSummary] = []
+
+    def hold() -> None:
+        with hold_lock(str(split_dir), "it", wait=False):
+            held.set()
+            time.sleep(1.0)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(10)
+    started = time.monotonic()
+    done.append(run(recipe))
+    holder.join()
+    assert time.monotonic() - started >= 0.8 and done[0].succeeded == 10
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0 and not os.environ.get("CI"), reason="mounting a small tmpfs needs root")
+
+
+@needs_root
+def test_a_full_disk_says_where_and_what_is_kept_and_the_rerun_resumes(tmp_path: Path, fake_server: FakeServer) -> None:
+    disk = tmp_path / "small"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(disk)], check=True)
+    try:
+        texts = [f"question {i} " + "x" * 400 for i in range(2000)]
+        recipe = make_recipe(tmp_path, fake_server.url, write_input(tmp_path / "in.parquet", texts),
+                             processing={"chunk_size": 50, "batch_size": 25, "work_dir": str(disk)})  # fmt: skip
+        with pytest.raises(StorageError) as info:
+            run(recipe)
+        message = str(info.value)
+        del info
+        with warnings.catch_warnings():  # datasets' cache writer leaves its file open when a write fails
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()
+        assert message.startswith("no space left on ") and "(No space left on device)" in message
+        assert " chunks (" in message and "rows) are kept in " in message and message.endswith("(it sends only what is not kept)")
+        kept = int(message.split(" chunks (")[1].split(" rows")[0])
+        assert kept < 2000
+        assert not [p for p in disk.rglob("*") if p.name.startswith("tmp") or ".tmp-" in p.name]  # nothing left that cannot resume
+
+        subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)  # room again
+        fake_server.reset()
+        again = run(recipe)
+        assert (again.reused_rows, again.generated_rows) == (kept, 2000 - kept)
+        assert len(fake_server.log()) == 2000 - kept
+        rows = pq.read_table(tmp_path / "out" / "answers.parquet").to_pylist()
+        assert [r["response"] for r in rows] == [f"echo: {t}" for t in texts]
+    finally:
+        subprocess.run(["umount", "--lazy", str(disk)], check=True)  # the chunks may still be memory-mapped here
+
+
+# --------------------------------------------------------------------------- the dataset card
+
+
+def test_every_push_writes_a_dataset_card_with_the_run_and_a_viewer_config(
+    tmp_path: Path, fake_server: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api = RecordingHfApi(["README.md", "data/test-00000-of-00001.parquet", "data/train-v2-00000-of-00001.parquet"])
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda *args, **kwargs: api)
+    texts = questions(10, {4: "[[400]]"})
+    recipe = make_recipe(
+        tmp_path,
+        fake_server.url,
+        write_input(tmp_path / "in.parquet", texts),
+        generation={"temperature": 0.5, "max_tokens": 32},
+        data={"system_prompt": "Be brief."},
+    )
+    raw = yaml.safe_load(recipe.read_text())
+    raw["data"]["output"]["hub_repo_id"] = "org/answers"
+    raw["model"]["base_url"] = fake_server.url.replace("http://", "http://user:hunter2@")
+    recipe.write_text(yaml.safe_dump(raw))
+    summary = run(recipe)
+    (card,) = api.cards
+    front, body = card.removeprefix("---\n").split("---\n", 1)
+    # train's own pattern: "data/train-*" would also take the train-v2 split's files
+    assert yaml.safe_load(front)["configs"] == [
+        {
+            "config_name": "default",
+            "data_files": [
+                {"split": "test", "path": "data/test-*"},
+                {"split": "train", "path": "data/train-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9].parquet"},
+                {"split": "train-v2", "path": "data/train-v2-*"},
+            ],
+        }
+    ]
+    assert "| served model name | fake-model |" in body
+    assert '| generation parameters | {"max_tokens": 32, "temperature": 0.5} |' in body
+    assert "| prompt source | text column `question`, system prompt `Be brief.` |" in body
+    assert "| rows | 10 |\n| succeeded | 9 |\n| failed | 1 |\n| failed by type | http_400: 1 |" in body
+    assert f"| tokens | {summary.prompt_tokens:,} prompt, {summary.completion_tokens:,} completion |" in body
+    assert f"| throughput | {summary.rows_per_s:,.1f} rows/s" in body
+    assert f"| library version | vllm-generator {vllm_generator.__version__} |" in body
+    recipe_block = body.split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert yaml.safe_load(recipe_block)["model"]["base_url"] == [fake_server.url.replace("http://", "http://<redacted>@")]
+    assert "hunter2" not in card
+    assert 'load_dataset("org/answers", split="train")' in body
+
+
+def test_the_card_redacts_secret_settings() -> None:
+    from vllm_generator.card import redact
+
+    recipe = {
+        "model": {
+            "api_key_env": "MY_KEY",  # a variable's name: kept
+            "serve": {"env": {"HF_TOKEN": "hf_abc", "VLLM_CPU_KVCACHE_SPACE": "1"}, "args": ["--api-key", "sk-1", "--dtype", "bf16"]},
+        },
+        "generation": {"extra_body": {"auth": {"user": "x"}}},
+    }
+    assert redact(recipe) == {
+        "model": {
+            "api_key_env": "MY_KEY",
+            "serve": {
+                "env": {"HF_TOKEN": "<redacted>", "VLLM_CPU_KVCACHE_SPACE": "1"},
+                "args": ["--api-key", "<redacted>", "--dtype", "bf16"],
+            },
+        },
+        "generation": {"extra_body": {"auth": "<redacted>"}},
+    }
+
+
+def test_a_merge_push_writes_a_card_with_the_totals(split_outputs: tuple[Path, Path]) -> None:
+    _, out = split_outputs
+    api = RecordingHfApi([])
+    merge_outputs(str(out), hub_repo_id="org/answers", hub_split="train", private=True, api=api)
+    (card,) = api.cards
+    assert "  - split: train\n    path: data/train-*\n" in card
+    assert "| rows | 30 |\n| succeeded | 30 |\n| failed | 0 |\n| failed by type | none |" in card

@@ -1,7 +1,9 @@
-"""End to end against a real vLLM server: the CPU build and the tiny random model (DESIGN.md §6).
+"""End to end against a real vLLM server: the CPU build and the tiny random model (DESIGN.md §6),
+and SmolLM2-135M-Instruct, a real small model (DESIGN.md §8), for real answers.
 
-One server, started once per session with the project's own ``serve_models`` and the serve section
-of recipes/quickstart.yaml, is shared by every test here; the CLI runs as a subprocess against it.
+One tiny-model server (with ``--reasoning-parser qwen3``), started once per session with the
+project's own ``serve_models``, is shared by most tests here; the CLI runs as a subprocess against
+it. The SmolLM2 tests share a second server, with the serve section of recipes/quickstart.yaml.
 The model's weights are random, so the tests assert on counts, shapes, finish reasons, token counts
 and same-seed reproducibility, never on the text (scripts/VLLM_NOTES.md has the measured facts).
 Row alignment is checked through ``prompt_tokens``: each row's count must equal what the server's
@@ -18,20 +20,23 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
 from conformance import check_request, check_response
+from datasets import Dataset
 from fake_server import OPENER
+from pydantic import BaseModel, Field
 
 from vllm_generator import vllm_generate
 from vllm_generator.recipe import ServeConfig, load_recipe
@@ -43,15 +48,18 @@ REPO = Path(__file__).resolve().parent.parent
 VLLM_PYTHON = REPO / ".vllm-venv" / "bin" / "python"
 MODEL_DIR = REPO / ".models" / "tiny-qwen3"
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
+STRUCTURED = REPO / "recipes" / "quickstart_structured.yaml"
+SMOLLM_DIR = REPO / ".models" / "smollm2-135m-instruct"
 QUESTIONS = REPO / "recipes" / "data" / "questions.jsonl"
-MODEL_NAME = "tiny-qwen3"  # --served-model-name in recipes/quickstart.yaml
+MODEL_NAME = "tiny-qwen3"  # --served-model-name in tiny_serve()
 MAX_MODEL_LEN = 512
 # Never send requests to 127.0.0.1 through a proxy from the environment.
 
 
 def require_real_vllm() -> None:
     """Skip (fail under CI) when the vLLM CPU build or the tiny model is not installed."""
-    missing = [str(p.relative_to(REPO)) for p in (VLLM_PYTHON, MODEL_DIR / "config.json") if not p.exists()]
+    needed = (VLLM_PYTHON, MODEL_DIR / "config.json", SMOLLM_DIR / "vllm_generator_meta.json")
+    missing = [str(p.relative_to(REPO)) for p in needed if not p.exists()]
     if not missing:
         return
     message = f"the real vLLM tests need {' and '.join(missing)}: run `bash scripts/setup.sh` to install them"
@@ -70,8 +78,23 @@ def absolute_paths(items: list[str]) -> list[str]:
     return [str(REPO / item) if item.startswith(".") and (REPO / item).exists() else item for item in items]
 
 
+def tiny_serve() -> ServeConfig:
+    """The tiny random Qwen3 with the reasoning parser (what the quickstart used before SmolLM2)."""
+    return ServeConfig(
+        model=str(MODEL_DIR),
+        command=[str(VLLM_PYTHON), "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", "{model}"],
+        args=[
+            *("--served-model-name", MODEL_NAME, "--dtype", "bfloat16", "--enforce-eager"),
+            *("--max-model-len", str(MAX_MODEL_LEN), "--reasoning-parser", "qwen3"),
+        ],
+        port=0,
+        env={"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"},
+        startup_timeout=300,
+    )
+
+
 def quickstart_serve() -> ServeConfig:
-    """The serve section of recipes/quickstart.yaml with absolute paths: usable from any cwd."""
+    """The serve section of recipes/quickstart.yaml (SmolLM2) with absolute paths: usable from any cwd."""
     serve = load_recipe(QUICKSTART).model.serve
     assert serve is not None, f"{QUICKSTART} has no model.serve section"
     return serve.model_copy(update={"model": absolute_paths([serve.model])[0], "command": absolute_paths(serve.command), "port": 0})
@@ -138,7 +161,7 @@ def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[st
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv(LOG_DIR_ENV, str(root / "logs"))
             mp.setenv("VLLM_CACHE_ROOT", str(root / "vllm-cache"))  # keep ~/.cache/vllm untouched
-            urls = stack.enter_context(serve_models(quickstart_serve()))
+            urls = stack.enter_context(serve_models(tiny_serve()))
         assert len(urls) == 1, urls
         (log,) = (root / "logs").glob("vllm-*.log")
         group = server_group(urls[0])
@@ -546,10 +569,85 @@ def test_validate_check_server(vllm_url: str, tmp_path: Path) -> None:
     assert f"does not serve model 'nope'; it serves: {MODEL_NAME}" in wrong.stderr
 
 
+# --------------------------------------------------------------------------- SmolLM2: real answers
+
+SMOLLM_NAME = "smollm2"  # --served-model-name in recipes/quickstart.yaml
+
+
+@pytest.fixture(scope="module")
+def smollm_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A SmolLM2 server for this module's SmolLM2 tests, stopped after them."""
+    require_real_vllm()
+    root = tmp_path_factory.mktemp("smollm-server")
+    with contextlib.ExitStack() as stack:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv(LOG_DIR_ENV, str(root / "logs"))
+            mp.setenv("VLLM_CACHE_ROOT", str(root / "vllm-cache"))
+            (url,) = stack.enter_context(serve_models(quickstart_serve()))
+        group = server_group(url)
+        yield url
+    assert wait_group_gone(group) == []
+
+
+class Country(BaseModel):
+    # bounded strings and lists: a 135M model otherwise runs on until max_tokens cuts the JSON
+    name: str = Field(max_length=30)
+    capital: str = Field(max_length=30)
+    continent: Literal["Europe", "Asia", "Africa", "Americas", "Oceania"]
+    landlocked: bool
+    # no number field: a small model writes digits until max_tokens (a schema cannot bound them)
+    languages: list[Annotated[str, Field(max_length=20)]] = Field(max_length=3)
+    note: str | None = Field(None, max_length=40)
+
+
+def test_smollm2_answers_for_real(smollm_url: str) -> None:
+    ds = Dataset.from_dict({"prompt": ["What is the capital of France?", "What is the capital of Italy?"]})
+    out = ds.map(vllm_generate(smollm_url, temperature=0, max_tokens=32), batched=True)
+    assert out["error"] == [None, None]
+    assert "Paris" in out[0]["response"] and "Rome" in out[1]["response"], out["response"]
+
+
+def test_structured_outputs_every_row_parses_into_its_schema(smollm_url: str) -> None:
+    countries = ["France", "Japan", "Kenya", "Brazil", "Canada", "Egypt", "India", "Norway"]
+    ds = Dataset.from_dict({"country": countries})
+    generate = vllm_generate(
+        smollm_url, template="Give facts about {country} as JSON.", output_schema=Country, temperature=0, max_tokens=200
+    )
+    out = ds.map(generate, batched=True, batch_size=4)
+    assert out["error"] == [None] * len(countries), out["error"]
+    assert set(out["finish_reason"]) == {"stop"}
+    models = [Country.model_validate(p) for p in out["parsed"]]  # the README's one-liner
+    assert all(len(m.languages) <= 3 for m in models)
+    assert out.data.table.schema.field("parsed").type.field("continent").type == "string"
+    assert out.data.table.schema.field("parsed").type.field("landlocked").type == "bool"
+    assert models[0].capital == "Paris"
+    # the raw answer is the JSON the parsed value came from
+    assert [Country.model_validate_json(r) for r in out["response"]] == models
+
+
+def test_the_structured_quickstart_recipe(smollm_url: str, tmp_path: Path) -> None:
+    """recipes/quickstart_structured.yaml (its schema from recipes/schemas/topic.json), pointed at the shared server."""
+    output = tmp_path / "structured.parquet"
+    cli_ok(
+        str(STRUCTURED),
+        "--model.serve=null",
+        f"--model.base_url={smollm_url}",
+        f"--data.output.path={output}",
+        "--progress=false",
+        cwd=REPO,
+    )
+    table = pq.read_table(output)
+    assert table.num_rows == 12
+    assert table.column("error").to_pylist() == [None] * 12
+    schema = json.loads((REPO / "recipes" / "schemas" / "topic.json").read_text())
+    for row in table.column("parsed").to_pylist():
+        assert set(row) == set(schema["properties"]) and row["category"] in schema["properties"]["category"]["enum"]
+        assert len(row["related"]) <= 3 and row["name"]
+
+
 def test_quickstart_recipe_serves_its_own_model(tmp_path: Path) -> None:
-    """`python -m vllm_generator` on a copy of recipes/quickstart.yaml: the CLI starts a server
-    through model.serve, generates, and stops it. Last in this file, so the shared server (if
-    started) idles meanwhile: two servers at most."""
+    """`python -m vllm_generator` on a copy of recipes/quickstart.yaml: the CLI starts a SmolLM2
+    server through model.serve, generates real answers, and stops it."""
     require_real_vllm()
     raw = yaml.safe_load(QUICKSTART.read_text())
     raw["data"]["input"] = {"path": str(REPO / raw["data"]["input"]["path"]), "limit": 6}
@@ -564,13 +662,53 @@ def test_quickstart_recipe_serves_its_own_model(tmp_path: Path) -> None:
     rows = read_rows(tmp_path / "quickstart" / "answers.parquet")
     assert [r["id"] for r in rows] == list(range(6))
     assert_all_ok(rows, max_tokens=raw["generation"]["max_tokens"])
-    # the recipe's promise: its logit_bias on </think> fills both columns
-    both = sum(bool(r["reasoning"] and r["response"]) for r in rows)
-    assert both >= 1, (
-        f"no row has both reasoning and response (reasoning set on {sum(r['reasoning'] is not None for r in rows)} "
-        f"of 6 rows, seed {raw['generation'].get('seed')}): {[(r['reasoning'], r['response']) for r in rows[:2]]}"
-    )
+    # a real model: most answers speak of their own topic ("the moon", "tea", ...)
+    on_topic = [r["topic"].split()[-1].rstrip("s").lower() in (r["response"] or "").lower() for r in rows]
+    assert sum(on_topic) >= 4, [(r["topic"], r["response"]) for r in rows]
+    assert all(r["reasoning"] is None for r in rows)  # not a reasoning model
     stopped = re.findall(r"stopped vLLM server pid (\d+)", proc.stderr)
     assert len(stopped) == 1, proc.stderr[-3000:]
     assert wait_group_gone(int(stopped[0]), timeout=5) == []
     assert len(list((tmp_path / "logs").glob("vllm-*.log"))) == 1
+
+
+def test_a_run_survives_its_vllm_server_restarting(tmp_path: Path) -> None:
+    """The only server is stopped mid-run (vLLM answers 500s while its engine shuts down, then
+    refuses connections) and started again on the same port, which takes it ~30 s to load: with
+    default retry settings the run waits, resumes, and every row gets its answer."""
+    require_real_vllm()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    serve = tiny_serve().model_copy(update={"port": port})
+    url = f"http://127.0.0.1:{port}"
+    rows = 1500
+    questions = [{"question": f"Count to {i}."} for i in range(rows)]
+    recipe = write_recipe(
+        tmp_path, url, data={"input": {"path": str(write_jsonl(tmp_path / "q.jsonl", questions))}},
+        processing={"chunk_size": 250, "batch_size": 50, "max_concurrency": 32},
+    )  # fmt: skip
+    output = output_of(recipe)
+    command = [sys.executable, "-m", "vllm_generator", "run", str(recipe), "--progress=false"]
+    first = contextlib.ExitStack()
+    first.enter_context(serve_models(serve))
+    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        work = Path(f"{output}.work")
+        while not list(work.rglob("chunk-*.arrow")) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        first.close()  # the server stops mid-run; the run goes on
+        with serve_models(serve):
+            _, stderr = proc.communicate(timeout=300)
+    finally:
+        first.close()
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, stderr
+    answered = read_rows(output)
+    assert len(answered) == rows and all(r["error"] is None for r in answered), stderr
+    assert any(" is down (" in line and "without spending attempts" in line for line in stderr.splitlines()), stderr
+    assert any("answers again after" in line for line in stderr.splitlines()), stderr
+    assert read_metrics(output)["failed"] == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import re
 import time
 from typing import Any
 
@@ -13,8 +14,22 @@ from conformance import CHAT, COMPLETIONS, check_request, check_response
 from pydantic import ValidationError
 
 from vllm_generator import vllm_generate
+from vllm_generator.errors import RecipeError
 from vllm_generator.recipe import GenerationConfig
-from vllm_generator.wire import decode, encode, parse_choice, parse_response, request_fields, retry_after, server_message
+from vllm_generator.wire import (
+    FinalError,
+    check_auth,
+    decode,
+    encode,
+    parse_choice,
+    parse_response,
+    redact_text,
+    redact_url,
+    request_fields,
+    retry_after,
+    server_message,
+    status_error,
+)
 
 
 def chat_choice(content: str | None, **message: Any) -> dict[str, Any]:
@@ -38,9 +53,7 @@ def chat_choice(content: str | None, **message: Any) -> dict[str, Any]:
         pytest.param(chat_choice("because</think>\n\nthe answer"), ("the answer", "because"), id="close_only"),
         pytest.param(chat_choice("<think>because, and then"), ("", "because, and then"), id="unclosed"),
         pytest.param(chat_choice(None, reasoning="because, and then"), ("", "because, and then"), id="field_unclosed"),
-        pytest.param(chat_choice(None), ("", None), id="content-none"),
         pytest.param(chat_choice(""), ("", None), id="content-empty"),
-        pytest.param({"index": 0, "message": None}, ("", None), id="message-none"),
     ],
 )
 def test_parse_choice_chat_shapes(choice: dict[str, Any], expected: tuple[str, str | None]) -> None:
@@ -54,7 +67,6 @@ def test_parse_choice_chat_shapes(choice: dict[str, Any], expected: tuple[str, s
         ("<think>because</think>the answer", ("the answer", "because")),
         ("because</think> the answer", ("the answer", "because")),
         ("<think>because", ("", "because")),
-        (None, ("", None)),
     ],
 )
 def test_parse_choice_completion_text(text: str | None, expected: tuple[str, str | None]) -> None:
@@ -70,7 +82,68 @@ def test_parse_choice_without_parse_reasoning_keeps_the_text() -> None:
     assert parse_choice(choice, chat=True, parse_reasoning=False) == ("<think>because</think>the answer", None)
     # a reasoning field is still read: the server split it, not us
     assert parse_choice(chat_choice("a", reasoning="r"), chat=True, parse_reasoning=False) == ("a", "r")
-    assert parse_choice(chat_choice(None), chat=True, parse_reasoning=False) == ("", None)
+
+
+@pytest.mark.parametrize(
+    ("choice", "chat", "message"),
+    [
+        pytest.param(chat_choice(None), True, "a choice has no content", id="content-null"),
+        pytest.param({"index": 0, "message": None}, True, "a choice has no message (got NoneType)", id="message-null"),
+        pytest.param({"index": 0, "finish_reason": "stop"}, True, "a choice has no message (got NoneType)", id="no-message"),
+        pytest.param({"index": 0, "message": "hi"}, True, "a choice has no message (got str)", id="message-text"),
+        pytest.param(chat_choice(42), True, "a choice's text is int, not a string", id="content-number"),
+        pytest.param({"index": 0, "text": None}, False, "a choice has no text", id="text-null"),
+    ],
+)
+def test_a_choice_without_text_is_a_broken_answer_not_an_empty_success(choice: dict[str, Any], chat: bool, message: str) -> None:
+    # ValueError is what the client retries as a broken body (bad_body), never a "" response
+    for parse_reasoning in (True, False):
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            parse_choice(choice, chat=chat, parse_reasoning=parse_reasoning)
+
+
+def test_token_counts_written_as_text_are_read_and_others_are_a_broken_body() -> None:
+    ok = {"choices": [chat_choice("a")], "usage": {"prompt_tokens": "3", "completion_tokens": 4.0}}
+    result = parse_response(ok, chat=True, n=1, parse_reasoning=True, want_logprobs=False)
+    assert (result.prompt_tokens, result.completion_tokens) == (3, 4)
+    for odd in ("three", -1.5, True, [3]):
+        with pytest.raises(ValueError, match="^usage.prompt_tokens is .*, not a count$"):
+            parse_response(
+                {"choices": [chat_choice("a")], "usage": {"prompt_tokens": odd}}, chat=True, n=1, parse_reasoning=True, want_logprobs=False
+            )
+
+
+def test_a_redirect_is_a_row_error_naming_where_it_pointed_without_its_password() -> None:
+    error = status_error("http://h:1/v1/chat/completions", 307, b"", None, "http://user:pw@other:2/v1/chat/completions")
+    assert isinstance(error, FinalError) and error.kind == "http_307"
+    assert str(error) == (
+        "307 from http://h:1/v1/chat/completions: redirected to http://user:***@other:2/v1/chat/completions; "
+        "redirects are not followed for generation requests: set base_url to the server itself"
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://user:secret@h:8000", "http://user:***@h:8000"),
+        ("https://token@h", "https://token:***@h"),
+        ("http://a:b@c@h/x", "http://a:***@h/x"),
+        ("http://h:8000/path@x", "http://h:8000/path@x"),
+        ("http://h:8000", "http://h:8000"),
+    ],
+)
+def test_redact_url(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+    assert "secret" not in redact_text(f"error: cannot reach {url}/v1 (refused)")
+
+
+def test_a_password_in_the_url_and_an_api_key_are_refused_together() -> None:
+    check_auth(["http://user:pw@h:1"], None)
+    check_auth(["http://h:1"], "key")
+    with pytest.raises(RecipeError) as info:
+        check_auth(["http://h:1", "http://user:pw@h:2"], "key")
+    assert str(info.value).startswith("model.base_url http://user:***@h:2 carries a user and password, and an API key is set too")
+    assert "pw" not in str(info.value)
 
 
 # --------------------------------------------------------------------------- parse_response

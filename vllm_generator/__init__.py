@@ -12,6 +12,7 @@ from .errors import (
     ServerStartError,
     ServerUnavailableError,
     SlurmError,
+    StorageError,
     VllmGeneratorError,
 )
 from .recipe import Recipe, TransformConfig, load_recipe
@@ -40,6 +41,7 @@ __all__ = [
     "GenerationError",
     "ServerStartError",
     "MergeError",
+    "StorageError",
     "HubError",
     "SlurmError",
     "__version__",

@@ -50,23 +50,9 @@ _SHORT = {"-i": "--input", "-o": "--output", "-m": "--base-url", "-t": "--templa
 _BASE_URL_FLAGS = ("base_url", "model_url")
 # Flags whose value is text as typed: Fire would turn '{prompt}' into a set, '123' into an int.
 _TEXT_FLAGS = {
-    "config",
-    "input",
-    "output",
-    "model",
-    "prompt_column",
-    "messages_column",
-    "template",
-    "system_prompt",
-    "hub_repo_id",
-    "hub_split",
-    "splits",
-    "partition",
-    "time",
-    "mem",
-    "sbatch_args",
-    "setup",
-}
+    "config", "input", "output", "model", "prompt_column", "messages_column", "template", "system_prompt", "hub_repo_id",
+    "hub_split", "output_schema", "image_column", "splits", "partition", "time", "mem", "sbatch_args", "setup",
+}  # fmt: skip
 # generate's errors name these flags, not the recipe fields they fill
 _GENERATE_FLAGS = {
     "data.input.path": "-i/--input",
@@ -108,6 +94,7 @@ _GENERATE_FIELDS = {
     "base_url": "model.base_url",
     "model": "model.model",
     "system_prompt": "data.system_prompt",
+    "image_column": "data.image_column",
     "batch_size": "processing.batch_size",
     "max_concurrency": "processing.max_concurrency",
     "chunk_size": "processing.chunk_size",
@@ -127,8 +114,13 @@ def configure_logging(cfg: LoggingConfig) -> None:
     console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     root.addHandler(console)
     if cfg.file:
-        os.makedirs(os.path.dirname(os.path.abspath(cfg.file)), exist_ok=True)
-        handler = logging.handlers.RotatingFileHandler(cfg.file, maxBytes=cfg.max_bytes, backupCount=cfg.backup_count)
+        from .storage import make_parent
+
+        make_parent(cfg.file, "logging.file")
+        try:
+            handler = logging.handlers.RotatingFileHandler(cfg.file, maxBytes=cfg.max_bytes, backupCount=cfg.backup_count)
+        except OSError as err:
+            raise RecipeError(f"logging.file: cannot write {cfg.file} ({err.strerror or err})") from err
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
         root.addHandler(handler)
 
@@ -338,6 +330,7 @@ class Commands:
         messages_column: str | None = None,
         template: str | None = None,
         system_prompt: str | None = None,
+        image_column: str | None = None,
         limit: int | None = None,
         batch_size: int | None = None,
         max_concurrency: int | None = None,
@@ -360,6 +353,7 @@ class Commands:
             "messages_column": messages_column,
             "template": template,
             "system_prompt": system_prompt,
+            "image_column": image_column,
             "batch_size": batch_size,
             "max_concurrency": max_concurrency,
             "chunk_size": chunk_size,

@@ -25,7 +25,7 @@ from datasets import Dataset
 from .storage import atomic_path
 from .transform import VllmGenerate
 
-__all__ = ["Chunk", "plan_chunks", "map_chunk", "with_input", "retry_failed", "remove_stale_chunks"]
+__all__ = ["Chunk", "check_chunk", "plan_chunks", "map_chunk", "with_input", "retry_failed", "remove_stale_chunks"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,33 @@ class Chunk:
     @property
     def rows(self) -> int:
         return self.stop - self.start
+
+
+def check_chunk(chunk: Chunk, columns: list[str]) -> bool:
+    """Whether the chunk is finished: its cache files exist and hold its rows and the new
+    columns. A file that is truncated, empty or not Arrow (a crash of the disk, not of the run)
+    is removed with a warning naming it, and the chunk is generated again."""
+    files = chunk.files()
+    if not files:
+        return False
+    rows = 0
+    try:
+        for path in files:
+            with pa.memory_map(path) as source:
+                reader = pa.ipc.open_stream(source)
+                missing = [c for c in columns if c not in reader.schema.names]
+                if missing:
+                    raise ValueError(f"no column {missing[0]!r}")
+                rows += sum(batch.num_rows for batch in reader)
+        if rows != chunk.rows:
+            raise ValueError(f"{rows} rows, not {chunk.rows}")
+    except (OSError, ValueError, pa.ArrowException) as err:
+        logger.warning("chunk cache %s is damaged (%s): removed; its %d rows are sent again", ", ".join(files), err, chunk.rows)
+        for path in files:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        return False
+    return True
 
 
 def plan_chunks(split: Dataset, split_dir: str, size: int, gen_key: str) -> list[Chunk]:

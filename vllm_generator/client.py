@@ -29,7 +29,7 @@ import aiohttp
 
 from .errors import AuthenticationError, ModelSelectionError, RowFailedError, ServerUnavailableError
 from .recipe import RetryConfig
-from .wire import FinalError, Result, RetryableError, decode, encode, server_message, status_error
+from .wire import FinalError, Result, RetryableError, check_auth, decode, encode, redact_text, redact_url, server_message, status_error
 
 __all__ = ["Stats", "Client", "choose_model", "run_on_loop"]
 
@@ -38,10 +38,13 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 Parse = Callable[[Any], Result]
 
-# A server refusing this many connections in a row leaves the rotation for _DOWN_SECONDS
-# (while another server is up: see _Router.pick).
-_FAILURES_BEFORE_DOWN = 3
-_DOWN_SECONDS = 30.0
+# A server is down after this many refusals, or failures of different rows, in a row (_Router)
+_REFUSALS_BEFORE_DOWN = 3
+_PROBE_SECONDS = 1.0  # a down server is probed this often
+_PROBE_TIMEOUT = 5.0
+# The failures that count against the server, not the row (see _Router.failed). Not 429 and 503:
+# a server saying "not now" is up, and a burst of them must not take it out of rotation.
+_SERVER_FAULTS = frozenset({"connection", "connect_timeout", "dropped", *(f"http_{status}" for status in range(500, 600) if status != 503)})
 # Connecting has its own short bound: a host whose SYNs vanish would otherwise hold an attempt for
 # the whole request timeout while the kernel resends the SYN for two minutes.
 _CONNECT_TIMEOUT = 10.0
@@ -146,72 +149,160 @@ class Stats:
         self.completion_tokens += result.completion_tokens or 0
 
 
-# --------------------------------------------------------------------------- routing
+# --------------------------------------------------------------------------- routing and outages
 
 
 @dataclass
 class _Route:
     """What the client knows of one server."""
 
-    url: str  # root, without /v1
+    url: str  # root, without /v1, as requests use it
+    name: str  # the same, with any password redacted: for messages and logs
     in_flight: int = 0
-    failures: int = 0  # consecutive refused connections
-    down_until: float = 0.0
+    refusals: int = 0  # connections refused (or not accepted in time) in a row
+    failing: set[int] = field(default_factory=set)  # requests whose last attempt here failed the server's way
+    down_since: float | None = None  # out of rotation since
+    refused_down: bool = False  # down for refusing connections (else for failing rows)
+    half_open: bool = False  # down, but its probe answered: one trial request may go
+    trial: bool = False  # that trial is under way
     last_refused: float = -1e9
+    last_error: str = ""
 
 
 class _Router:
-    """Chooses the server for each attempt: the least busy one in rotation. A server that keeps
-    refusing connections leaves the rotation while another is up, and comes back once it answers."""
+    """Chooses the server for each attempt and tracks each server's health.
 
-    def __init__(self, urls: Sequence[str]) -> None:
-        self.servers = [_Route(u) for u in urls]
+    A server is down after it refused ``_REFUSALS_BEFORE_DOWN`` connections in a row, or after
+    that many different requests in a row failed there the server's way (5xx but 503, a dropped
+    connection) with no success between: one row that keeps failing says nothing about the
+    server. A down server gets no rows, and failures there are not charged to the rows, which go
+    to another server or wait for one. The client probes a down server's ``/health``; once it
+    answers, a server that refused connections is back, and one that failed rows gets one
+    trial request (a circuit breaker's half-open state): /health can answer while generation
+    still fails.
+    """
+
+    def __init__(self, urls: Sequence[str], max_outage: float, on_down: Callable[[_Route], None] = lambda server: None) -> None:
+        self.servers = [_Route(u, redact_url(u)) for u in urls]
+        self.max_outage = max_outage
+        self._on_down = on_down  # the client starts probing the server
+        self._changed: asyncio.Event | None = None  # set when a server comes back or may take a trial
 
     def pick(self) -> _Route:
         now = time.monotonic()
-        healthy = [s for s in self.servers if s.down_until <= now]
-        if not healthy:
-            # With none up (one server restarting, say), try the one that left first: every row
-            # keeps its own attempts and backoff, and the first answer puts it back (answered).
-            return min(self.servers, key=lambda s: s.down_until)
-        if len(healthy) == 1:
-            return healthy[0]
+        trial = self._claim_trial()
+        if trial is not None:
+            return trial
+        up = [s for s in self.servers if s.down_since is None]
+        if not up:  # every server went down since the row waited: the one down longest
+            return min(self.servers, key=lambda s: s.down_since or now)
+        if len(up) == 1:
+            return up[0]
         # a server that refused a connection in the last second goes last, even with nothing in flight
-        return min(healthy, key=lambda s: (now - s.last_refused < 1.0, s.in_flight))
+        return min(up, key=lambda s: (now - s.last_refused < 1.0, s.in_flight))
 
-    def refused(self, server: _Route) -> None:
-        """Count a connection that was refused or timed out."""
-        now = time.monotonic()
-        server.failures += 1
-        server.last_refused = now
-        if server.failures < _FAILURES_BEFORE_DOWN:
-            return
-        was_down = server.down_until > now
-        # a failed probe starts the time out again: the next probe goes to another server
-        server.down_until = now + _DOWN_SECONDS
-        if was_down:
-            return
-        others = [s.url for s in self.servers if s is not server and s.down_until <= now]
-        what = (
-            f": out of rotation for {_DOWN_SECONDS:.0f}s; its requests go to {', '.join(others)}"
-            if others
-            else ", and no other server is up: rows keep trying it, with backoff"
+    def _claim_trial(self) -> _Route | None:
+        for server in self.servers:
+            if server.half_open and not server.trial:
+                server.trial = True
+                return server
+        return None
+
+    def failed(self, server: _Route, err: RetryableError, row: int) -> bool:
+        """Count a failed attempt; True when it is the server's failure, not the row's (the server
+        is down, or took itself out now), so that the row is not charged an attempt."""
+        if server.trial:  # the trial failed: wait for the next probe
+            server.trial = server.half_open = False
+        if err.kind not in _SERVER_FAULTS:
+            return False
+        server.last_error = str(err)
+        if server.down_since is not None:
+            return True
+        if err.refused:
+            evidence = self.refused(server)
+            if evidence == 1:
+                logger.warning("%s; trying %s", err, "another server" if len(self.servers) > 1 else "again")
+        else:
+            server.failing.add(row)
+            evidence = len(server.failing)
+        if evidence < _REFUSALS_BEFORE_DOWN:
+            return err.refused  # a refusal is never the row's: it goes straight to another try
+        self._take_down(server, err)
+        return True
+
+    def refused(self, server: _Route) -> int:
+        """Count a connection that was refused or not accepted in time; returns the run of them."""
+        server.refusals += 1
+        server.last_refused = time.monotonic()
+        return server.refusals
+
+    def answered(self, server: _Route) -> None:
+        """The server answered (any status but a server fault)."""
+        server.refusals = 0
+        server.failing.clear()
+        if server.down_since is not None:
+            self._bring_up(server)
+
+    def probe_answered(self, server: _Route) -> None:
+        """A down server's /health answered: back if it was refusing connections; else a trial."""
+        if server.refused_down:
+            self._bring_up(server)
+        elif not server.half_open:
+            server.half_open = True
+            self._notify()
+
+    def _bring_up(self, server: _Route) -> None:
+        assert server.down_since is not None
+        logger.warning("%s answers again after %.0fs: back in rotation", server.name, time.monotonic() - server.down_since)
+        server.down_since = None
+        server.refusals = 0
+        server.failing.clear()
+        server.half_open = server.trial = server.refused_down = False
+        self._notify()
+
+    def _take_down(self, server: _Route, err: RetryableError) -> None:
+        server.down_since = time.monotonic()
+        server.refused_down = err.refused
+        others = [s.name for s in self.servers if s.down_since is None]
+        if others:
+            what = f"its rows go to {', '.join(others)}"
+        else:
+            what = f"rows wait for a server to answer (for at most {self.max_outage:g}s) without spending attempts"
+        logger.warning("%s is down (%s): %s; probing it every %gs", server.name, err, what, _PROBE_SECONDS)
+        self._on_down(server)
+
+    def _notify(self) -> None:
+        """Wake the waiting rows (each waits on the event current when it began to wait)."""
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    async def wait_up(self) -> _Route | None:
+        """Return once a server is up (None), or with a down server's trial to send (that server).
+
+        Raises:
+            ServerUnavailableError: no server answered for ``max_outage`` seconds from when this
+                row began to wait (the first rows began when the last server went down).
+        """
+        deadline = time.monotonic() + self.max_outage
+        while True:
+            if any(s.down_since is None for s in self.servers):
+                return None
+            trial = self._claim_trial()
+            if trial is not None:
+                return trial
+            if self._changed is None:
+                self._changed = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._changed.wait(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                break
+        errors = "; ".join(f"{s.name}: {s.last_error}" for s in self.servers)
+        raise ServerUnavailableError(
+            f"no server answered for {self.max_outage:g}s ({errors}): the rows answered so far are kept; "
+            f"start the server and run the same command again (raise retry.max_outage to wait longer)",
+            urls=tuple(s.name for s in self.servers),
         )
-        logger.warning("%s did not accept %d connections in a row%s", server.url, server.failures, what)
-
-    def answered(self, server: _Route, probe: bool) -> None:
-        """The server answered (any status); ``probe``: the request was sent while it was out."""
-        server.failures = 0
-        if probe and server.down_until > 0:
-            server.down_until = 0.0
-            logger.info("%s answers again: back in rotation", server.url)
-
-    def another_is_healthy(self) -> bool:
-        now = time.monotonic()
-        return len(self.servers) > 1 and any(s.failures == 0 and s.down_until <= now for s in self.servers)
-
-    def all_refusing(self) -> bool:
-        return all(s.failures for s in self.servers)
 
 
 # --------------------------------------------------------------------------- deadlines
@@ -309,9 +400,10 @@ class Client:
     ) -> None:
         if not base_urls:
             raise ValueError("Client needs at least one base URL")
-        self.router = _Router(base_urls)
-        self.model = model
+        check_auth(base_urls, api_key)
         self.retry = retry or RetryConfig()
+        self.router = _Router(base_urls, self.retry.max_outage, on_down=self._on_down)
+        self.model = model
         self.max_concurrency = max_concurrency
         self.stats = Stats()
         self._headers = {"Content-Type": "application/json"}
@@ -337,8 +429,8 @@ class Client:
     def servers(self) -> list[_Route]:
         return self.router.servers
 
-    def __repr__(self) -> str:  # never shows the key
-        return f"Client({[s.url for s in self.servers]}, model={self.model!r})"
+    def __repr__(self) -> str:  # never shows the key, nor a password in a URL
+        return f"Client({[s.name for s in self.servers]}, model={self.model!r})"
 
     # -- lifecycle (on the loop)
 
@@ -379,23 +471,28 @@ class Client:
         """``GET /v1/models`` of one server (the first by default)."""
         session = self._ensure_session()
         root = server or self.servers[0].url
-        url = f"{root}/v1/models"
-        hint = f"is the vLLM server running? try `vllm-generator list-models -m {root}`"
+        name = redact_url(root)
+        url = f"{name}/v1/models"
+        hint = f"is the vLLM server running? try `vllm-generator list-models -m {name}`"
         try:
             timeout = aiohttp.ClientTimeout(total=min(30.0, self._watchdog.timeout), sock_connect=self._connect_seconds)
-            async with session.get(url, timeout=timeout) as resp:
+            async with session.get(f"{root}/v1/models", timeout=timeout, allow_redirects=False) as resp:
                 body = await resp.read()
                 status = resp.status
+                location = resp.headers.get("Location")
         except (TimeoutError, aiohttp.ClientError) as err:
-            raise ServerUnavailableError(f"cannot list models at {url} ({type(err).__name__}: {err}): {hint}", urls=(root,)) from err
+            raise ServerUnavailableError(
+                f"cannot list models at {url} ({type(err).__name__}: {redact_text(err)}): {hint}", urls=(name,)
+            ) from err
         if status in (401, 403):
             raise _key_refused(url, status, body)
         if status != 200:
-            raise ServerUnavailableError(f"GET {url} answered {status}: {server_message(body)}", urls=(root,))
+            what = f"a redirect to {redact_url(location or '(nowhere)')}" if 300 <= status < 400 else server_message(body)
+            raise ServerUnavailableError(f"GET {url} answered {status}: {what}", urls=(name,))
         try:
             return list(decode(body)["data"])
         except (ValueError, KeyError, TypeError) as err:
-            raise ServerUnavailableError(f"{url} sent no model list ({type(err).__name__}: {err}): {hint}", urls=(root,)) from err
+            raise ServerUnavailableError(f"{url} sent no model list ({type(err).__name__}: {err}): {hint}", urls=(name,)) from err
 
     async def resolve_model(self) -> str:
         """The model to request: the configured one (checked to exist) or the server's only one."""
@@ -410,9 +507,8 @@ class Client:
 
     async def _find_model(self) -> str:
         first = self.router.pick()
-        now = time.monotonic()
         # servers out of rotation last: as a last resort, not skipped
-        candidates = [first, *sorted((s for s in self.servers if s is not first), key=lambda s: s.down_until > now)]
+        candidates = [first, *sorted((s for s in self.servers if s is not first), key=lambda s: s.down_since is not None)]
         errors: list[ServerUnavailableError] = []
         for server in candidates:
             try:
@@ -428,60 +524,70 @@ class Client:
         else:
             if len(errors) == 1:
                 raise errors[0]
-            urls = tuple(s.url for s in candidates)
+            urls = tuple(s.name for s in candidates)
             raise ServerUnavailableError(f"no server answered: {'; '.join(map(str, errors))}", urls=urls) from errors[-1]
-        return choose_model(server.url, ids, self.model)
+        return choose_model(server.name, ids, self.model)
 
     # -- one attempt
 
-    async def _attempt(self, path: str, payload: bytes, parse: Parse, task: asyncio.Task[Any]) -> Result:
-        """One request; ``task`` is the worker sending it (the watchdog cancels it at the deadline)."""
+    async def _attempt(self, path: str, payload: bytes, parse: Parse, task: asyncio.Task[Any], server: _Route | None = None) -> Result:
+        """One request, to ``server`` or the router's pick; ``task`` is the worker sending it (the
+        watchdog cancels it at the deadline). A failure names its server in ``RetryableError.server``."""
         assert self._semaphore is not None and self._session is not None
         async with self._semaphore:
-            server = self.router.pick()
+            server = server or self.router.pick()
             sent = time.monotonic()
-            probe = server.down_until > sent  # sent while out of rotation
-            url = server.url + path
             server.in_flight += 1
             self.stats.in_flight += 1
             self.stats.requests += 1
             self._watchdog.arm(task, sent)
             try:
-                async with self._session.post(url, data=payload, timeout=self._timeout) as resp:
+                async with self._session.post(server.url + path, data=payload, timeout=self._timeout, allow_redirects=False) as resp:
                     body = await resp.read()
                     status = resp.status
-                    retry_after = resp.headers.get("Retry-After")
+                    headers = resp.headers
             except asyncio.CancelledError:
                 if not self._watchdog.expired(task):
                     raise
-                raise RetryableError(f"no answer from {server.url} within {self._watchdog.timeout:g}s", "timeout") from None
+                raise RetryableError(f"no answer from {server.name} within {self._watchdog.timeout:g}s", "timeout", server=server) from None
             except aiohttp.ClientConnectorError as err:
-                self.router.refused(server)
-                raise RetryableError(f"cannot connect to {server.url} ({err.os_error or err})", "connection", refused=True) from err
-            except aiohttp.ConnectionTimeoutError as err:  # raised by sock_connect (see _CONNECT_TIMEOUT)
-                self.router.refused(server)
                 raise RetryableError(
-                    f"cannot connect to {server.url} (no answer within {self._connect_seconds:g}s)", "connect_timeout", refused=True
+                    f"cannot connect to {server.name} ({redact_text(err.os_error or err)})", "connection", refused=True, server=server
+                ) from err
+            except aiohttp.ConnectionTimeoutError as err:  # raised by sock_connect (see _CONNECT_TIMEOUT)
+                raise RetryableError(
+                    f"cannot connect to {server.name} (no answer within {self._connect_seconds:g}s)",
+                    "connect_timeout",
+                    refused=True,
+                    server=server,
                 ) from err
             except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as err:
-                raise RetryableError(f"connection to {server.url} dropped ({type(err).__name__})", "dropped") from err
+                raise RetryableError(f"connection to {server.name} dropped ({type(err).__name__})", "dropped", server=server) from err
             except aiohttp.ClientError as err:
-                raise RetryableError(f"request to {server.url} failed ({type(err).__name__}: {err})", "client_error") from err
+                raise RetryableError(
+                    f"request to {server.name} failed ({type(err).__name__}: {redact_text(err)})", "client_error", server=server
+                ) from err
             finally:
                 self._watchdog.disarm(task)
                 server.in_flight -= 1
                 self.stats.in_flight -= 1
-            self.router.answered(server, probe)
         if status == 200:
+            self.router.answered(server)
             try:
                 result = parse(decode(body))
             except (ValueError, KeyError, TypeError, AttributeError) as err:
-                raise RetryableError(f"{server.url} sent a broken response body ({err})", "bad_body") from err
+                raise RetryableError(f"{server.name} sent a broken response body ({err})", "bad_body", server=server) from err
             result.latency = time.monotonic() - sent  # the server's time, not our queueing
             return result
+        url = server.name + path
         if status in (401, 403):  # on every row alike: stop the batch, do not record it on each
             raise _key_refused(url, status, body)
-        raise status_error(url, status, body, retry_after)
+        error = status_error(url, status, body, headers.get("Retry-After"), headers.get("Location"))
+        if isinstance(error, RetryableError):
+            error.server = server
+        else:
+            self.router.answered(server)  # a 4xx is the row's: the server is fine
+        raise error
 
     # -- one request, with retries
 
@@ -490,42 +596,66 @@ class Client:
         if err.retry_after is not None:
             # the server said when (sooner would be refused again), within reason
             return min(err.retry_after, self.retry.max_wait)
-        if err.refused and self.router.another_is_healthy():
-            return 0.0  # that server is gone, not busy: go straight to a healthy one
         # "full jitter" exponential backoff spreads a burst of retries from many rows
         ceiling = min(self.retry.max_wait, self.retry.initial_wait * 2 ** (attempt - 1))
         return random.uniform(0, ceiling) if ceiling > 0 else 0.0
 
     async def _send(self, path: str, payload: bytes, parse: Parse, task: asyncio.Task[Any]) -> Result:
-        """Attempts until one succeeds, a final error, or ``retry.attempts`` are spent.
+        """Attempts until one succeeds, a final error, or the row has spent ``retry.attempts``.
 
-        A plain loop rather than tenacity: the first attempt, nearly always the last, must cost
-        nothing beyond the request (see the README's design notes).
+        A failure that is the server's (it refused the connection, or is down) spends no
+        attempt: the row goes to another server, or waits for one to answer (``wait_up``). A
+        plain loop rather than tenacity: the first attempt, nearly always the last, must cost
+        nothing beyond the request, and waits that are not attempts do not fit its model.
         """
         attempts = self.retry.attempts
-        for attempt in range(1, attempts + 1):
+        spent = 0
+        row = id(payload)  # this request, whichever worker sends it
+        while True:
+            trial = await self.router.wait_up()
             try:
-                result = await self._attempt(path, payload, parse, task)
+                result = await self._attempt(path, payload, parse, task, trial)
             except RetryableError as err:
-                if attempt == attempts:
-                    if err.refused and self.router.all_refusing():
-                        raise ServerUnavailableError(
-                            f"cannot reach {', '.join(s.url for s in self.servers)} after {attempt} attempts "
-                            f"({err}): is `vllm serve` running? try `vllm-generator list-models -m {self.servers[0].url}`",
-                            urls=tuple(s.url for s in self.servers),
-                        ) from None
-                    return Result(error=f"gave up after {attempt} attempts: {err}", error_type=err.kind, attempts=attempt)
-                if attempt == 1:
+                if err.server is not None and self.router.failed(err.server, err, row):
+                    continue  # the server's failure: not this row's attempt
+                spent += 1
+                if spent == attempts:
+                    return Result(error=f"gave up after {spent} attempts: {err}", error_type=err.kind, attempts=spent)
+                if spent == 1:
                     self._leave_pool()
-                wait = self._backoff(err, attempt)
-                logger.warning("retrying in %.1fs [%d/%d]: %s", wait, attempt + 1, attempts, err)
+                wait = self._backoff(err, spent)
+                logger.warning("retrying in %.1fs [%d/%d]: %s", wait, spent + 1, attempts, err)
                 await asyncio.sleep(wait)
             except FinalError as err:
-                return Result(error=str(err), error_type=err.kind, attempts=attempt)
+                return Result(error=str(err), error_type=err.kind, attempts=spent + 1)
             else:
-                result.attempts = attempt
+                result.attempts = spent + 1
                 return result
-        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _probe(self, server: _Route) -> None:
+        """Ask a down server ``/health`` every ``_PROBE_SECONDS`` until it answers; then it is back."""
+        session = self._ensure_session()
+        timeout = aiohttp.ClientTimeout(total=min(_PROBE_TIMEOUT, self._watchdog.timeout), sock_connect=self._connect_seconds)
+        while server.down_since is not None:
+            await asyncio.sleep(_PROBE_SECONDS)
+            if server.half_open:
+                continue  # its trial decides
+            try:
+                async with session.get(server.url + "/health", timeout=timeout, allow_redirects=False) as resp:
+                    status = resp.status
+            except (TimeoutError, aiohttp.ClientError) as err:
+                cause = err.os_error if isinstance(err, aiohttp.ClientConnectorError) else err
+                server.last_error = f"cannot connect to {server.name} ({redact_text(cause) or type(err).__name__})"
+                continue
+            if status < 500:  # any answer but a server error: it serves again (/health may be absent)
+                self.router.probe_answered(server)
+            else:
+                server.last_error = f"/health answered {status}"
+
+    def _on_down(self, server: _Route) -> None:
+        task = asyncio.get_running_loop().create_task(self._probe(server))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def request(self, path: str, body: dict[str, Any], parse: Parse, task: asyncio.Task[Any]) -> Result:
         """Send one request with retries, from the worker ``task``. Failures become ``Result.error``,

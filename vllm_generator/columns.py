@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from .recipe import OutputColumns
+from .structured import Structured
 from .wire import Result
 
 if TYPE_CHECKING:
@@ -23,8 +24,9 @@ __all__ = ["NewColumns"]
 
 # numpy's variable-width string dtype keeps None as a null of type string (numpy >= 2)
 _TEXT = np.dtypes.StringDType(na_object=None)
-# "texts": a text per row, or with n > 1 a list of n; "text": a text per row; "count": an int
-Kind = Literal["texts", "text", "count"]
+# "texts": a text per row, or with n > 1 a list of n; "text": a text per row; "count": an int;
+# "parsed": a value of the output schema per row (a list of n with n > 1)
+Kind = Literal["texts", "text", "count", "parsed"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class NewColumns:
     names: OutputColumns
     n: int
     logprobs: bool  # the request asks for logprobs: a ``logprobs`` column is added
+    structured: Structured | None = None  # an output schema: a ``parsed`` column of its type is added
 
     def values(self, results: list[Result]) -> list[tuple[str, Kind, list[Any]]]:
         """(name, kind, values) of each new column. A failed row gets nulls (n of them in a
@@ -53,6 +56,8 @@ class NewColumns:
         ]
         if self.logprobs:
             out.append((cols.logprobs, "text", [r.logprobs for r in results]))
+        if self.structured is not None:
+            out.append((cols.parsed, "parsed", per_row([r.parsed for r in results])))
         return out
 
     @property
@@ -60,15 +65,25 @@ class NewColumns:
         """The columns added, in order."""
         return [name for name, _, _ in self.values([])]
 
-    def numpy(self, results: list[Result]) -> dict[str, np.ndarray]:
-        """Typed numpy arrays, for a ``map`` function's return value."""
-        return {name: _numpy_column(kind, values, self.n) for name, kind, values in self.values(results)}
+    def numpy(self, results: list[Result]) -> dict[str, Any]:
+        """Typed numpy arrays, for a ``map`` function's return value (the ``parsed`` column: a
+        list that gives Arrow its type, since numpy has no type for nested values)."""
+        return {
+            name: _TypedList(values, self._parsed_type()) if kind == "parsed" else _numpy_column(kind, values, self.n)
+            for name, kind, values in self.values(results)
+        }
+
+    def _parsed_type(self) -> pa.DataType:
+        assert self.structured is not None
+        return self.structured.arrow_type(self.n)
 
     def arrow(self, results: list[Result]) -> pa.Table:
         """An Arrow table with the same types as ``numpy``."""
         import pyarrow as pa  # here: importing the package stays light
 
         types = {"texts": pa.list_(pa.string()) if self.n > 1 else pa.string(), "text": pa.string(), "count": pa.int64()}
+        if self.structured is not None:
+            types["parsed"] = self._parsed_type()
 
         def array(kind: Kind, values: list[Any]) -> pa.Array:
             try:
@@ -84,3 +99,21 @@ def _numpy_column(kind: Kind, values: list[Any], n: int) -> np.ndarray:
         return np.array(values, dtype=np.int64)
     text = np.array(values, dtype=_TEXT)
     return text.reshape(len(values), n) if kind == "texts" and n > 1 else text
+
+
+class _TypedList(list[Any]):
+    """A map function's column of nested values with a fixed Arrow type.
+
+    ``datasets`` takes a list from a batched map and builds its Arrow array with ``pa.array``,
+    which asks the list for ``__arrow_array__``: the column gets the schema's type even when the
+    first batch is all null, instead of a type inferred from that batch's values.
+    """
+
+    def __init__(self, values: list[Any], arrow_type: pa.DataType) -> None:
+        super().__init__(values)
+        self.arrow_type = arrow_type
+
+    def __arrow_array__(self, type: pa.DataType | None = None) -> pa.Array:
+        import pyarrow as pa
+
+        return pa.array(list(self), type=self.arrow_type)

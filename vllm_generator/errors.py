@@ -9,6 +9,7 @@
     │   └── RowFailedError                          the same, inside the client (row of the batch)
     ├── ServerStartError (RuntimeError)           a managed vLLM server did not come up
     ├── MergeError (ValueError)                   split outputs are missing or incomplete
+    ├── StorageError (OSError)                    no space left, or a folder that cannot be written
     ├── HubError (ConnectionError)                the Hub refused an upload (the local file is kept)
     └── SlurmError (RuntimeError)                 sbatch, squeue or scontrol failed or is missing
 
@@ -30,6 +31,7 @@ __all__ = [
     "RowFailedError",
     "ServerStartError",
     "MergeError",
+    "StorageError",
     "HubError",
     "SlurmError",
 ]
@@ -112,6 +114,21 @@ class ServerStartError(VllmGeneratorError, RuntimeError):
 
 class MergeError(VllmGeneratorError, ValueError):
     """The outputs of a split run cannot be merged: a split is missing or incomplete."""
+
+
+class StorageError(VllmGeneratorError, OSError):
+    """Writing to disk failed for want of room (or a folder that cannot be written); what was
+    finished is kept, and the same command resumes once there is room.
+
+    Attributes: ``path``, where the write failed.
+    """
+
+    def __init__(self, message: str, *, path: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), str(self), {"path": self.path}))
 
 
 class HubError(VllmGeneratorError, ConnectionError):

@@ -62,7 +62,7 @@ class Lookahead:
         pending = self._take(_row_key(transform, batch)) if self._ahead or self._feeding else None
         try:
             if pending is None:
-                pending = transform.submit(transform.wire.bodies(batch), indices)
+                pending = transform.submit(transform.wire.bodies(batch, indices), indices)
                 self._report_feeder_error()
             results = transform.collect(pending, indices)
         except BaseException:

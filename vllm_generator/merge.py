@@ -64,9 +64,30 @@ def merge_outputs(
     summary = {"output_path": path, "rows": input_rows, "splits": len(files), "rows_with_error": errors, **summed}
     write_json(metrics_path(path), summary)
     if hub_repo_id:
-        push_to_hub(path, hub_repo_id, hub_path(hub_split, 0, 1), private, api=api, delete_patterns=[hub_pattern(hub_split)])
+        from . import __version__
+        from .card import render_card
+
+        facts = {k.removeprefix("total_"): v for k, v in summed.items()} | {"rows": input_rows, "version": __version__}
+        facts["failed_by_type"] = _added([m.get("failed_by_type") or {} for m in metrics])
+        push_to_hub(
+            path,
+            hub_repo_id,
+            hub_path(hub_split, 0, 1),
+            private,
+            api=api,
+            delete_patterns=[hub_pattern(hub_split)],
+            readme=lambda files: render_card(hub_repo_id, hub_split, files, facts, None),
+        )
         summary["hub_repo_id"] = hub_repo_id
     return summary
+
+
+def _added(counts: list[dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for c in counts:
+        for k, v in c.items():
+            total[k] = total.get(k, 0) + v
+    return total
 
 
 def _split_files(path: str) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import string
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import RecipeError
 
@@ -51,7 +52,54 @@ API_KEY_ENV_VARS = ("VLLM_API_KEY", "OPENAI_API_KEY")
 
 
 class _Config(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # allow_inf_nan: ".inf" or ".nan" would be sent as null, or make every request fail
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_flag_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic takes true as 1: "batch_size: true" is a mistake, not a batch of one
+        if isinstance(value, bool) and info.field_name is not None:
+            kinds = _kinds(cls.model_fields[info.field_name].annotation)
+            if bool not in kinds and (int in kinds or float in kinds):
+                raise ValueError(f"expects a number, not {str(value).lower()}")
+        return value
+
+
+def _kinds(annotation: Any) -> set[Any]:
+    """The types an annotation admits (``int | None`` -> {int, NoneType})."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return set().union(*(_kinds(a) for a in args))
+    return {annotation}
+
+
+def _check_finite(value: Any, where: str) -> None:
+    """Refuse NaN and infinity anywhere inside a JSON-like value (JSON has neither)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where} is {value}: give a finite number")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_finite(item, f"{where}[{i}]")
+
+
+def template_fields(template: str) -> list[str]:
+    """Every field a ``str.format`` template reads, those nested in format specs included
+    (``{x:>{width}}`` reads x and width), in order.
+
+    Raises:
+        ValueError: the template does not parse.
+    """
+    fields: list[str] = []
+    for _, name, spec, _ in string.Formatter().parse(template):
+        if name is not None:
+            fields.append(name)
+        if spec and "{" in spec:
+            fields += template_fields(spec)
+    return fields
 
 
 class PromptConfig(_Config):
@@ -61,6 +109,9 @@ class PromptConfig(_Config):
     messages_column: str | None = None
     template: str | None = None
     system_prompt: str | None = None
+    # Columns of images sent after the text (datasets.Image, {bytes, path}, file paths or URLs;
+    # a list column for several per row): one name or a list of names.
+    image_column: str | list[str] | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> PromptConfig:
@@ -74,13 +125,19 @@ class PromptConfig(_Config):
     def _template_parses(cls, value: str | None) -> str | None:
         if value is not None:
             try:
-                fields = [f for _, f, _, _ in string.Formatter().parse(value) if f is not None]
+                fields = template_fields(value)
             except ValueError as err:
                 raise ValueError(f"template is not a valid str.format string: {err}") from err
             if not fields:
                 raise ValueError("template names no column: write it like 'Q: {question}'")
             if any(f == "" or f.isdigit() for f in fields):
                 raise ValueError("template fields must be column names like {question}, not {} or {0}")
+            reaching = next((f for f in fields if "." in f or "[" in f), None)
+            if reaching is not None:
+                # {prompt.__class__} would send "<class 'str'>" for every row
+                raise ValueError(
+                    f"template field {{{reaching}}} reads an attribute or an item: templates take plain column names like {{question}}"
+                )
         return value
 
     @property
@@ -99,10 +156,29 @@ class PromptConfig(_Config):
     def prompt_columns(self) -> list[str]:
         """The dataset columns a request is built from."""
         if self.template:
-            names = [f for _, f, _, _ in string.Formatter().parse(self.template) if f]
-            # "{a.b}" or "{a[0]}" read column "a"
-            return list(dict.fromkeys(re.split(r"[.\[]", f, maxsplit=1)[0] for f in names))
+            return list(dict.fromkeys(template_fields(self.template)))
         return [self.column]
+
+    def image_columns(self) -> list[str]:
+        """The dataset columns whose images follow the text."""
+        if self.image_column is None:
+            return []
+        return [self.image_column] if isinstance(self.image_column, str) else list(self.image_column)
+
+    def input_columns(self) -> list[str]:
+        """Every dataset column a request is built from: the prompt's, then the images'."""
+        return list(dict.fromkeys(self.prompt_columns() + self.image_columns()))
+
+    @model_validator(mode="after")
+    def _images_after_text(self) -> PromptConfig:
+        if self.image_column is not None and self.messages_column:
+            raise ValueError(
+                "image_column adds images to a text prompt (prompt_column or template); "
+                "with messages_column put image_url parts in the messages' content, which is sent as it is"
+            )
+        if isinstance(self.image_column, list) and not self.image_column:
+            raise ValueError("image_column is an empty list: name at least one column, or leave it out")
+        return self
 
 
 class OutputColumns(_Config):
@@ -116,6 +192,8 @@ class OutputColumns(_Config):
     error: str = "error"
     # only written when generation.logprobs is set: the choices' logprobs as JSON text
     logprobs: str = "logprobs"
+    # only written when generation.output_schema is set: each answer as a value of the schema
+    parsed: str = "parsed"
 
     @model_validator(mode="after")
     def _distinct(self) -> OutputColumns:
@@ -161,6 +239,9 @@ class GenerationConfig(_Config):
     logit_bias: dict[str, float] | None = None
     structured_outputs: dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    # A JSON schema the answer must follow (sent as response_format json_schema) and be parsed
+    # into the "parsed" column with: a pydantic model class, a schema, a .json file or module:Class.
+    output_schema: dict[str, Any] | None = None
     # True/False set chat_template_kwargs.enable_thinking; None leaves the model's default.
     thinking: bool | None = None
     # Split "<think>...</think>" out of the text when the server has no reasoning parser.
@@ -173,6 +254,27 @@ class GenerationConfig(_Config):
     def _stop_list(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
 
+    @field_validator("output_schema", mode="before")
+    @classmethod
+    def _load_output_schema(cls, value: Any) -> Any:
+        from .structured import compile_schema, load_schema
+
+        if value is None:
+            return None
+        schema = load_schema(value)  # a SchemaError is a ValueError: pydantic names the field
+        compile_schema(schema)  # fails here, naming the place in the schema, not at the first answer
+        return schema
+
+    @model_validator(mode="after")
+    def _one_answer_constraint(self) -> GenerationConfig:
+        if self.output_schema is not None:
+            given = [k for k in ("response_format", "structured_outputs") if getattr(self, k) is not None or k in self.extra_body]
+            if given:
+                raise ValueError(f"output_schema sets response_format itself: leave out {given[0]}")
+            if self.mode == "completion":
+                raise ValueError("output_schema applies to mode 'chat' (it sends response_format)")
+        return self
+
     @field_validator("logit_bias", mode="before")
     @classmethod
     def _logit_bias_keys(cls, value: Any) -> Any:
@@ -181,6 +283,8 @@ class GenerationConfig(_Config):
 
     @model_validator(mode="after")
     def _check(self) -> GenerationConfig:
+        for name in ("extra_body", "response_format", "structured_outputs", "chat_template_kwargs"):
+            _check_finite(getattr(self, name), name)
         owned = [k for k in _OWNED_FIELDS if k in self.extra_body]
         if owned:
             raise ValueError(f"extra_body.{owned[0]} cannot be set: use {_OWNED_FIELDS[owned[0]]}")
@@ -281,9 +385,12 @@ class ModelConfig(_Config):
 class RetryConfig(_Config):
     """Retries of one request (408, 429, 5xx, dropped connections, timeouts, broken bodies)."""
 
-    attempts: int = Field(5, ge=1)  # including the first
+    attempts: int = Field(5, ge=1)  # including the first; a server's outage spends none
     initial_wait: float = Field(1.0, ge=0)  # seconds; doubles each attempt, with jitter
     max_wait: float = Field(60.0, ge=0)
+    # Seconds with no server answering before the run stops (answered rows are kept). Minutes:
+    # a restarted vLLM server (or a SLURM job's) takes that long to load its model.
+    max_outage: float = Field(600.0, gt=0)
     # "record": a row that fails for good gets its message in the error column and the run goes
     # on; "raise": the run stops with GenerationError naming the row.
     on_error: Literal["record", "raise"] = "record"
@@ -308,6 +415,8 @@ class TransformConfig(_Config):
                 raise ValueError("mode 'completion' sends a raw prompt: use prompt_column or template, not messages_column")
             if self.prompt.system_prompt:
                 raise ValueError("system_prompt only applies to mode 'chat'")
+            if self.prompt.image_column is not None:
+                raise ValueError("image_column only applies to mode 'chat' (images go as content parts of the user message)")
         return self
 
     def fingerprint(self, served_model: str | None = None) -> str:
@@ -316,12 +425,18 @@ class TransformConfig(_Config):
         ``served_model``: the model the servers said they serve, when ``model.model`` is None.
         """
         relevant = {
-            "prompt": self.prompt.model_dump(mode="json"),
-            "generation": self.generation.model_dump(mode="json"),
-            "columns": self.columns.model_dump(mode="json"),
+            "prompt": _without_later_defaults(self.prompt.model_dump(mode="json"), {"image_column": None}),
+            "generation": _without_later_defaults(self.generation.model_dump(mode="json"), {"output_schema": None}),
+            "columns": _without_later_defaults(self.columns.model_dump(mode="json"), {"parsed": "parsed"}),
             "model": self.model.model or served_model or (self.model.serve.model if self.model.serve else None),
         }
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _without_later_defaults(values: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
+    """``values`` without the fields added in later versions while they hold their default: the
+    chunk caches of a run started before those fields existed keep their keys and resume."""
+    return {k: v for k, v in values.items() if not (k in later and v == later[k])}
 
 
 class InputConfig(_Config):
@@ -332,12 +447,29 @@ class InputConfig(_Config):
     config: str | None = None  # Hub dataset config name
     split: str = "train"
     limit: int | None = Field(None, ge=1)  # the first N rows only
+    # Refused (see the validator): a recipe's resume and splits need the input on disk.
+    streaming: bool = False
 
     @model_validator(mode="after")
     def _one_source(self) -> InputConfig:
         if bool(self.path) == bool(self.hub_id):
             raise ValueError("set exactly one of path (file, glob or folder) or hub_id")
         return self
+
+    @field_validator("streaming")
+    @classmethod
+    def _no_streaming(cls, value: bool) -> bool:
+        if value:
+            # Resume is exact because each chunk's cache is keyed on the input's fingerprint and
+            # its row range, and splits are Dataset.shard row ranges: a stream has neither a
+            # fingerprint nor a length, so a rerun could not prove which rows are done.
+            raise ValueError(
+                "streaming: true is not supported by recipes: resume keys each chunk on the input's fingerprint and "
+                "row range, and splits on its row count, which a stream does not have, so a rerun could not prove which "
+                "rows are done. Let the recipe load the input (datasets keeps it memory-mapped on disk), or stream in "
+                "Python: load_dataset(..., streaming=True).map(vllm_generate(...), batched=True)"
+            )
+        return value
 
 
 class OutputConfig(_Config):
@@ -373,6 +505,8 @@ class ProcessingConfig(_Config):
     # boundaries or behind one slow row; None: up to 128 x max_concurrency x servers, but only
     # 2 x that many unfinished rows unless map is waiting. 0 turns it off. A crash loses these too.
     lookahead: int | None = Field(None, ge=0)
+    # Another run writing the same split: false refuses at once (naming it), true waits for it.
+    wait_for_lock: bool = False
     # Where chunk caches live; None: "<output path>.work" (Hub-only: ./.vllm_generator_work/<org>--<name>/<hub_split>)
     work_dir: str | None = None
 
@@ -528,6 +662,26 @@ def format_validation_error(err: ValidationError, where: str) -> str:
     return "\n".join(lines)
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: a second ``generation:``
+    would silently replace the first."""
+
+
+def _unique_mapping(loader: _RecipeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    first: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in first:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the key {key!r} is given twice (first on line {first[key] + 1}): merge them", key_node.start_mark
+            )
+        first[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=True)
+
+
+_RecipeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def load_recipe(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> Recipe:
     """Read, expand ``${ENV}`` references, apply ``section.key`` overrides, and validate a recipe.
 
@@ -536,11 +690,19 @@ def load_recipe(path: str | os.PathLike[str], overrides: dict[str, Any] | None =
     """
     where = str(path)
     try:
-        text = Path(path).read_text()
+        data = Path(path).read_bytes()
     except OSError as err:
         raise RecipeError(f"cannot read recipe {where}: {err.strerror or err}") from err
     try:
-        raw = yaml.safe_load(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        number = data[: err.start].count(b"\n") + 1
+        raise RecipeError(f"{where}: line {number}: not UTF-8 text (byte 0x{data[err.start]:02x}): save the recipe as UTF-8") from None
+    try:
+        raw = yaml.load(text, Loader=_RecipeLoader)
+    except yaml.MarkedYAMLError as err:
+        at = f"line {err.problem_mark.line + 1}: " if err.problem_mark is not None else ""
+        raise RecipeError(f"{where}: not valid YAML: {at}{err.problem}") from err
     except yaml.YAMLError as err:
         raise RecipeError(f"{where}: not valid YAML: {err}") from err
     if not isinstance(raw, dict):

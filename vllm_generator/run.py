@@ -29,19 +29,24 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Dataset
 
-from .chunks import Chunk, map_chunk, plan_chunks, remove_stale_chunks, retry_failed, with_input
+from .card import render_card
+from .chunks import Chunk, check_chunk, map_chunk, plan_chunks, remove_stale_chunks, retry_failed, with_input
 from .client import Stats, run_on_loop
-from .errors import RecipeError, ServerUnavailableError
+from .errors import RecipeError, ServerUnavailableError, StorageError
+from .images import undecoded
 from .lookahead import Lookahead
 from .recipe import Recipe, TransformConfig, dotted_overrides, load_recipe
 from .status import SplitStatus
 from .storage import (
     check_output_path,
     datasets_bars_off,
+    hold_lock,
     hub_path,
     hub_pattern,
     load_input,
+    make_parent,
     metrics_path,
+    no_space,
     push_to_hub,
     split_bounds,
     split_dir,
@@ -52,11 +57,13 @@ from .storage import (
     write_parquet,
 )
 from .transform import VllmGenerate
-from .wire import check_columns
+from .wire import check_auth, check_columns, format_template, is_null, messages_problem
 
 __all__ = ["RunSummary", "CheckedRecipe", "check_recipe", "run_recipe", "run_split"]
 
 logger = logging.getLogger(__name__)
+
+_TEMPLATE_ROWS_CHECKED = 100  # rows formatted before anything is sent (the rest as they go)
 
 
 @dataclass
@@ -171,14 +178,48 @@ def _run(
     config = recipe.transform_config(base_url) if base_url is not None else checked.config
     transform = VllmGenerate(config)
     stats = transform.connect().stats
-    plan = _plan(recipe, checked, transform)
-    before = stats.done
-    status.running(plan.reused, lambda: stats.done - before)
-    result, retried = _generate(recipe, checked, plan, transform, progress)
-    summary = _summarize(recipe, checked, plan, result, retried, stats, started, serving)
-    _write_outputs(recipe, checked, plan, result, summary)
-    status.finish(summary.rows, summary.failed, summary.output_path)
+    work = work_dir(recipe.data.output, recipe.processing.work_dir)
+    folder = split_dir(work, checked.split_id, checked.num_splits)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        raise RecipeError(f"processing.work_dir: cannot create {folder} ({err.strerror or err})") from err
+    what = f"split {checked.split_id} of {checked.num_splits} of {checked.out_path or recipe.data.output.hub_repo_id}"
+    with hold_lock(folder, what, wait=recipe.processing.wait_for_lock):
+        plan = _plan(recipe, checked, transform, work, folder)
+        before = stats.done
+        status.running(plan.reused, lambda: stats.done - before)
+        try:
+            result, retried = _generate(recipe, checked, plan, transform, progress)
+        except Exception as err:
+            _raise_if_no_space(err, plan, plan.split_dir)
+            raise
+        summary = _summarize(recipe, checked, plan, result, retried, stats, started, serving)
+        try:
+            _write_outputs(recipe, checked, plan, result, summary)
+        except Exception as err:
+            _raise_if_no_space(err, plan, os.path.dirname(os.path.abspath(checked.out_path or folder)))
+            raise
+        status.finish(summary.rows, summary.failed, summary.output_path)
     return summary
+
+
+def _raise_if_no_space(err: BaseException, plan: _Plan, folder: str) -> None:
+    """A full disk is a clear error that says what is kept; the temp files that cannot be
+    resumed go, so that they do not keep the disk full."""
+    full = no_space(err)
+    if full is None:
+        return
+    for leftover in glob.glob(os.path.join(plan.split_dir, "tmp*")) + glob.glob(os.path.join(plan.split_dir, "*.tmp-*")):
+        with contextlib.suppress(OSError):
+            os.remove(leftover)
+    done = [c for c in plan.chunks if c.files()]
+    kept = f"{len(done)} of {len(plan.chunks)} chunks ({sum(c.rows for c in done)} rows) are kept in {plan.split_dir}"
+    raise StorageError(
+        f"no space left on {full.filename or folder} ({full.strerror}): {kept}; free some space and run the same command again "
+        "(it sends only what is not kept)",
+        path=str(full.filename or folder),
+    ) from err
 
 
 # --------------------------------------------------------------------------- check
@@ -219,7 +260,12 @@ def check_recipe(recipe: Recipe, split_id: int = 0, num_splits: int = 1) -> Chec
     ds = load_input(data.input)
     where = str(data.input.path or data.input.hub_id)
     config = recipe.transform_config()
+    check_auth(config.model.base_url, config.model.api_key())
+    if config.prompt.image_columns():
+        ds = undecoded(ds, [c for c in config.prompt.image_columns() if c in ds.column_names])
     _check_prompt_columns(config, ds, where)
+    if recipe.logging.file:
+        make_parent(recipe.logging.file, "logging.file")
     if num_splits > len(ds):  # an empty split would crash in shard() and could never be merged
         raise RecipeError(f"processing.num_splits {num_splits} is more than the {len(ds)} rows of {where}: use at most {len(ds)} splits")
     out_path = None
@@ -229,6 +275,7 @@ def check_recipe(recipe: Recipe, split_id: int = 0, num_splits: int = 1) -> Chec
     start, stop = split_bounds(len(ds), num_splits, split_id)
     split = ds.shard(num_splits, split_id, contiguous=True)
     assert len(split) == stop - start
+    _check_rows(config, split, start, where)
     checked = CheckedRecipe(ds, config, where, num_splits, split_id, split, start, out_path, _null_prompts(config, split))
     if checked.nulls and recipe.retry.on_error == "raise":
         raise RecipeError(f"{checked.nulls_text()} and retry.on_error is raise: fill or filter those rows, or set on_error: record")
@@ -254,6 +301,72 @@ def _check_prompt_columns(config: TransformConfig, ds: Dataset, where: str) -> N
     raise RecipeError(f"data.{field}: column {prompt.column!r} of {where} holds {kind}, not {want} ({hint})")
 
 
+def _check_rows(config: TransformConfig, split: Dataset, start: int, where: str) -> None:
+    """Rows that could not make a request, found before the first one is sent: text that is not
+    UTF-8, messages that are not messages, values the template cannot format (on the first rows:
+    the rest are checked as they are sent)."""
+    table = split.data.table
+    for name in table.column_names:
+        _check_utf8(table.column(name), name, start, where)
+    prompt = config.prompt
+    if prompt.source == "messages":
+        _check_messages(split, prompt.column, start, where)
+    elif prompt.template:
+        first = split.select_columns(prompt.prompt_columns())[:_TEMPLATE_ROWS_CHECKED]
+        for i in range(len(first[prompt.prompt_columns()[0]])):
+            values = {name: first[name][i] for name in first}
+            if not any(map(is_null, values.values())):
+                format_template(prompt.template, values, f"data.template: row {start + i} of {where}")
+
+
+def _check_utf8(column: pa.ChunkedArray, name: str, start: int, where: str) -> None:
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        return
+    offset = 0
+    for chunk in column.chunks:
+        try:
+            chunk.validate(full=True)
+        except pa.ArrowInvalid:
+            binary = pa.large_binary() if pa.types.is_large_string(column.type) else pa.binary()
+            for i, value in enumerate(chunk.view(binary).to_pylist()):
+                try:
+                    value is None or value.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise RecipeError(
+                        f"data.input: row {start + offset + i} of {where}, column {name!r}: not UTF-8 text: write the file as UTF-8"
+                    ) from None
+        offset += len(chunk)
+
+
+def _check_messages(split: Dataset, name: str, start: int, where: str) -> None:
+    """Every message of every row has a role: on Arrow when the column is a list of structs,
+    else (messages of mixed shapes, which datasets stores as JSON) row by row."""
+    column = split.data.table.column(name)
+    kind = column.type
+    if pa.types.is_null(kind):
+        return
+    struct = kind.value_type
+    if pa.types.is_struct(struct) and struct.get_field_index("role") >= 0:
+        offset = 0
+        for chunk in column.chunks:
+            flat = pc.list_flatten(chunk)
+            missing = pc.fill_null(pc.or_(flat.is_null(), pc.struct_field(flat, "role").is_null()), True)
+            if pc.any(missing).as_py():
+                first = int(pc.index(missing, True).as_py())
+                row = int(pc.list_parent_indices(chunk)[first].as_py())
+                message = first - int(chunk.offsets[row].as_py()) + int(chunk.offsets[0].as_py())
+                raise RecipeError(f"data.messages_column: row {start + offset + row} of {where}: message {message} has no 'role'")
+            offset += len(chunk)
+        return
+    offset = 0
+    for batch in split.select_columns([name]).iter(batch_size=10_000):
+        for i, messages in enumerate(batch[name]):
+            problem = None if is_null(messages) else messages_problem(messages)
+            if problem is not None:
+                raise RecipeError(f"data.messages_column: row {start + offset + i} of {where}: {problem}")
+        offset += len(batch[name])
+
+
 def _null_prompts(config: TransformConfig, ds: Dataset) -> np.ndarray:
     """True for the rows of ``ds`` whose prompt is null (they get an error and are not sent)."""
     table = ds.data.table
@@ -275,6 +388,7 @@ class _Plan:
     gen_key: str  # what decides the text (TransformConfig.fingerprint)
     chunks: list[Chunk]
     done_before: set[int]  # chunks finished by an earlier run
+    served_model: str | None = None  # what the servers said they serve (model.model unset)
 
     @property
     def cached(self) -> list[Chunk]:
@@ -289,13 +403,7 @@ class _Plan:
         return sum(c.rows for c in self.cached)
 
 
-def _plan(recipe: Recipe, checked: CheckedRecipe, transform: VllmGenerate) -> _Plan:
-    work = work_dir(recipe.data.output, recipe.processing.work_dir)
-    folder = split_dir(work, checked.split_id, checked.num_splits)
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as err:
-        raise RecipeError(f"processing.work_dir: cannot create {folder} ({err.strerror or err})") from err
+def _plan(recipe: Recipe, checked: CheckedRecipe, transform: VllmGenerate, work: str, folder: str) -> _Plan:
     for leftover in glob.glob(os.path.join(folder, "tmp*")):
         os.remove(leftover)  # a chunk that map was writing when an earlier run was killed
 
@@ -303,7 +411,8 @@ def _plan(recipe: Recipe, checked: CheckedRecipe, transform: VllmGenerate) -> _P
     size = recipe.processing.chunk_size
     gen_key = transform.config.fingerprint(served_model)
     chunks = plan_chunks(checked.split, folder, size, gen_key)
-    plan = _Plan(work, folder, gen_key, chunks, {c.index for c in chunks if c.files()})
+    columns = transform.new_columns.column_names
+    plan = _Plan(work, folder, gen_key, chunks, {c.index for c in chunks if check_chunk(c, columns)}, served_model)
     if unreachable is not None and plan.todo:
         raise unreachable  # rows are left to send, and no server answers
     if plan.done_before:
@@ -533,6 +642,13 @@ def _write_outputs(recipe: Recipe, checked: CheckedRecipe, plan: _Plan, result: 
             output.private,
             delete_patterns=[hub_pattern(output.hub_split)],
             keep_patterns=[hub_pattern(output.hub_split, num_splits)],
+            readme=lambda files: render_card(
+                output.hub_repo_id or "",
+                output.hub_split,
+                files,
+                {**summary.to_dict(), "served_model": recipe.model.model or plan.served_model},
+                recipe,
+            ),
         )
         summary.hub_repo_id = output.hub_repo_id
         write_json(summary.metrics_path, summary.to_dict())

@@ -9,20 +9,26 @@ Split ``i`` of ``n`` has the tag ``0000i-of-0000n`` in every name it writes: its
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import fnmatch
 import glob
+import gzip
 import hashlib
 import importlib
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator
+import socket
+import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
+import tenacity
 from datasets import Dataset
 
 from .errors import HubError, MergeError, RecipeError
@@ -32,10 +38,13 @@ __all__ = [
     "atomic_path",
     "check_output_path",
     "datasets_bars_off",
+    "hold_lock",
     "hub_path",
     "hub_pattern",
     "load_input",
+    "make_parent",
     "metrics_path",
+    "no_space",
     "push_to_hub",
     "read_output_metadata",
     "split_bounds",
@@ -69,8 +78,15 @@ def datasets_bars_off() -> Iterator[None]:
 
 def load_input(cfg: InputConfig) -> Dataset:
     """Load the recipe's input as a file-backed ``Dataset`` (so that ``map`` can cache)."""
-    with datasets_bars_off():  # a bad input then fails with one line on stderr, nothing before it
-        return _load_input(cfg)
+    # a bad input then fails with one line on stderr (ours, naming the file), nothing before it
+    quiet = logging.getLogger("datasets")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        with datasets_bars_off():
+            return _load_input(cfg)
+    finally:
+        quiet.setLevel(level)
 
 
 def _load_input(cfg: InputConfig) -> Dataset:
@@ -104,6 +120,9 @@ def _load_input(cfg: InputConfig) -> Dataset:
             except Exception as err:  # a malformed file: name it, keep the cause
                 if kind == "parquet" and _parquet_rows(files) == 0:  # datasets fails on these with a cryptic Arrow error
                     raise RecipeError(f"data.input: {path} has no rows") from None
+                bad_line = _bad_json_line(files) if kind == "json" else None
+                if bad_line is not None:
+                    raise RecipeError(f"data.input.path: cannot read {bad_line}") from err
                 raise RecipeError(f"data.input.path: cannot read {path}: {_cause(err)}") from err
     if not isinstance(ds, Dataset):
         raise RecipeError(f"data.input: expected one split, got {type(ds).__name__}")
@@ -124,6 +143,24 @@ def _cause(err: BaseException) -> str:
             messages.append(f"{type(current).__name__}: {str(current).strip()}")
         current = current.__cause__ or current.__context__
     return messages[-1] if messages else type(err).__name__
+
+
+def _bad_json_line(files: list[str]) -> str | None:
+    """Where the first line of JSON Lines files that is not one JSON value is, if any (a file
+    holding one JSON document, an array say, is left to datasets' own message)."""
+    for path in files:
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                if number == 1 and line.lstrip().startswith("["):
+                    break
+                if not line.strip():
+                    continue
+                try:
+                    json.loads(line)
+                except ValueError as err:
+                    return f"{path}: line {number} is not one JSON value ({err}): each line of a .jsonl file is one row"
+    return None
 
 
 def _parquet_rows(files: list[str]) -> int | None:
@@ -154,11 +191,18 @@ def check_output_path(path: str, output: str, cfg: InputConfig) -> None:
                 raise RecipeError(
                     f"data.output.path {output} writes {candidate}, which data.input.path {cfg.path} reads: write the output somewhere else"
                 )
+    if os.path.isdir(path):
+        raise RecipeError(f"data.output.path: {path} is a folder: name a .parquet file to write (it is replaced as a whole)")
+    make_parent(path, "data.output.path")
+
+
+def make_parent(path: str, field: str) -> None:
+    """Create the folder ``path`` goes in; ``RecipeError`` naming the recipe ``field`` if it cannot be."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as err:
-        raise RecipeError(f"data.output.path: cannot create the folder {folder} ({err.strerror or err})") from err
+        raise RecipeError(f"{field}: cannot create the folder {folder} ({err.strerror or err})") from err
 
 
 def _glob_matches(path: str, pattern: str) -> bool:
@@ -233,6 +277,56 @@ def hub_pattern(hub_split: str, num_splits: int | None = None) -> str:
     return f"data/{hub_split}-{five}-of-{five if num_splits is None else f'{num_splits:05d}'}.parquet"
 
 
+# --------------------------------------------------------------------------- one run per split
+
+
+@contextlib.contextmanager
+def hold_lock(folder: str, what: str, wait: bool) -> Iterator[None]:
+    """Hold ``folder``'s lock (``.lock``: an flock, released by the kernel if the holder dies, so
+    a lock is never stale) while a run writes there; another run refuses at once, naming the
+    holder (host, pid, start time), or with ``wait`` waits for it.
+
+    Raises:
+        RecipeError: another run holds the lock (and ``wait`` is false).
+    """
+    path = os.path.join(folder, ".lock")
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another run"
+            if not wait:
+                raise RecipeError(
+                    f"{what} is being written by {holder}: wait for it to finish or stop it (set processing.wait_for_lock: true to wait)"
+                ) from None
+            logger.info("waiting for %s, which writes %s", holder, what)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as err:  # a file system without locks (some NFS mounts)
+            logger.warning("cannot lock %s (%s): two runs on it at once would both send every row", path, err.strerror or err)
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+
+
+def no_space(err: BaseException) -> OSError | None:
+    """The "no space left" (or over quota) error somewhere in ``err``'s chain, if any."""
+    current: BaseException | None = err
+    for _ in range(10):
+        if current is None:
+            return None
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
 # --------------------------------------------------------------------------- writing
 
 
@@ -294,35 +388,33 @@ def push_to_hub(
     api: Any = None,
     delete_patterns: list[str] | None = None,
     keep_patterns: list[str] | None = None,
+    readme: Callable[[list[str]], str] | None = None,
 ) -> None:
     """Upload one Parquet file to a Hub dataset repo, creating the repo if needed, in one commit
     that also deletes the files matching ``delete_patterns`` but not ``keep_patterns``.
 
     Each split uploads its own file name (``hub_path``), so splits pushing to one repo never
     delete each other's files, which ``Dataset.push_to_hub`` would do. The token comes from
-    ``HF_TOKEN`` or the saved login (huggingface_hub reads them).
+    ``HF_TOKEN`` or the saved login (huggingface_hub reads them). ``readme`` gives the dataset
+    card (README.md, in the same commit) from the files the repo holds after it.
 
     Raises:
         HubError: the Hub refused or could not be reached; ``local_path`` is kept.
     """
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+    from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
+    api = api or HfApi()
+    # a push comes after hours of generation: a passing 5xx or reset connection is retried
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(_HUB_ATTEMPTS),
+        wait=tenacity.wait_exponential(multiplier=_HUB_WAIT, max=30),
+        retry=tenacity.retry_if_exception(_transient),
+        before_sleep=tenacity.before_sleep_log(logger, logging.WARNING),
+        reraise=True,
+    )
     try:
-        api = api or HfApi()
-        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-        operations: list[Any] = [CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=local_path)]
-        if delete_patterns:
-            existing = api.list_repo_files(repo_id, repo_type="dataset")
-            operations += [
-                CommitOperationDelete(path_in_repo=f)
-                for f in existing
-                # the whole path must match: Path.match would also take "old/data/train-0.parquet"
-                if f != path_in_repo
-                and any(fnmatch.fnmatchcase(f, p) for p in delete_patterns)
-                and not any(fnmatch.fnmatchcase(f, p) for p in keep_patterns or [])
-            ]
-        api.create_commit(repo_id, operations=operations, repo_type="dataset", commit_message=f"vllm-generator: upload {path_in_repo}")
+        retrying(_push_once, api, local_path, repo_id, path_in_repo, private, delete_patterns, keep_patterns, readme)
     except (HfHubHTTPError, OSError, _http_error()) as err:  # refused, or not reached: not a bug
         raise HubError(
             f"pushing {local_path} to the Hub dataset {repo_id} failed ({type(err).__name__}: {err}); the file is "
@@ -331,6 +423,51 @@ def push_to_hub(
             local_path=local_path,
         ) from err
     logger.info("pushed %s to https://huggingface.co/datasets/%s (%s)", local_path, repo_id, path_in_repo)
+
+
+_HUB_ATTEMPTS = 3
+_HUB_WAIT = 1.0  # seconds before the second attempt, doubling
+
+
+def _push_once(
+    api: Any,
+    local_path: str,
+    repo_id: str,
+    path_in_repo: str,
+    private: bool,
+    delete_patterns: list[str] | None,
+    keep_patterns: list[str] | None,
+    readme: Callable[[list[str]], str] | None,
+) -> None:
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+    operations: list[Any] = [CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=local_path)]
+    existing = api.list_repo_files(repo_id, repo_type="dataset") if delete_patterns or readme else []
+    if delete_patterns:
+        operations += [
+            CommitOperationDelete(path_in_repo=f)
+            for f in existing
+            # the whole path must match: Path.match would also take "old/data/train-0.parquet"
+            if f != path_in_repo
+            and any(fnmatch.fnmatchcase(f, p) for p in delete_patterns)
+            and not any(fnmatch.fnmatchcase(f, p) for p in keep_patterns or [])
+        ]
+    if readme is not None:
+        deleted = {op.path_in_repo for op in operations if isinstance(op, CommitOperationDelete)}
+        after = sorted({f for f in existing if f not in deleted} | {path_in_repo})
+        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=readme(after).encode()))
+    api.create_commit(repo_id, operations=operations, repo_type="dataset", commit_message=f"vllm-generator: upload {path_in_repo}")
+
+
+def _transient(err: BaseException) -> bool:
+    """A Hub failure worth another try: a 5xx or 429, or a connection that failed; never a 4xx."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(err, HfHubHTTPError):
+        status = err.response.status_code if err.response is not None else None
+        return status is None or status >= 500 or status == 429
+    return isinstance(err, (OSError, _http_error()))
 
 
 def _http_error() -> type[Exception]:

@@ -11,14 +11,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from pydantic import ValidationError
 
-from .client import Client
+from .client import Client, run_on_loop
 from .columns import NewColumns
 from .errors import GenerationError, RecipeError, RowFailedError
 from .recipe import ServeConfig, TransformConfig, format_validation_error
-from .wire import Result, WireFormat, prompt_text
+from .wire import Result, Unsent, WireFormat, prompt_text
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -37,7 +36,7 @@ _SERVED: dict[str, list[str]] = {}
 class Pending:
     """A batch handed to the client: the exact request bodies and the future of their results."""
 
-    bodies: list[dict[str, Any] | None]  # None: the row has no prompt and was not sent
+    bodies: list[dict[str, Any] | Unsent | None]  # None: the row has no prompt; Unsent: a bad image (not sent)
     future: concurrent.futures.Future[list[Result]]  # results of the rows sent, in order
     key: list[list[Any]] | None = None  # the rows' prompt columns (see lookahead.row_key)
 
@@ -53,7 +52,7 @@ class VllmGenerate:
     def __init__(self, config: TransformConfig, api_key: str | None = None) -> None:
         self.config = config
         self.wire = WireFormat.from_config(config)
-        self.new_columns = NewColumns(config.columns, config.generation.n, self.wire.want_logprobs)
+        self.new_columns = NewColumns(config.columns, config.generation.n, self.wire.want_logprobs, self.wire.structured)
         self._api_key = api_key
         self._state = json.dumps(config.model_dump(mode="json"), sort_keys=True)
         if api_key:
@@ -64,17 +63,18 @@ class VllmGenerate:
         self._servers: contextlib.ExitStack | None = None  # vLLM servers started for serve=...
         self._served_urls: list[str] | None = None  # their URLs, while they run
         self._unpickled = False  # set by _restore: a copy, e.g. in a map worker
-        names = ", ".join(repr(c) for c in self.prompt_columns)
+        text_columns = config.prompt.prompt_columns()
+        names = ", ".join(repr(c) for c in text_columns)
         self._no_prompt = (  # the error of a row with a null prompt
             f"not sent: this row's prompt column {names} is null (fill or filter such rows)"
-            if len(self.prompt_columns) == 1
+            if len(text_columns) == 1
             else f"not sent: a column of this row's template ({names}) is null (fill or filter such rows)"
         )
 
     @property
     def prompt_columns(self) -> list[str]:
-        """The columns a request is built from."""
-        return self.config.prompt.prompt_columns()
+        """The columns a request is built from (the images' included)."""
+        return self.config.prompt.input_columns()
 
     # -- pickling: configuration only
 
@@ -147,15 +147,24 @@ class VllmGenerate:
 
     # -- a batch: submit, then collect
 
-    def submit(self, bodies: list[dict[str, Any] | None], indices: Sequence[int] | None = None) -> Pending:
+    def submit(self, bodies: list[dict[str, Any] | Unsent | None], indices: Sequence[int] | None = None) -> Pending:
         """Hand a batch's bodies (``wire.bodies``) to the background loop now; collect later."""
-        sent = [b for b in bodies if b is not None]
+        sent = [b for b in bodies if isinstance(b, dict)]
         # on_error="raise": the first failed row stops the batch, its other rows are not sent
         stop = self.config.retry.on_error == "raise"
         if len(sent) < len(bodies) and stop:
-            row = bodies.index(None)
-            raise _row_failed(row, Result(error=self._no_prompt, error_type="no_prompt"), bodies, indices)
-        return Pending(bodies, self.connect().submit(self.wire.path, sent, self.wire.parse, stop_on_error=stop))
+            row = next(i for i, b in enumerate(bodies) if not isinstance(b, dict))
+            raise _row_failed(row, self._unsent(bodies[row]), bodies, indices)
+        client = self.connect()
+        unsent = [self._unsent(b) for b in bodies if isinstance(b, Unsent)]
+        if unsent:  # counted like the rows sent, on the loop thread that owns the counters
+            run_on_loop(_count(client, unsent))
+        return Pending(bodies, client.submit(self.wire.path, sent, self.wire.parse, stop_on_error=stop))
+
+    def _unsent(self, body: Unsent | dict[str, Any] | None) -> Result:
+        if isinstance(body, Unsent):
+            return Result(error=body.error, error_type=body.error_type)
+        return Result(error=self._no_prompt, error_type="no_prompt")
 
     def collect(self, pending: Pending, indices: Sequence[int] | None = None) -> list[Result]:
         """The results of a submitted batch, in row order (rows without a prompt included).
@@ -166,7 +175,7 @@ class VllmGenerate:
         try:
             results = pending.future.result()
         except RowFailedError as err:
-            row = [i for i, b in enumerate(pending.bodies) if b is not None][err.row]  # err.row counts the rows sent
+            row = [i for i, b in enumerate(pending.bodies) if isinstance(b, dict)][err.row]  # err.row counts the rows sent
             raise _row_failed(row, err.result, pending.bodies, indices) from None
         except BaseException:
             pending.future.cancel()
@@ -174,16 +183,21 @@ class VllmGenerate:
         if len(results) == len(pending.bodies):
             return results
         sent = iter(results)
-        return [next(sent) if b is not None else Result(error=self._no_prompt, error_type="no_prompt") for b in pending.bodies]
+        return [next(sent) if isinstance(b, dict) else self._unsent(b) for b in pending.bodies]
 
     def generate(self, batch: Mapping[str, Sequence[Any]], indices: Sequence[int] | None = None) -> list[Result]:
         """Every row's result, in order: build, send and wait."""
-        return self.collect(self.submit(self.wire.bodies(batch), indices), indices)
+        return self.collect(self.submit(self.wire.bodies(batch, indices), indices), indices)
 
     # -- the map functions
 
-    def __call__(self, batch: Mapping[str, Sequence[Any]], indices: Sequence[int] | None = None, offset: int = 0) -> dict[str, np.ndarray]:
-        return self.new_columns.numpy(self.generate(batch, _offset(indices, offset)))
+    def __call__(self, batch: Mapping[str, Sequence[Any]], indices: Sequence[int] | None = None, offset: int = 0) -> dict[str, Any]:
+        results = self.generate(batch, _offset(indices, offset))
+        if type(batch) is dict and all(isinstance(v, list) for v in batch.values()):
+            # IterableDataset.map hands over plain lists and yields our values row by row: give
+            # Python values (a numpy row would be np.int64, and n > 1 an array) of the same types
+            return self.new_columns.arrow(results).to_pydict()
+        return self.new_columns.numpy(results)
 
     def generated_table(self, *args: Any, offset: int = 0) -> pa.Table:
         """The map function of ``ds.map(..., input_columns=self.prompt_columns, with_indices=True)``
@@ -194,11 +208,16 @@ class VllmGenerate:
         return self.new_columns.arrow(self.generate(dict(zip(self.prompt_columns, values)), _offset(indices, offset)))
 
 
+async def _count(client: Client, results: list[Result]) -> None:
+    for result in results:
+        client.stats.add(result)
+
+
 def _offset(indices: Sequence[int] | None, offset: int) -> Sequence[int] | None:
     return [i + offset for i in indices] if indices is not None and offset else indices
 
 
-def _row_failed(i: int, result: Result, bodies: list[dict[str, Any] | None], indices: Sequence[int] | None) -> GenerationError:
+def _row_failed(i: int, result: Result, bodies: list[dict[str, Any] | Unsent | None], indices: Sequence[int] | None) -> GenerationError:
     row = indices[i] if indices is not None else i
     where = f"row {row}" if indices is not None else f"row {i} of the batch"
     return GenerationError(
@@ -232,9 +251,12 @@ def vllm_generate(
     max_attempts: int | None = None,
     initial_wait: float | None = None,
     max_wait: float | None = None,
+    max_outage: float | None = None,
     on_error: str | None = None,
     columns: Mapping[str, str] | None = None,
     serve: Mapping[str, Any] | ServeConfig | None = None,
+    image_column: str | Sequence[str] | None = None,
+    output_schema: Any = None,
     **generation: Any,
 ) -> VllmGenerate:
     """Make a batched ``Dataset.map`` function that generates text for every row with vLLM.
@@ -255,9 +277,19 @@ def vllm_generate(
         max_attempts: attempts per request, including the first (default 5).
         initial_wait, max_wait: exponential backoff bounds in seconds (default 1 and 60); a
             server's Retry-After is honoured up to ``max_wait``.
+        max_outage: seconds with no server answering before the map stops (default 600). While
+            a server is down (refusing connections, or failing every row), rows wait for it
+            and spend no attempts.
         on_error: "record" (default) puts a failed row's message in the ``error`` column;
             "raise" stops the map with ``GenerationError`` naming the row.
         columns: new names for output columns, e.g. ``{"response": "answer"}``.
+        image_column: a column of images (or a list of such columns) sent after the text as
+            content parts: a ``datasets.Image`` column, ``{"bytes", "path"}``, file paths or
+            URLs, or a list of them per row. A row whose image cannot be read gets an error.
+        output_schema: a pydantic model class or a JSON schema dict: vLLM constrains the answer
+            to it (``response_format`` json_schema) and a ``parsed`` column holds each answer as
+            a value of it; ``Model.model_validate(row["parsed"])`` gives the model back. An answer
+            that does not fit is a row error of type ``parse`` (its text stays in ``response``).
         serve: start vLLM servers instead of using running ones (a ``ServeConfig`` or a dict:
             ``{"model": "Qwen/Qwen3-8B", "args": [...], "gpus": ["0", "1"]}``). They start on
             first use, or when entering ``with vllm_generate(serve=...) as generate:`` (needed
@@ -288,7 +320,7 @@ def vllm_generate(
         return {k: v for k, v in values.items() if v is not None}
 
     model_fields = {"model": model, **given(base_url=base_url, serve=serve, timeout=timeout)}
-    retry = given(attempts=max_attempts, on_error=on_error, initial_wait=initial_wait, max_wait=max_wait)
+    retry = given(attempts=max_attempts, on_error=on_error, initial_wait=initial_wait, max_wait=max_wait, max_outage=max_outage)
     generation |= given(thinking=thinking)
     raw: dict[str, Any] = {
         "prompt": {
@@ -296,9 +328,10 @@ def vllm_generate(
             "messages_column": messages_column,
             "template": template,
             "system_prompt": system_prompt,
+            "image_column": list(image_column) if image_column is not None and not isinstance(image_column, str) else image_column,
         },
         "model": model_fields,
-        "generation": {"mode": mode, **generation},
+        "generation": {"mode": mode, **generation, **given(output_schema=output_schema)},
         "retry": retry,
         "columns": dict(columns or {}),
         **given(max_concurrency=max_concurrency),
