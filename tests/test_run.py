@@ -142,6 +142,49 @@ def test_missing_column_fails_before_any_request(tmp_path: Path, fake_server: Fa
     assert not (tmp_path / "out").exists()  # not even the work folder
 
 
+def test_run_recipe_is_public_and_takes_a_path_and_overrides(tmp_path: Path, fake_server: FakeServer) -> None:
+    texts = questions(12)
+    recipe = make_recipe(tmp_path, fake_server.url, write_input(tmp_path / "in.parquet", texts), generation={"temperature": 0.9})
+    assert "run_recipe" in vllm_generator.__all__ and "RunSummary" in vllm_generator.__all__
+    summary = vllm_generator.run_recipe(
+        str(recipe), progress=False, generation={"temperature": 0.1, "stop": ["x"]}, processing={"split_id": 1, "num_splits": 3}
+    )
+    assert isinstance(summary, vllm_generator.RunSummary)
+    assert (summary.rows, summary.succeeded, summary.split_id, summary.num_splits) == (4, 4, 1, 3)
+    assert summary.output_path == str(tmp_path / "out" / "answers.split-00001-of-00003.parquet")
+    bodies = [entry["body"] for entry in fake_server.log()]
+    assert sorted(sent_prompts(fake_server.log())) == texts[4:8]
+    assert all((b["temperature"], b["stop"]) == (0.1, ["x"]) for b in bodies)
+
+
+def test_run_recipe_takes_a_recipe_and_dotted_keys(tmp_path: Path, fake_server: FakeServer) -> None:
+    recipe = load_recipe(make_recipe(tmp_path, fake_server.url, write_input(tmp_path / "in.parquet", questions(6))))
+    summary = vllm_generator.run_recipe(
+        recipe, progress=False, **{"generation.max_tokens": 1, "data.output.path": str(tmp_path / "b.parquet")}
+    )
+    assert summary.output_path == str(tmp_path / "b.parquet")
+    assert {entry["body"]["max_tokens"] for entry in fake_server.log()} == {1}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"temperature": 0.2}, "run_recipe: temperature=0.2 is not an override: give a section as a dict (data, model, generation, "
+         'processing, retry, logging), e.g. generation={"temperature": 0.2}, or a dotted key, e.g. **{"generation.temperature": 0.2}'),
+        ({"generation": {"temprature": 0.2}}, "run_recipe: generation.temprature: unknown field (check the spelling; see the README's recipe reference)"),
+    ],
+    ids=["not-a-section", "unknown-field"],
+)  # fmt: skip
+def test_run_recipe_refuses_a_bad_override_before_any_request(
+    tmp_path: Path, fake_server: FakeServer, overrides: dict[str, Any], message: str
+) -> None:
+    recipe = load_recipe(make_recipe(tmp_path, fake_server.url, write_input(tmp_path / "in.parquet", questions(3))))
+    with pytest.raises(RecipeError) as info:
+        vllm_generator.run_recipe(recipe, progress=False, **overrides)
+    assert str(info.value) == message
+    assert fake_server.log() == []
+
+
 # --------------------------------------------------------------------------- input formats
 
 

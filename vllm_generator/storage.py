@@ -48,6 +48,7 @@ __all__ = [
     "push_to_hub",
     "read_output_metadata",
     "split_bounds",
+    "split_dir",
     "split_output_path",
     "split_outputs",
     "split_tag",
@@ -243,6 +244,11 @@ def split_outputs(path: str) -> Iterator[tuple[int, int, str]]:
 def metrics_path(parquet_path: str) -> str:
     """The metrics JSON beside a Parquet output."""
     return parquet_path.removesuffix(".parquet") + ".metrics.json"
+
+
+def split_dir(work: str, split_id: int, num_splits: int) -> str:
+    """A split's folder in the work folder: its chunk caches and status file."""
+    return os.path.join(work, f"split-{split_tag(split_id, num_splits)}")
 
 
 def work_dir(output: OutputConfig, shared: str | None) -> str:
