@@ -9,7 +9,11 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
-echo "[test] ruff format --check, ruff check, mypy"
+echo "[test] no merge-conflict markers, ruff format --check, ruff check, mypy"
+if git rev-parse --git-dir >/dev/null 2>&1 && git grep -nE '^(<<<<<<<|>>>>>>>)( |$)' -- . >&2; then
+  echo "[test] merge-conflict markers left in the files above" >&2
+  exit 1
+fi
 .venv/bin/python -m ruff format --check vllm_generator tests benchmarks scripts
 .venv/bin/python -m ruff check vllm_generator tests benchmarks scripts
 .venv/bin/python -m mypy vllm_generator
