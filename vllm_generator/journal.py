@@ -132,6 +132,8 @@ class Journal:
                 db = self._connect()
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=FULL")  # a commit is on disk, not only in the page cache
+                # keys are random: inserts touch pages all over the table, which stay cached
+                db.execute("PRAGMA cache_size=-65536")
                 db.execute(_SCHEMA)
                 check = db.execute("PRAGMA quick_check(1)").fetchone()
                 if check is None or check[0] != "ok":
@@ -239,8 +241,13 @@ class Journal:
         self.raise_error()
 
     def raise_error(self) -> None:
-        if self._error is not None:
-            raise self._error
+        error = self._error
+        if error is not None:
+            # a new exception each time: a raised one holds the frames it went through (and
+            # what they hold open, a cache writer's file) as long as this journal keeps it
+            again = StorageError(str(error), path=error.path)
+            again.__cause__ = error.__cause__
+            raise again
 
     # -- the writer thread
 
