@@ -26,6 +26,7 @@ import os
 import sqlite3
 import threading
 import time
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,8 +44,9 @@ COMMIT_EVERY = 0.5  # seconds: "durable within about a second", one fsync per co
 _LOOKUP_CHUNK = 4096  # keys per SELECT ... IN (SQLite allows 32,766 parameters)
 _BUSY_MS = 60_000  # another process holding the write lock (a commit takes milliseconds)
 _DAMAGED = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+_SCHEMA_VERSION = 1  # PRAGMA user_version: a file of another layout is dropped, not misread
 _FIELDS = ("response", "reasoning", "finish_reason", "prompt_tokens", "completion_tokens", "logprobs", "parsed")
-_SCHEMA = "CREATE TABLE IF NOT EXISTS responses (key BLOB PRIMARY KEY, value BLOB NOT NULL, checksum BLOB NOT NULL) WITHOUT ROWID"
+_SCHEMA = "CREATE TABLE IF NOT EXISTS responses (key BLOB PRIMARY KEY, value BLOB NOT NULL, checksum INTEGER NOT NULL) WITHOUT ROWID"
 
 
 def default_folder() -> str | None:
@@ -74,13 +76,18 @@ def journal_keys(path: str, model: str, bodies: Sequence[dict[str, Any]]) -> lis
     return keys
 
 
-def _checksum(key: bytes, value: bytes) -> bytes:
-    return hashlib.blake2b(key + value, digest_size=8).digest()
+def _checksum(key: bytes, value: bytes) -> int:
+    # against a disk's damage, not an adversary: CRC-32 catches torn and flipped bytes, cheaply
+    return zlib.crc32(value, zlib.crc32(key))
 
 
 def _pack(result: Result) -> bytes | None:
+    r = result  # the fields of _FIELDS, in order
     try:
-        return orjson.dumps([getattr(result, f) for f in _FIELDS], option=orjson.OPT_SERIALIZE_NUMPY)
+        return orjson.dumps(
+            (r.response, r.reasoning, r.finish_reason, r.prompt_tokens, r.completion_tokens, r.logprobs, r.parsed),
+            option=orjson.OPT_SERIALIZE_NUMPY,
+        )
     except TypeError:  # a value JSON cannot hold: not journaled, the row is sent again on a rerun
         return None
 
@@ -139,6 +146,12 @@ class Journal:
                 if check is None or check[0] != "ok":
                     db.close()
                     raise sqlite3.DatabaseError(f"quick_check: {check[0] if check else 'no answer'}")
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                if version == 0 and db.execute("SELECT 1 FROM responses LIMIT 1").fetchone() is None:
+                    db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")  # a new journal
+                elif version != _SCHEMA_VERSION:
+                    db.close()
+                    raise sqlite3.DatabaseError(f"layout {version}, not {_SCHEMA_VERSION}")
                 return db
             except sqlite3.Error as err:
                 if attempt or not self._damaged(err):
@@ -274,7 +287,7 @@ class Journal:
                 return
 
     def _commit(self, batch: list[tuple[bytes, Result]]) -> None:
-        rows = []
+        rows: list[tuple[bytes, bytes, int]] = []
         for key, result in batch:
             value = _pack(result)
             if value is not None:
@@ -289,7 +302,7 @@ class Journal:
             self._written += len(batch)
             self._changed.notify_all()
 
-    def _insert(self, rows: list[tuple[bytes, bytes, bytes]]) -> None:
+    def _insert(self, rows: list[tuple[bytes, bytes, int]]) -> None:
         for attempt in range(2):
             db = self._writer_db
             try:
