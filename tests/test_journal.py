@@ -383,15 +383,24 @@ print("rows", len(out), "aligned", out["response"] == [f"echo: {tag} {{i}}" for 
 
 
 @pytest.mark.slow
-def test_a_notebook_map_resumes_after_an_interrupt_and_a_killed_kernel(start_fake_server: Any, tmp_path: Path) -> None:
+def test_a_notebook_map_resumes_after_an_interrupt_and_a_killed_kernel(
+    start_fake_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from jupyter_client.manager import KernelManager
+
+    # a kernel spec for exactly this interpreter (as test_notebook.py does)
+    spec = tmp_path / "jupyter" / "kernels" / "vllm-generator-journal"
+    spec.mkdir(parents=True)
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    spec.joinpath("kernel.json").write_text(orjson.dumps({"argv": argv, "display_name": "journal", "language": "python"}).decode())
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
 
     server = start_fake_server("--slots", "16", "--latency", "0.05")
     rows = 1500
     cell = _NOTEBOOK_CELL.format(url=server.url, rows=rows, tag="nb")
 
     def start() -> tuple[Any, Any]:
-        km = KernelManager(kernel_cmd=[sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"])
+        km = KernelManager(kernel_name="vllm-generator-journal")
         km.start_kernel(cwd=str(tmp_path))
         kc = km.client()
         kc.start_channels()
