@@ -131,6 +131,18 @@ def test_repeated_rows_of_a_batch_are_separate_samples(fake_server: FakeServer, 
     assert_answers(out, ["same"] * 6 + ["other"])
 
 
+def test_journaled_answers_keep_every_column_structured_outputs_n_and_logprobs(fake_server: FakeServer) -> None:
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    ds = Dataset.from_dict({"prompt": prompts(30)})
+    for kwargs in ({"output_schema": schema, "n": 2}, {"logprobs": True, "n": 3}):
+        fake_server.reset()
+        first = ds.map(generate(fake_server.url, **kwargs), batched=True, batch_size=8)
+        fake_server.reset()
+        again = ds.map(generate(fake_server.url, **kwargs), batched=True, batch_size=8)
+        assert sent(fake_server) == []
+        assert again.features == first.features and again.to_list() == first.to_list()
+
+
 def test_keys_ignore_servers_and_concurrency(start_fake_server: Any) -> None:
     a, b = start_fake_server("--slots", "4"), start_fake_server("--slots", "4")
     ds = Dataset.from_dict({"prompt": prompts(50)})

@@ -217,7 +217,8 @@ class Journal:
                 raise self._storage_error(err)  # noqa: B904 (its cause is set)
             logger.warning("response journal %s cannot be read (%s): its rows are sent again", self.path, err)
             return {}
-        self.reused += sum(1 for k in keys if k in found)
+        with self._changed:  # the map's thread and a feeder's may both look up
+            self.reused += sum(1 for k in keys if k in found)
         return found
 
     def _reader(self) -> sqlite3.Connection:
@@ -338,6 +339,9 @@ class Journal:
 
 _journals: dict[str, Journal] = {}
 _journals_lock = threading.Lock()
+# A forked map worker's copies of its parent's journals: never closed nor collected, since closing
+# an SQLite connection opened before the fork would drop the locks this process's own one holds.
+_inherited: list[Journal] = []
 
 
 def open_journal(folder: str) -> Journal:
@@ -352,7 +356,8 @@ def open_journal(folder: str) -> Journal:
         if journal is not None and journal._pid == os.getpid() and journal._error is not None:
             journal.close()  # it failed (a full disk, say), and said so: the next map tries again
         if journal is None or journal._pid != os.getpid() or journal._closed:
-            # a forked map worker has its parent's object, but not its thread or connections
+            if journal is not None and journal._pid != os.getpid():
+                _inherited.append(journal)  # a forked worker: its parent's object, not its thread
             journal = _journals[path] = Journal(path)
         return journal
 
@@ -361,6 +366,9 @@ def close_journal(folder: str) -> None:
     """Commit and close this process's journal in ``folder``, if it is open."""
     with _journals_lock:
         journal = _journals.pop(os.path.abspath(folder), None)
+        if journal is not None and journal._pid != os.getpid():
+            _inherited.append(journal)
+            return
     if journal is not None:
         journal.close()
 
@@ -379,6 +387,7 @@ def close_journals() -> None:
     with _journals_lock:
         journals = list(_journals.values())
         _journals.clear()
+        _inherited.extend(j for j in journals if j._pid != os.getpid())
     for journal in journals:
         journal.close()
 
