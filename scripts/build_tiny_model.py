@@ -21,11 +21,11 @@ import argparse
 import json
 import os
 import random
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import model_folder  # scripts/model_folder.py, beside this file
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast, Qwen3ForCausalLM
@@ -40,7 +40,7 @@ DEFAULT_OUTPUT = REPO / ".models" / "tiny-qwen3"
 BUILD_VERSION = 1
 SEED = 1234
 # Written last: its presence (with a matching build_version) marks a complete build.
-META_FILE = "vllm_generator_meta.json"
+META_FILE = model_folder.META_FILE
 EXPECTED_FILES = (
     "chat_template.jinja",
     "config.json",
@@ -173,13 +173,8 @@ def build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> Qwen3ForCausal
 
 
 def is_complete(folder: Path) -> bool:
-    if not all((folder / name).is_file() for name in EXPECTED_FILES):
-        return False
-    try:
-        meta = json.loads((folder / META_FILE).read_text())
-    except ValueError:
-        return False
-    return meta.get("build_version") == BUILD_VERSION and meta.get("seed") == SEED
+    meta = model_folder.read_meta(folder, EXPECTED_FILES)
+    return meta is not None and meta.get("build_version") == BUILD_VERSION and meta.get("seed") == SEED
 
 
 def build(output: Path) -> dict:
@@ -198,24 +193,7 @@ def build(output: Path) -> dict:
         "build_version": BUILD_VERSION,
         "seed": SEED,
     }
-    # Build next to the target and rename into place, so an interrupted build
-    # never leaves a folder that looks complete.
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=output.name + ".tmp-", dir=output.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        # mkdtemp makes a private folder; give the result ordinary permissions.
-        tmp.chmod(0o755)
-        for path in tmp.iterdir():
-            path.chmod(0o644)
-        if output.exists():
-            shutil.rmtree(output)
-        tmp.rename(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    model_folder.save(output, model, tokenizer, meta)
     return meta
 
 

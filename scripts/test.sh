@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite: code quality (ruff format, ruff check, mypy), unit tests, the fake-server
-# tests, the end-to-end tests against a real vLLM server (CPU build, tiny model) and the notebook.
-# Installs what it needs first.
+# tests, the end-to-end tests against a real vLLM server (CPU build, tiny model), the SLURM tests (a
+# one-node cluster they start, where SLURM is installed: .ci/run installs it) and the notebook.
+# Installs what it needs first (but SLURM).
 #   bash scripts/test.sh                   everything
-#   bash scripts/test.sh -m "not slow"     the fast tier: no real server, no notebook
+#   bash scripts/test.sh -m "not slow"     the fast tier: no real server, no SLURM, no notebook
 #   bash scripts/test.sh -m integration    only the tests against a real vLLM server
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

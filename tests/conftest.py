@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -23,6 +24,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 
 from fake_server import FakeServer
+from slurm_cluster import SlurmCluster, missing
 
 from vllm_generator.client import Client
 from vllm_generator.recipe import RetryConfig
@@ -31,6 +33,27 @@ REPO = Path(__file__).resolve().parent.parent
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 MakeClient = Callable[..., Client]
+
+
+def cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``python -m vllm_generator ARGS``, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "vllm_generator", *args],
+        cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[SlurmCluster]:
+    """A one-node SLURM cluster (tests/slurm_cluster.py) for the session: skipped where SLURM is
+    not installed, but failed under CI, where .ci/run installs it."""
+    why = missing()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(f"{why} (CI is set, so the SLURM tests must run, not skip)", pytrace=False)
+        pytest.skip(why)
+    with SlurmCluster() as cluster:
+        yield cluster
 
 
 @pytest.fixture

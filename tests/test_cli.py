@@ -18,21 +18,13 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import write_recipe
+from conftest import cli, write_recipe
 from fake_server import FakeServer
 
 from vllm_generator.recipe import load_recipe
 from vllm_generator.run import run_recipe
 
 CONSOLE_SCRIPT = Path(sys.executable).parent / "vllm-generator"
-
-
-def cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """``python -m vllm_generator ARGS``, as a user runs it."""
-    return subprocess.run(
-        [sys.executable, "-m", "vllm_generator", *args],
-        cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False, env={**os.environ, **(env or {})},
-    )  # fmt: skip
 
 
 def write_input(path: Path, n: int, column: str = "question") -> list[str]:
@@ -103,6 +95,108 @@ def test_generate_without_a_recipe(tmp_path: Path, fake_server: FakeServer) -> N
         {"model": "fake-model", "messages": [{"role": "user", "content": t}], "temperature": 0.2, "max_tokens": 8, "seed": 7} for t in texts
     ]
     assert pq.read_table(tmp_path / "out.parquet").column("response").to_pylist() == [f"echo: {t}" for t in texts]
+
+
+# --------------------------------------------------------------------------- the founding document's command lines
+
+
+def test_generate_runs_a_recipe_given_as_config(tmp_path: Path, fake_server: FakeServer) -> None:
+    texts = write_input(tmp_path / "in.parquet", 12)
+    write_recipe(tmp_path, fake_server.url, generation={"temperature": 0.5})
+    result = cli("generate", "--config", "recipe.yaml", "--progress=false", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("done: 12 rows (12 ok, 0 failed) in ")
+    assert pq.read_table(tmp_path / "out" / "answers.parquet").column("response").to_pylist() == [f"echo: {t}" for t in texts]
+    assert {entry["body"]["temperature"] for entry in fake_server.log()} == {0.5}
+
+
+def test_generate_config_with_a_split_runs_that_split_only(tmp_path: Path, fake_server: FakeServer) -> None:
+    texts = write_input(tmp_path / "in.parquet", 20)
+    write_recipe(tmp_path, fake_server.url)
+    result = cli("generate", "-c", "recipe.yaml", "--split-id", "1", "--num-splits", "4", "--progress=false", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(contents(fake_server.log())) == sorted(texts[5:10])
+    split = pq.read_table(tmp_path / "out" / "answers.split-00001-of-00004.parquet")
+    assert split.column("question").to_pylist() == texts[5:10]
+    assert not (tmp_path / "out" / "answers.parquet").exists()
+
+
+def test_generate_flags_override_the_recipe(tmp_path: Path, start_fake_server: Any) -> None:
+    """-i/-o/-m, a prompt source and generation flags replace the recipe's; -m also replaces its managed servers."""
+    server = start_fake_server()
+    pq.write_table(pa.table({"question": ["unused"] * 3, "text": ["a", "b", "c"]}), tmp_path / "other.parquet")
+    write_recipe(
+        tmp_path, "unused", data={"template": "Q: {question}", "prompt_column": None},
+        model={"base_url": [], "serve": {"model": "m", "command": ["/nonexistent/vllm"]}}, generation={"temperature": 0.9, "seed": 3},
+    )  # fmt: skip
+    result = cli(
+        "generate", "-c", "recipe.yaml", "-i", "other.parquet", "-o", "mine.parquet", "--model-url", server.url,
+        "--prompt-column", "text", "--temperature", "0.1", "--progress=false", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    bodies = sorted((entry["body"] for entry in server.log()), key=lambda b: b["messages"][0]["content"])
+    assert bodies == [{"model": "fake-model", "messages": [{"role": "user", "content": t}], "temperature": 0.1, "seed": 3} for t in "abc"]
+    assert pq.read_table(tmp_path / "mine.parquet").column("response").to_pylist() == ["echo: a", "echo: b", "echo: c"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_generate_config_errors_name_the_recipe_s_fields(tmp_path: Path, fake_server: FakeServer) -> None:
+    write_input(tmp_path / "in.parquet", 3)
+    write_recipe(tmp_path, fake_server.url)
+    result = cli("generate", "-c", "recipe.yaml", "-o", "out.csv", cwd=tmp_path)
+    assert (result.returncode, result.stderr) == (1, "error: recipe.yaml: data.output: output.path 'out.csv' must end with .parquet\n")
+    assert fake_server.log() == []
+
+
+def test_generate_without_config_needs_input_output_and_server(tmp_path: Path) -> None:
+    result = cli("generate", "-i", "in.parquet", cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == (
+        "error: generate needs -o OUTPUT.parquet, -m URL, or a recipe as --config RECIPE (usage: vllm-generator generate -i INPUT "
+        "-o OUTPUT.parquet -m URL [--model NAME] [--prompt-column C] [--temperature 0.7 ...])\n"
+    )
+
+
+@pytest.mark.parametrize("flag", ["--config", "-c"])
+def test_validate_takes_the_recipe_as_config(tmp_path: Path, fake_server: FakeServer, flag: str) -> None:
+    write_input(tmp_path / "in.parquet", 5)
+    write_recipe(tmp_path, fake_server.url, name="config.yaml")
+    result = cli("validate", flag, "config.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[:2] == [
+        "ok: config.yaml is a valid recipe",
+        "ok: input has 5 rows, columns ['id', 'question']; split 0 of 1",
+    ]
+
+
+def test_run_and_merge_take_the_recipe_as_config(tmp_path: Path, fake_server: FakeServer) -> None:
+    write_input(tmp_path / "in.parquet", 6)
+    write_recipe(tmp_path, fake_server.url, processing={"num_splits": 2})
+    for split_id in ("0", "1"):
+        assert cli("run", "--config", "recipe.yaml", "--split-id", split_id, "--progress=false", cwd=tmp_path).returncode == 0
+    merged = cli("merge", "-c", "recipe.yaml", cwd=tmp_path)
+    assert (merged.returncode, merged.stdout) == (0, "merged 2 splits: 6 rows (0 with an error) -> out/answers.parquet\n")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["validate", "recipe.yaml", "--config", "recipe.yaml"],
+         "validate: give the recipe once, as RECIPE or as --config RECIPE (usage: vllm-generator validate RECIPE [--check-server] [--section.key=value ...])"),
+        (["validate"], "validate needs a recipe (usage: vllm-generator validate RECIPE [--check-server] [--section.key=value ...]; or --config RECIPE)"),
+        (["list-models"], "list-models needs a server (usage: vllm-generator list-models -m URL [-m URL ...])"),
+    ],
+    ids=["twice", "none", "no-server"],
+)  # fmt: skip
+def test_a_recipe_or_server_missing_or_given_twice_is_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    write_recipe(tmp_path, "http://127.0.0.1:9")
+    result = cli(*args, cwd=tmp_path)
+    assert (result.returncode, result.stdout, result.stderr) == (1, "", f"error: {message}\n")
+
+
+def test_list_models_takes_model_url(tmp_path: Path, fake_server: FakeServer) -> None:
+    result = cli("list-models", "--model-url", fake_server.url, cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (0, "fake-model\tmax_model_len=512\n"), result.stderr
 
 
 def test_generate_flag_errors_name_the_flag(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from conftest import CHAT, MakeClient, received
 from fake_server import BlackHole, FakeServer
 
 from vllm_generator import GenerationError, RecipeError, ServerUnavailableError, vllm_generate
-from vllm_generator.client import Client, _Router, _Watchdog, run_on_loop
+from vllm_generator.client import Client, _Route, _Router, _Watchdog, run_on_loop
 from vllm_generator.errors import RowFailedError
 from vllm_generator.recipe import RetryConfig
 from vllm_generator.wire import Result, RetryableError, parse_response
@@ -107,7 +107,7 @@ def test_the_only_server_down_makes_rows_wait_until_the_outage_limit() -> None:
             client.router.failed(a, refusal(a), row=1)
         started = time.monotonic()
         try:
-            await client.router.wait_up()
+            await client.router.wait_up(row=1, waiting_since=None)
         except ServerUnavailableError as err:
             return time.monotonic() - started, str(err)
         finally:
@@ -130,11 +130,71 @@ def test_a_server_back_wakes_the_waiting_rows_at_once() -> None:
             client.router.failed(a, refusal(a), row=1)
         asyncio.get_running_loop().call_later(0.2, client.router.probe_answered, a)
         started = time.monotonic()
-        await client.router.wait_up()
+        await client.router.wait_up(row=1, waiting_since=None)
         await client.aclose()
         return time.monotonic() - started
 
     assert asyncio.run(main()) < 1.0
+
+
+def test_a_server_whose_trials_keep_failing_still_ends_at_the_outage_limit() -> None:
+    # /health answers (half-open) but every trial fails the server's way: the row's clock runs on
+    async def main() -> tuple[float, int]:
+        client = Client(["http://a:1"], retry=RetryConfig(max_outage=0.5))
+        router = client.router
+        (a,) = client.servers
+        failure = RetryableError("500 from http://a:1", "http_500", server=a)
+        for row in (1, 2, 3):
+            router.failed(a, failure, row)
+        trials, waiting_since, started = 0, None, time.monotonic()
+        try:
+            while time.monotonic() - started < 5:
+                router.probe_answered(a)  # as the probe does every second, here at once
+                trial, waiting_since = await router.wait_up(row=9, waiting_since=waiting_since)
+                assert trial is a
+                trials += 1
+                assert router.failed(a, failure, row=9) is True  # not charged
+                await asyncio.sleep(0.01)
+        except ServerUnavailableError:
+            return time.monotonic() - started, trials
+        finally:
+            await client.aclose()
+        return time.monotonic() - started, trials
+
+    took, trials = asyncio.run(main())
+    assert 0.45 <= took < 2.0 and trials > 5
+
+
+def test_a_cancelled_trial_lets_the_next_row_try() -> None:
+    async def main() -> _Route | None:
+        client = Client(["http://a:1"], retry=RetryConfig(max_outage=5))
+        router = client.router
+        (a,) = client.servers
+        failure = RetryableError("500", "http_500", server=a)
+        for row in (1, 2, 3):
+            router.failed(a, failure, row)
+        router.probe_answered(a)
+        trial, _ = await router.wait_up(row=7, waiting_since=None)
+        assert trial is a and a.trial_row == 7
+        router.end_trial(a, row=7)  # row 7's attempt was cancelled
+        nxt, _ = await asyncio.wait_for(router.wait_up(row=8, waiting_since=None), 1)
+        await client.aclose()
+        return nxt
+
+    assert asyncio.run(main()) is not None
+
+
+def test_closing_the_client_forgets_servers_marked_down() -> None:
+    async def main() -> tuple[bool, bool]:
+        client = Client(["http://a:1"], retry=RetryConfig(max_outage=600))
+        (a,) = client.servers
+        for _ in range(3):
+            client.router.failed(a, RetryableError("x", "connection", refused=True, server=a), row=1)
+        down = a.down_since is not None
+        await client.aclose()  # its probe is gone: a later batch must not wait for it forever
+        return down, a.down_since is None
+
+    assert asyncio.run(main()) == (True, True)
 
 
 def test_backoff_honours_retry_after_and_otherwise_grows_within_bounds() -> None:

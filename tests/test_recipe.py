@@ -546,3 +546,14 @@ def test_a_recipe_that_is_not_utf8_names_the_line(tmp_path: Path) -> None:
     path = tmp_path / "recipe.yaml"
     path.write_bytes(b"data:\n  prompt_column: caf\xe9\n")
     assert load_error(path) == f"{path}: line 2: not UTF-8 text (byte 0xe9): save the recipe as UTF-8"
+
+
+def test_yaml_merge_keys_still_load_and_a_list_as_a_key_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "recipe.yaml"
+    path.write_text("data:\n  input: {path: in.parquet}\n  output: {path: out.parquet}\nmodel: &m {base_url: 'http://h:1'}\n"
+                    "generation: &g {temperature: 0.1}\nretry:\n  attempts: 2\n")  # fmt: skip
+    base = load_recipe(path)
+    path.write_text(path.read_text() + "logging:\n  <<: {level: DEBUG}\n  file: null\n")
+    assert load_recipe(path).logging.level == "DEBUG" and base.generation.temperature == 0.1
+    path.write_text("? [a, b]\n: 1\n")
+    assert load_error(path) == f"{path}: not valid YAML: line 1: a key cannot be list"

@@ -142,6 +142,49 @@ def test_missing_column_fails_before_any_request(tmp_path: Path, fake_server: Fa
     assert not (tmp_path / "out").exists()  # not even the work folder
 
 
+def test_run_recipe_is_public_and_takes_a_path_and_overrides(tmp_path: Path, fake_server: FakeServer) -> None:
+    texts = questions(12)
+    recipe = make_recipe(tmp_path, fake_server.url, write_input(tmp_path / "in.parquet", texts), generation={"temperature": 0.9})
+    assert "run_recipe" in vllm_generator.__all__ and "RunSummary" in vllm_generator.__all__
+    summary = vllm_generator.run_recipe(
+        str(recipe), progress=False, generation={"temperature": 0.1, "stop": ["x"]}, processing={"split_id": 1, "num_splits": 3}
+    )
+    assert isinstance(summary, vllm_generator.RunSummary)
+    assert (summary.rows, summary.succeeded, summary.split_id, summary.num_splits) == (4, 4, 1, 3)
+    assert summary.output_path == str(tmp_path / "out" / "answers.split-00001-of-00003.parquet")
+    bodies = [entry["body"] for entry in fake_server.log()]
+    assert sorted(sent_prompts(fake_server.log())) == texts[4:8]
+    assert all((b["temperature"], b["stop"]) == (0.1, ["x"]) for b in bodies)
+
+
+def test_run_recipe_takes_a_recipe_and_dotted_keys(tmp_path: Path, fake_server: FakeServer) -> None:
+    recipe = load_recipe(make_recipe(tmp_path, fake_server.url, write_input(tmp_path / "in.parquet", questions(6))))
+    summary = vllm_generator.run_recipe(
+        recipe, progress=False, **{"generation.max_tokens": 1, "data.output.path": str(tmp_path / "b.parquet")}
+    )
+    assert summary.output_path == str(tmp_path / "b.parquet")
+    assert {entry["body"]["max_tokens"] for entry in fake_server.log()} == {1}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"temperature": 0.2}, "run_recipe: temperature=0.2 is not an override: give a section as a dict (data, model, generation, "
+         'processing, retry, logging), e.g. generation={"temperature": 0.2}, or a dotted key, e.g. **{"generation.temperature": 0.2}'),
+        ({"generation": {"temprature": 0.2}}, "run_recipe: generation.temprature: unknown field (check the spelling; see the README's recipe reference)"),
+    ],
+    ids=["not-a-section", "unknown-field"],
+)  # fmt: skip
+def test_run_recipe_refuses_a_bad_override_before_any_request(
+    tmp_path: Path, fake_server: FakeServer, overrides: dict[str, Any], message: str
+) -> None:
+    recipe = load_recipe(make_recipe(tmp_path, fake_server.url, write_input(tmp_path / "in.parquet", questions(3))))
+    with pytest.raises(RecipeError) as info:
+        vllm_generator.run_recipe(recipe, progress=False, **overrides)
+    assert str(info.value) == message
+    assert fake_server.log() == []
+
+
 # --------------------------------------------------------------------------- input formats
 
 
@@ -864,6 +907,36 @@ def test_each_split_uploads_its_own_file_and_removes_files_of_other_split_counts
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(("status", "calls"), [(503, 2), (401, 1)])
+def test_a_passing_hub_failure_is_retried_and_a_refusal_is_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, status: int, calls: int
+) -> None:
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+
+    class FlakyHfApi(RecordingHfApi):
+        commits = 0
+
+        def create_commit(self, *args: Any, **kwargs: Any) -> None:
+            FlakyHfApi.commits += 1
+            if FlakyHfApi.commits == 1:
+                response = httpx2.Response(status, request=httpx2.Request("POST", "https://huggingface.co/api/datasets/org/a/commit/main"))
+                raise HfHubHTTPError(f"{status} from the Hub", response=response)
+            super().create_commit(*args, **kwargs)
+
+    local = tmp_path / "answers.parquet"
+    pq.write_table(pa.table({"id": [1, 2]}), local)
+    monkeypatch.setattr("vllm_generator.storage._HUB_WAIT", 0.01)
+    api = FlakyHfApi()
+    if calls == 1:
+        with pytest.raises(vllm_generator.HubError):
+            push_to_hub(str(local), "org/a", "data/train-00000-of-00001.parquet", True, api=api)
+    else:
+        push_to_hub(str(local), "org/a", "data/train-00000-of-00001.parquet", True, api=api)
+        assert api.uploaded["data/train-00000-of-00001.parquet"] == [{"id": 1}, {"id": 2}]
+    assert FlakyHfApi.commits == calls
+
+
 def test_a_failed_push_keeps_the_file_and_says_how_to_push_again(
     tmp_path: Path, fake_server: FakeServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1041,10 +1114,10 @@ def test_template_values_are_checked_on_the_first_rows(tmp_path: Path, fake_serv
 
 def test_text_that_is_not_utf8_is_named_by_row_and_column(tmp_path: Path, fake_server: FakeServer) -> None:
     values = pa.array([b"fine", b"also fine", b"caf\xe9"], pa.binary()).view(pa.string())
-    pq.write_table(pa.table({"question": ["a", "b", "c"], "notes": values}), tmp_path / "in.parquet")
+    pq.write_table(pa.table({"question": values, "notes": ["a", "b", "c"]}), tmp_path / "in.parquet")
     with pytest.raises(RecipeError) as info:
         run(make_recipe(tmp_path, fake_server.url, tmp_path / "in.parquet"))
-    assert str(info.value) == f"data.input: row 2 of {tmp_path / 'in.parquet'}, column 'notes': not UTF-8 text: write the file as UTF-8"
+    assert str(info.value) == f"data.input: row 2 of {tmp_path / 'in.parquet'}, column 'question': not UTF-8 text: write the file as UTF-8"
     assert fake_server.log() == []
 
 
@@ -1238,7 +1311,7 @@ def test_every_push_writes_a_dataset_card_with_the_run_and_a_viewer_config(
     assert f"| throughput | {summary.rows_per_s:,.1f} rows/s" in body
     assert f"| library version | vllm-generator {vllm_generator.__version__} |" in body
     recipe_block = body.split("```yaml\n", 1)[1].split("```", 1)[0]
-    assert yaml.safe_load(recipe_block)["model"]["base_url"] == [fake_server.url.replace("http://", "http://<redacted>@")]
+    assert yaml.safe_load(recipe_block)["model"]["base_url"] == [fake_server.url.replace("http://", "http://user:***@")]
     assert "hunter2" not in card
     assert 'load_dataset("org/answers", split="train")' in body
 
@@ -1249,7 +1322,10 @@ def test_the_card_redacts_secret_settings() -> None:
     recipe = {
         "model": {
             "api_key_env": "MY_KEY",  # a variable's name: kept
-            "serve": {"env": {"HF_TOKEN": "hf_abc", "VLLM_CPU_KVCACHE_SPACE": "1"}, "args": ["--api-key", "sk-1", "--dtype", "bf16"]},
+            "serve": {
+                "env": {"HF_TOKEN": "hf_abc", "VLLM_CPU_KVCACHE_SPACE": "1"},
+                "args": ["--api-key", "sk-1", "--hf-token=hf_xyz", "--dtype", "bf16", "--note=see http://u:pw@h:1/x"],
+            },
         },
         "generation": {"extra_body": {"auth": {"user": "x"}}},
     }
@@ -1258,7 +1334,7 @@ def test_the_card_redacts_secret_settings() -> None:
             "api_key_env": "MY_KEY",
             "serve": {
                 "env": {"HF_TOKEN": "<redacted>", "VLLM_CPU_KVCACHE_SPACE": "1"},
-                "args": ["--api-key", "<redacted>", "--dtype", "bf16"],
+                "args": ["--api-key", "<redacted>", "--hf-token=<redacted>", "--dtype", "bf16", "--note=see http://u:***@h:1/x"],
             },
         },
         "generation": {"extra_body": {"auth": "<redacted>"}},
@@ -1272,3 +1348,13 @@ def test_a_merge_push_writes_a_card_with_the_totals(split_outputs: tuple[Path, P
     (card,) = api.cards
     assert "  - split: train\n    path: data/train-*\n" in card
     assert "| rows | 30 |\n| succeeded | 30 |\n| failed | 0 |\n| failed by type | none |" in card
+
+
+def test_retry_failed_names_the_dataset_row_of_a_row_that_fails_again(tmp_path: Path, fake_server: FakeServer) -> None:
+    texts = questions(20, {13: "question 13 [[400]]", 17: "question 17 [[400]]"})
+    recipe = make_recipe(tmp_path, fake_server.url, write_input(tmp_path / "in.parquet", texts))
+    assert run(recipe).failed == 2
+    with pytest.raises(vllm_generator.GenerationError) as info:
+        run(recipe, retry__retry_failed=True, retry__on_error="raise")
+    assert info.value.row == 13  # not 10, the first row of its chunk
+    assert str(info.value).startswith("row 13 failed: 400 from ")

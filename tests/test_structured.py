@@ -301,3 +301,21 @@ def test_fingerprints_without_the_new_fields_are_unchanged(tmp_path: Path) -> No
     assert config.fingerprint() == hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:16]
     with_schema = load_recipe(write_recipe(tmp_path, "http://localhost:8000", generation={"output_schema": {"type": "string"}}))
     assert with_schema.transform_config().fingerprint() != config.fingerprint()
+
+
+@pytest.mark.parametrize(
+    ("kind", "text", "message"),
+    [
+        ("number", '{"x": 1' + "0" * 400 + "}", "$.x should be a number, got 1000"),
+        ("integer", '{"x": 1' + "0" * 400 + "}", "$.x is 1000"),
+        ("number", "[" * 5000 + "]" * 5000, "the answer is not valid JSON"),
+    ],
+    ids=["huge-number", "huge-integer", "deep-nesting"],
+)
+def test_an_answer_too_big_or_too_deep_is_that_row_s_parse_error(kind: str, text: str, message: str) -> None:
+    from vllm_generator.structured import _AnswerError, parse_answer
+
+    shape = compile_schema({"type": "object", "properties": {"x": {"type": kind}}, "required": ["x"]})
+    with pytest.raises(_AnswerError) as info:  # never an OverflowError or RecursionError that ends the batch
+        parse_answer(text, shape)
+    assert str(info.value).startswith(message)

@@ -1,5 +1,7 @@
 """Generate text for every row of a Hugging Face dataset with one or more vLLM servers."""
 
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     AuthenticationError,
     GenerationError,
@@ -9,12 +11,16 @@ from .errors import (
     RecipeError,
     ServerStartError,
     ServerUnavailableError,
+    SlurmError,
     StorageError,
     VllmGeneratorError,
 )
 from .recipe import Recipe, TransformConfig, load_recipe
 from .serve import serve_models
 from .transform import VllmGenerate, vllm_generate
+
+if TYPE_CHECKING:
+    from .run import RunSummary, run_recipe
 
 __version__ = "0.1.0"  # the one place: pyproject.toml reads it
 
@@ -24,6 +30,8 @@ __all__ = [
     "TransformConfig",
     "Recipe",
     "load_recipe",
+    "run_recipe",
+    "RunSummary",
     "serve_models",
     "VllmGeneratorError",
     "RecipeError",
@@ -35,5 +43,16 @@ __all__ = [
     "MergeError",
     "StorageError",
     "HubError",
+    "SlurmError",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # run imports datasets (about a second): loaded on first use, so that `import vllm_generator`
+    # and the command's start stay quick
+    if name in ("run_recipe", "RunSummary"):
+        from . import run
+
+        return getattr(run, name)
+    raise AttributeError(f"module 'vllm_generator' has no attribute {name!r}")

@@ -2,9 +2,13 @@
 
     vllm-generator run recipe.yaml [--generation.temperature=0.2] [--split-id 0 --num-splits 4]
     vllm-generator generate -i in.parquet -o out.parquet -m http://localhost:8000 [--temperature 0.7 ...]
+    vllm-generator generate --config recipe.yaml [-i/-o/-m/--temperature ... override it]
     vllm-generator validate recipe.yaml [--check-server]
     vllm-generator list-models -m http://localhost:8000 [-m http://host2:8000]
     vllm-generator merge recipe.yaml | out.parquet [--hub-repo-id org/name]
+
+Every command that takes a recipe also takes it as ``-c/--config RECIPE``; ``--model-url`` is
+``-m/--base-url``.
 
 Errors print one line and exit 1 (``--debug`` shows the traceback); Ctrl-C exits 130 and keeps
 every finished chunk, so the same command resumes.
@@ -18,18 +22,20 @@ import gc
 import json
 import logging
 import logging.handlers
+import os
 import shlex
 import signal
 import sys
 import threading
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import fire
 import yaml
 
-from .errors import RecipeError, VllmGeneratorError
+from .errors import RecipeError, SlurmError, VllmGeneratorError
 from .recipe import LoggingConfig, Recipe, load_recipe
 
 if TYPE_CHECKING:  # run imports datasets, which takes a second: only commands that need it load it
@@ -39,11 +45,13 @@ logger = logging.getLogger("vllm_generator")
 
 _SECTIONS = ("data", "model", "generation", "processing", "retry", "logging")
 # short flags that Fire cannot map unambiguously (-t it can, but then it would parse the template)
-_SHORT = {"-i": "--input", "-o": "--output", "-m": "--base-url", "-t": "--template"}
+_SHORT = {"-i": "--input", "-o": "--output", "-m": "--base-url", "-t": "--template", "-c": "--config"}
+# the founding document's name for -m/--base-url
+_BASE_URL_FLAGS = ("base_url", "model_url")
 # Flags whose value is text as typed: Fire would turn '{prompt}' into a set, '123' into an int.
 _TEXT_FLAGS = {
-    "input", "output", "model", "prompt_column", "messages_column", "template", "system_prompt", "hub_repo_id", "hub_split",
-    "output_schema", "image_column",
+    "config", "input", "output", "model", "prompt_column", "messages_column", "template", "system_prompt", "hub_repo_id",
+    "hub_split", "output_schema", "image_column", "splits", "partition", "time", "mem", "sbatch_args", "setup",
 }  # fmt: skip
 # generate's errors name these flags, not the recipe fields they fill
 _GENERATE_FLAGS = {
@@ -59,7 +67,41 @@ _USAGE = {
     "merge": "vllm-generator merge RECIPE|OUTPUT.parquet [--hub-repo-id ORG/NAME] [--hub-split SPLIT] [--private=false]",
     "list-models": "vllm-generator list-models -m URL [-m URL ...]",
     "generate": "vllm-generator generate -i INPUT -o OUTPUT.parquet -m URL [--model NAME] [--prompt-column C] [--temperature 0.7 ...]",
+    "submit": "vllm-generator submit RECIPE --num-splits N [--splits 1,3] [--partition P] [--time 04:00:00] [--gpus-per-task G] "
+    "[--cpus-per-task C] [--mem 64G] [--sbatch-args '--account=A ...'] [--setup 'source venv/bin/activate'] [--dry-run] "
+    "[--section.key=value ...]",
+    "status": "vllm-generator status RECIPE [--num-splits N] [--section.key=value ...]",
 }
+_SUBMIT_OPTIONS = [
+    "config",
+    "num_splits",
+    "splits",
+    "partition",
+    "time",
+    "gpus_per_task",
+    "cpus_per_task",
+    "mem",
+    "sbatch_args",
+    "setup",
+    "dry_run",
+]
+_LISTED_LOGS = 10  # submit lists each split's log up to this many splits, else their pattern
+# flags of generate that fill a recipe field (the others are generation settings)
+_GENERATE_FIELDS = {
+    "input": "data.input.path",
+    "limit": "data.input.limit",
+    "output": "data.output.path",
+    "base_url": "model.base_url",
+    "model": "model.model",
+    "system_prompt": "data.system_prompt",
+    "image_column": "data.image_column",
+    "batch_size": "processing.batch_size",
+    "max_concurrency": "processing.max_concurrency",
+    "chunk_size": "processing.chunk_size",
+    "split_id": "processing.split_id",
+    "num_splits": "processing.num_splits",
+}
+_PROMPT_SOURCES = ("prompt_column", "messages_column", "template")
 
 
 def configure_logging(cfg: LoggingConfig) -> None:
@@ -159,6 +201,26 @@ def _flag_names(text: str) -> str:
     return "\n".join(lines)
 
 
+def _count(name: str, value: Any) -> int:
+    """A flag that is a whole number of at least 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RecipeError(f"--{name.replace('_', '-')} takes a whole number of at least 1, not {value!r}")
+    return value
+
+
+def _split_ids(value: Any) -> list[int] | None:
+    """``--splits``: "1", "0,3" or "2-5"."""
+    if value is None:
+        return None
+    ids: list[int] = []
+    for item in str(value).split(","):
+        first, dash, last = item.strip().partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise RecipeError(f"--splits takes split ids such as 1, 0,3 or 2-5, not {value!r}")
+        ids += range(int(first), int(last) + 1) if dash else [int(first)]
+    return ids
+
+
 def _flag(name: str, value: Any) -> bool:
     """A boolean flag: Fire passes ``--progress=false`` as the (true) string "false"."""
     if isinstance(value, bool):
@@ -192,14 +254,38 @@ def _tune_gc() -> Iterator[None]:
 
 
 def _run(recipe: Recipe, progress: bool) -> None:
-    from .run import run_split
-    from .slurm import resolve_split
+    from .run import run_recipe
 
-    num_splits, split_id = resolve_split(recipe.processing)
     configure_logging(recipe.logging)
     with _tune_gc():
-        summary = run_split(recipe, split_id, num_splits, progress=_flag("progress", progress))
+        summary = run_recipe(recipe, progress=_flag("progress", progress))
     _print_summary(summary)
+
+
+def _recipe_path(command: str, recipe: Any, config: Any) -> str:
+    """The recipe a command was given, as ``RECIPE`` or ``-c/--config RECIPE``."""
+    if recipe is not None and config is not None:
+        raise RecipeError(f"{command}: give the recipe once, as RECIPE or as --config RECIPE (usage: {_USAGE[command]})")
+    if recipe is None and config is None:
+        raise RecipeError(f"{command} needs a recipe (usage: {_USAGE[command]}; or --config RECIPE)")
+    return str(recipe if recipe is not None else config)
+
+
+def _generate_overrides(fields: dict[str, Any], generation: dict[str, Any]) -> dict[str, Any]:
+    """generate's flags as ``section.key`` overrides (given flags only)."""
+    overrides: dict[str, Any] = {}
+    for name, value in fields.items():
+        if value is None:
+            continue
+        if name in _PROMPT_SOURCES:  # one prompt source replaces the recipe's
+            overrides |= {f"data.{other}": None for other in _PROMPT_SOURCES} | {f"data.{name}": value}
+        elif name in ("limit", "batch_size", "max_concurrency", "chunk_size", "split_id", "num_splits"):
+            overrides[_GENERATE_FIELDS[name]] = _number(name, value)
+        else:
+            overrides[_GENERATE_FIELDS[name]] = value
+    if "model.base_url" in overrides:
+        overrides["model.serve"] = None  # -m names running servers: the recipe's managed ones are not started
+    return overrides | {f"generation.{k}": v for k, v in generation.items()}
 
 
 class Commands:
@@ -213,23 +299,32 @@ class Commands:
         self._overrides = overrides
 
     def run(
-        self, recipe: str, *rest: Any, split_id: int | None = None, num_splits: int | None = None, progress: bool = True, **unknown: Any
+        self,
+        recipe: str | None = None,
+        *rest: Any,
+        config: str | None = None,
+        split_id: int | None = None,
+        num_splits: int | None = None,
+        progress: bool = True,
+        **unknown: Any,
     ) -> None:
         """Run a recipe. Override any key with --section.key=value."""
-        _refuse_extras("run", rest, unknown, ["split_id", "num_splits", "progress"])
+        _refuse_extras("run", rest, unknown, ["config", "split_id", "num_splits", "progress"])
+        path = _recipe_path("run", recipe, config)
         overrides = dict(self._overrides)
         if split_id is not None:
             overrides["processing.split_id"] = _number("split_id", split_id)
         if num_splits is not None:
             overrides["processing.num_splits"] = _number("num_splits", num_splits)
-        _run(load_recipe(recipe, overrides), progress)
+        _run(load_recipe(path, overrides), progress)
 
     def generate(
         self,
         *rest: Any,
-        input: str,
-        output: str,
-        base_url: str | list[str],
+        config: str | None = None,
+        input: str | None = None,
+        output: str | None = None,
+        base_url: str | list[str] | None = None,
         model: str | None = None,
         prompt_column: str | None = None,
         messages_column: str | None = None,
@@ -245,36 +340,40 @@ class Commands:
         progress: bool = True,
         **generation: Any,
     ) -> None:
-        """Run without a recipe: -i INPUT -o OUTPUT.parquet -m URL, plus generation flags (--temperature 0.7)."""
+        """Run without a recipe: -i INPUT -o OUTPUT.parquet -m URL, plus generation flags (--temperature 0.7);
+        or run a recipe given as -c/--config RECIPE, which these flags then override."""
         _refuse_extras("generate", rest, {}, [])  # unknown flags are generation settings, which the Recipe checks
-        data: dict[str, Any] = {"input": {"path": input, "limit": _number("limit", limit)}, "output": {"path": output}}
-        data |= {
-            k: v
-            for k, v in {
-                "prompt_column": prompt_column,
-                "messages_column": messages_column,
-                "template": template,
-                "system_prompt": system_prompt,
-                "image_column": image_column,
-            }.items()
-            if v is not None
-        }
-        numbers = {
+        fields = {
+            "input": input,
+            "limit": limit,
+            "output": output,
+            "base_url": base_url,
+            "model": model,
+            "prompt_column": prompt_column,
+            "messages_column": messages_column,
+            "template": template,
+            "system_prompt": system_prompt,
+            "image_column": image_column,
             "batch_size": batch_size,
             "max_concurrency": max_concurrency,
             "chunk_size": chunk_size,
             "split_id": split_id,
             "num_splits": num_splits,
         }
-        processing = {k: _number(k, v) for k, v in numbers.items() if v is not None}
-        raw = {"data": data, "model": {"base_url": base_url, "model": model}, "generation": generation, "processing": processing}
+        overrides = _generate_overrides(fields, generation) | self._overrides  # --retry.attempts=1 etc., as with a recipe
+        if config is not None:  # errors then name the recipe's fields, as for run
+            _run(load_recipe(str(config), overrides), progress)
+            return
+        missing = [flag for flag, value in (("-i INPUT", input), ("-o OUTPUT.parquet", output), ("-m URL", base_url)) if value is None]
+        if missing:
+            raise RecipeError(f"generate needs {', '.join(missing)}, or a recipe as --config RECIPE (usage: {_USAGE['generate']})")
         from pydantic import ValidationError
 
         from .recipe import _set_dotted, format_validation_error
 
-        for key, value in self._overrides.items():  # --retry.attempts=1 etc., as with a recipe
+        raw: dict[str, Any] = {}
+        for key, value in overrides.items():
             _set_dotted(raw, key, value, "generate")
-
         try:
             loaded = Recipe.model_validate(raw)
         except ValidationError as err:
@@ -284,36 +383,41 @@ class Commands:
         except RecipeError as err:  # the input checks name data.input.path, which is -i here
             raise RecipeError(_flag_names(str(err))) from err
 
-    def validate(self, recipe: str, *rest: Any, check_server: bool = False, **unknown: Any) -> None:
+    def validate(
+        self, recipe: str | None = None, *rest: Any, config: str | None = None, check_server: bool = False, **unknown: Any
+    ) -> None:
         """Check a recipe and its input (and with --check-server, that its servers serve the model)."""
-        _refuse_extras("validate", rest, unknown, ["check_server"])
+        _refuse_extras("validate", rest, unknown, ["config", "check_server"])
+        path = _recipe_path("validate", recipe, config)
         from .client import choose_model
         from .run import check_recipe
         from .slurm import resolve_split
-        from .wire import WireFormat
+        from .wire import WireFormat, redact_url
 
-        loaded = load_recipe(recipe, self._overrides)
-        print(f"ok: {recipe} is a valid recipe")
+        loaded = load_recipe(path, self._overrides)
+        print(f"ok: {path} is a valid recipe")
         num_splits, split_id = resolve_split(loaded.processing)
         checked = check_recipe(loaded, split_id, num_splits)  # what run checks before it starts servers or sends anything
-        ds, config = checked.ds, checked.config
+        ds, transform = checked.ds, checked.config
         print(f"ok: input has {len(ds)} rows, columns {ds.column_names}; split {checked.split_id} of {checked.num_splits}")
         if checked.nulls:
             print(f"warning: {checked.nulls_text()}: they will get an error and not be sent")
-        bodies = [b for b in WireFormat.from_config(config).bodies(ds[:100]) if b is not None]
+        bodies = [b for b in WireFormat.from_config(transform).bodies(ds[:100]) if b is not None]
         if bodies:
             print(f"ok: first request: {json.dumps(bodies[0])[:300]}")
         if _flag("check_server", check_server):
             if loaded.model.serve:
                 print(f"skip: servers are started by the run (model.serve: {loaded.model.serve.model})")
             for url in loaded.model.base_url:
-                ids = [m["id"] for m in _list_models(url, config.model.api_key())]
-                choose_model(url, ids, loaded.model.model, hint=f"set model.model in {recipe}")
-                print(f"ok: {url} serves {', '.join(ids)}")
+                ids = [m["id"] for m in _list_models(url, transform.model.api_key())]
+                choose_model(redact_url(url), ids, loaded.model.model, hint=f"set model.model in {path}")
+                print(f"ok: {redact_url(url)} serves {', '.join(ids)}")
 
-    def list_models(self, base_url: str | list[str], *rest: Any, **unknown: Any) -> None:
-        """List the models a server serves, with their maximum context length."""
+    def list_models(self, base_url: str | list[str] | None = None, *rest: Any, **unknown: Any) -> None:
+        """List the models a server serves, with their maximum context length (-m URL, or --model-url URL)."""
         _refuse_extras("list-models", rest, unknown, ["base_url"])
+        if base_url is None:
+            raise RecipeError(f"list-models needs a server (usage: {_USAGE['list-models']})")
         if self._overrides:
             raise RecipeError(
                 f"list-models takes no recipe overrides such as --{next(iter(self._overrides))} (usage: {_USAGE['list-models']})"
@@ -328,23 +432,27 @@ class Commands:
             raise RecipeError(
                 format_validation_error(err, "list-models").replace("list-models: base_url", "list-models: -m/--base-url")
             ) from None
+        from .wire import redact_url
+
         for url in cfg.base_url:
             if len(cfg.base_url) > 1:
-                print(f"{url}:")
+                print(f"{redact_url(url)}:")
             for m in _list_models(url, cfg.api_key()):
                 print(f"{m['id']}\tmax_model_len={m.get('max_model_len', '?')}")
 
     def merge(
         self,
-        target: str,
+        target: str | None = None,
         *rest: Any,
+        config: str | None = None,
         hub_repo_id: str | None = None,
         hub_split: str | None = None,
         private: bool | None = None,
         **unknown: Any,
     ) -> None:
         """Join the split outputs of a recipe (or of an output .parquet path) into one file or Hub split."""
-        _refuse_extras("merge", rest, unknown, ["hub_repo_id", "hub_split", "private"])
+        _refuse_extras("merge", rest, unknown, ["config", "hub_repo_id", "hub_split", "private"])
+        target = _recipe_path("merge", target, config)
         from .merge import merge_outputs
 
         path = target
@@ -364,6 +472,109 @@ class Commands:
             path, hub_repo_id=hub_repo_id, hub_split=hub_split or "train", private=True if private is None else _flag("private", private)
         )
         print(f"merged {summary['splits']} splits: {summary['rows']} rows ({summary['rows_with_error']} with an error) -> {path}")
+
+    def submit(
+        self,
+        recipe: str | None = None,
+        *rest: Any,
+        config: str | None = None,
+        num_splits: int | None = None,
+        splits: str | None = None,
+        partition: str | None = None,
+        time: str | None = None,
+        gpus_per_task: int | None = None,
+        cpus_per_task: int | None = None,
+        mem: str | None = None,
+        sbatch_args: str | None = None,
+        setup: str | None = None,
+        dry_run: bool = False,
+        **unknown: Any,
+    ) -> None:
+        """Submit a recipe's splits to SLURM, one per task of a job array, and a job that merges them once all succeeded."""
+        _refuse_extras("submit", rest, unknown, _SUBMIT_OPTIONS)
+        from .run import check_recipe
+        from .slurm import SbatchOptions, array_spec, merge_command, submit
+
+        path = _recipe_path("submit", recipe, config)
+        loaded = load_recipe(path, self._overrides)
+        count = _count("num_splits", num_splits) if num_splits is not None else loaded.processing.num_splits
+        if count is None:
+            raise RecipeError(f"submit needs --num-splits N, or processing.num_splits in {path} (usage: {_USAGE['submit']})")
+        check_recipe(loaded, 0, count)  # the input, its columns, the output path: refused here, not in every task
+        options = SbatchOptions(
+            partition=partition,
+            time=time,
+            gpus_per_task=None if gpus_per_task is None else _count("gpus_per_task", gpus_per_task),
+            cpus_per_task=None if cpus_per_task is None else _count("cpus_per_task", cpus_per_task),
+            mem=mem,
+            sbatch_args=shlex.split(sbatch_args) if sbatch_args else [],
+            setup=setup,
+        )
+        done = submit(path, loaded, self._overrides, count, _split_ids(splits), options, dry_run=_flag("dry_run", dry_run))
+        if done.split_job is None:
+            for script, command in (
+                (done.split_script, ["sbatch", done.split_script]),
+                (done.merge_script, merge_command("<split job>", done.merge_script)),
+            ):
+                print(f"# {script} (submit: {shlex.join(command)})")
+                sys.stdout.write(Path(script).read_text())
+            print("dry run: nothing submitted")
+            return
+        print(f"submitted job {done.split_job}: splits {array_spec(done.splits)} of {count}, one per array task")
+        print(f"submitted job {done.merge_job}: the merge, once every split succeeded (SLURM cancels it if one fails)")
+        if len(done.splits) <= _LISTED_LOGS:
+            for i in done.splits:
+                print(f"  split {i} log: {done.split_log(i)}")
+        else:
+            print(f"  split logs: {done.split_log(0).replace('_0.log', '_<split>.log')}")
+        print(f"  merge log: {done.merge_log}")
+        print(f"  follow with: vllm-generator status {path}")
+
+    def status(
+        self, recipe: str | None = None, *rest: Any, config: str | None = None, num_splits: int | None = None, **unknown: Any
+    ) -> None:
+        """Each split's state (done, running with rows/s and ETA, not started, failed with its error), and SLURM's view."""
+        _refuse_extras("status", rest, unknown, ["config", "num_splits"])
+        from .slurm import queue_states, submissions
+        from .status import num_splits_on_disk, read_split_states
+
+        path = _recipe_path("status", recipe, config)
+        loaded = load_recipe(path, self._overrides)
+        count = _count("num_splits", num_splits) if num_splits is not None else loaded.processing.num_splits
+        if count is None:
+            jobs, on_disk = submissions(loaded), num_splits_on_disk(loaded)
+            if len(on_disk) > 1 and not jobs:
+                raise RecipeError(f"status: runs of {path} used {', '.join(map(str, on_disk))} splits: give --num-splits N")
+            count = int(jobs[-1]["num_splits"]) if jobs else on_disk[0] if on_disk else 1
+        states = read_split_states(loaded, count)
+        try:
+            queue = queue_states(loaded, count)
+        except SlurmError as err:  # the work folder still says what each split did
+            print(f"slurm: {err}")
+            queue = None
+        tasks, merge = queue if queue is not None else ({}, None)
+        for state in states:
+            seen = f" [{tasks[state.split_id].describe()}]" if state.split_id in tasks else ""
+            print(f"split {state.split_id}: {state.describe()}{seen}")
+        output = loaded.data.output.path
+        if count > 1 and output:
+            merged = "done" if os.path.exists(output) and _merged(output) else "not yet"
+            print(f"merge: {merged}" + (f" -> {output}" if merged == "done" else "") + (f" [{merge.describe()}]" if merge else ""))
+        tally: dict[str, int] = {}
+        for state in states:
+            tally[state.state] = tally.get(state.state, 0) + 1
+        print(f"{count} splits: " + ", ".join(f"{n} {name}" for name, n in tally.items()))
+
+
+def _merged(path: str) -> bool:
+    """Whether ``path`` is a merge's output (not a single split's)."""
+    from .errors import MergeError
+    from .storage import read_output_metadata
+
+    try:
+        return "merged_from" in read_output_metadata(path)
+    except (MergeError, OSError, ValueError):  # not a Parquet file of ours
+        return False
 
 
 def _list_models(url: str, api_key: str | None) -> list[dict[str, Any]]:
@@ -402,7 +613,7 @@ def _parse_argv(argv: Sequence[str]) -> tuple[list[str], dict[str, Any], bool]:
                 raise RecipeError(
                     f"--{name}: cannot parse {value!r} ({problem}): values parse as YAML; quote it to pass text, e.g. --{name}=\"'{value}'\""
                 ) from err
-        elif key == "base_url":
+        elif key in _BASE_URL_FLAGS:
             value, i = _value(argv, i, "e.g. -m http://localhost:8000")
             base_urls.append(value)
         elif key in _TEXT_FLAGS:

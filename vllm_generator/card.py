@@ -7,11 +7,11 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
 from .recipe import Recipe
+from .wire import redact_text
 
 __all__ = ["redact", "render_card", "splits_in_repo"]
 
@@ -39,10 +39,11 @@ def redact(value: Any, key: str = "") -> Any:
             secret_flag = isinstance(flag, str) and flag.startswith("-") and _is_secret(flag.lstrip("-"))
             out.append(_REDACTED if secret_flag else redact(item, key))
         return out
-    if isinstance(value, str) and "://" in value and "@" in value:
-        parts = urlsplit(value)
-        if parts.password or parts.username:
-            return urlunsplit(parts._replace(netloc=f"{_REDACTED}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")))
+    if isinstance(value, str):
+        name, eq, _ = value.partition("=")
+        if eq and name.startswith("-") and _is_secret(name.lstrip("-")):  # --api-key=sk-...
+            return f"{name}={_REDACTED}"
+        return redact_text(value)  # a password in a URL, anywhere in the text
     return value
 
 

@@ -16,6 +16,7 @@ import atexit
 import collections
 import concurrent.futures
 import logging
+import math
 import os
 import random
 import threading
@@ -165,7 +166,8 @@ class _Route:
     down_since: float | None = None  # out of rotation since
     refused_down: bool = False  # down for refusing connections (else for failing rows)
     half_open: bool = False  # down, but its probe answered: one trial request may go
-    trial: bool = False  # that trial is under way
+    trial_row: int | None = None  # the request sending that trial
+    probe: asyncio.Task[None] | None = None  # the client's probe while it is down
     last_refused: float = -1e9
     last_error: str = ""
 
@@ -188,12 +190,10 @@ class _Router:
         self.max_outage = max_outage
         self._on_down = on_down  # the client starts probing the server
         self._changed: asyncio.Event | None = None  # set when a server comes back or may take a trial
+        self._all_down_since: float | None = None  # when the last server in rotation went down
 
     def pick(self) -> _Route:
         now = time.monotonic()
-        trial = self._claim_trial()
-        if trial is not None:
-            return trial
         up = [s for s in self.servers if s.down_since is None]
         if not up:  # every server went down since the row waited: the one down longest
             return min(self.servers, key=lambda s: s.down_since or now)
@@ -202,18 +202,26 @@ class _Router:
         # a server that refused a connection in the last second goes last, even with nothing in flight
         return min(up, key=lambda s: (now - s.last_refused < 1.0, s.in_flight))
 
-    def _claim_trial(self) -> _Route | None:
+    def _claim_trial(self, row: int) -> _Route | None:
         for server in self.servers:
-            if server.half_open and not server.trial:
-                server.trial = True
+            if server.half_open and server.trial_row is None:
+                server.trial_row = row
                 return server
         return None
+
+    def end_trial(self, server: _Route, row: int) -> None:
+        """The trial of ``row`` ended without an answer or a server failure (it was cancelled,
+        say): the next row may send one."""
+        if server.trial_row == row:
+            server.trial_row = None
+            self._notify()
 
     def failed(self, server: _Route, err: RetryableError, row: int) -> bool:
         """Count a failed attempt; True when it is the server's failure, not the row's (the server
         is down, or took itself out now), so that the row is not charged an attempt."""
-        if server.trial:  # the trial failed: wait for the next probe
-            server.trial = server.half_open = False
+        if server.trial_row == row:  # the trial failed: wait for the next probe
+            server.trial_row = None
+            server.half_open = False
         if err.kind not in _SERVER_FAULTS:
             return False
         server.last_error = str(err)
@@ -258,7 +266,9 @@ class _Router:
         server.down_since = None
         server.refusals = 0
         server.failing.clear()
-        server.half_open = server.trial = server.refused_down = False
+        server.half_open = server.refused_down = False
+        server.trial_row = None
+        self._all_down_since = None
         self._notify()
 
     def _take_down(self, server: _Route, err: RetryableError) -> None:
@@ -268,6 +278,7 @@ class _Router:
         if others:
             what = f"its rows go to {', '.join(others)}"
         else:
+            self._all_down_since = server.down_since
             what = f"rows wait for a server to answer (for at most {self.max_outage:g}s) without spending attempts"
         logger.warning("%s is down (%s): %s; probing it every %gs", server.name, err, what, _PROBE_SECONDS)
         self._on_down(server)
@@ -278,24 +289,46 @@ class _Router:
             self._changed.set()
             self._changed = None
 
-    async def wait_up(self) -> _Route | None:
-        """Return once a server is up (None), or with a down server's trial to send (that server).
+    def reset(self) -> None:
+        """Forget every server's health (the client closed: its probes are gone with it)."""
+        for server in self.servers:
+            server.down_since = None
+            server.half_open = server.refused_down = False
+            server.trial_row = server.probe = None
+            server.refusals = 0
+            server.failing.clear()
+        self._all_down_since = None
+        self._notify()
+
+    async def wait_up(self, row: int, waiting_since: float | None) -> tuple[_Route | None, float | None]:
+        """Wait while no server is up; returns ``(trial, waiting_since)``: a down server's trial
+        for ``row`` to send (None: send to any server up), and when this row began to wait
+        (to pass in again: a failed trial does not restart the row's clock).
 
         Raises:
-            ServerUnavailableError: no server answered for ``max_outage`` seconds from when this
-                row began to wait (the first rows began when the last server went down).
+            ServerUnavailableError: no server answered for ``max_outage`` seconds, counted from
+                when the last server went down or this row began to wait, the later.
         """
-        deadline = time.monotonic() + self.max_outage
+        up = any(s.down_since is None for s in self.servers)
+        if up and not any(s.half_open and s.trial_row is None for s in self.servers):
+            return None, waiting_since
+        now = time.monotonic()
+        if waiting_since is None and not up:
+            waiting_since = now
         while True:
-            if any(s.down_since is None for s in self.servers):
-                return None
-            trial = self._claim_trial()
-            if trial is not None:
-                return trial
+            remaining = math.inf
+            if waiting_since is not None:
+                start = max(waiting_since, self._all_down_since or waiting_since)
+                remaining = start + self.max_outage - time.monotonic()
+                if remaining <= 0:
+                    break  # a trial that keeps failing must not keep the row alive forever
+            trial = self._claim_trial(row)
+            if trial is not None or any(s.down_since is None for s in self.servers):
+                return trial, waiting_since
             if self._changed is None:
                 self._changed = asyncio.Event()
             try:
-                await asyncio.wait_for(self._changed.wait(), max(0.0, deadline - time.monotonic()))
+                await asyncio.wait_for(self._changed.wait(), remaining if math.isfinite(remaining) else self.max_outage)
             except TimeoutError:
                 break
         errors = "; ".join(f"{s.name}: {s.last_error}" for s in self.servers)
@@ -454,9 +487,10 @@ class Client:
     async def aclose(self) -> None:
         # stop the work first: a request cut by the closing session would be logged as a retry
         self._queue.clear()
-        tasks: list[asyncio.Task[Any]] = list(self._tasks)
+        tasks: list[asyncio.Task[Any]] = list(self._tasks) + [s.probe for s in self.servers if s.probe is not None]
         for task in tasks:
             task.cancel()
+        self.router.reset()  # without its probes, a server marked down would never come back
         watchdog = self._watchdog.stop()
         await asyncio.gather(*tasks, *([watchdog] if watchdog else []), return_exceptions=True)
         if self._session is not None and not self._session.closed:
@@ -577,7 +611,8 @@ class Client:
             self.router.answered(server)
             try:
                 result = parse(decode(body))
-            except (ValueError, KeyError, TypeError, AttributeError) as err:
+            # whatever one odd body raises (a 400-digit integer overflows a float) is that row's
+            except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as err:
                 raise RetryableError(f"{server.name} sent a broken response body ({err})", "bad_body", server=server) from err
             result.latency = time.monotonic() - sent  # the server's time, not our queueing
             return result
@@ -613,8 +648,9 @@ class Client:
         attempts = self.retry.attempts
         spent = 0
         row = id(payload)  # this request, whichever worker sends it
+        waiting_since: float | None = None
         while True:
-            trial = await self.router.wait_up()
+            trial, waiting_since = await self.router.wait_up(row, waiting_since)
             try:
                 result = await self._attempt(path, payload, parse, task, trial)
             except RetryableError as err:
@@ -630,6 +666,10 @@ class Client:
                 await asyncio.sleep(wait)
             except FinalError as err:
                 return Result(error=str(err), error_type=err.kind, attempts=spent + 1)
+            except BaseException:
+                if trial is not None:  # cancelled, a refused key, a bug: another row may try
+                    self.router.end_trial(trial, row)
+                raise
             else:
                 result.attempts = spent + 1
                 return result
@@ -655,9 +695,8 @@ class Client:
                 server.last_error = f"/health answered {status}"
 
     def _on_down(self, server: _Route) -> None:
-        task = asyncio.get_running_loop().create_task(self._probe(server))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        if server.probe is None or server.probe.done():
+            server.probe = asyncio.get_running_loop().create_task(self._probe(server))
 
     async def request(self, path: str, body: dict[str, Any], parse: Parse, task: asyncio.Task[Any]) -> Result:
         """Send one request with retries, from the worker ``task``. Failures become ``Result.error``,

@@ -10,7 +10,8 @@
     ├── ServerStartError (RuntimeError)           a managed vLLM server did not come up
     ├── MergeError (ValueError)                   split outputs are missing or incomplete
     ├── StorageError (OSError)                    no space left, or a folder that cannot be written
-    └── HubError (ConnectionError)                the Hub refused an upload (the local file is kept)
+    ├── HubError (ConnectionError)                the Hub refused an upload (the local file is kept)
+    └── SlurmError (RuntimeError)                 sbatch, squeue or scontrol failed or is missing
 
 Every message says what happened, where (file, field, row, URL) and what to do next; the errors
 that callers branch on carry the same facts as attributes (``err.url``, ``err.row``, ...).
@@ -32,6 +33,7 @@ __all__ = [
     "MergeError",
     "StorageError",
     "HubError",
+    "SlurmError",
 ]
 
 
@@ -142,6 +144,27 @@ class HubError(VllmGeneratorError, ConnectionError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild, (type(self), str(self), {"repo_id": self.repo_id, "local_path": self.local_path}))
+
+
+class SlurmError(VllmGeneratorError, RuntimeError):
+    """A SLURM command failed or is not installed.
+
+    Attributes: ``command`` (the argv run), ``returncode`` (None when it could not run),
+    ``stderr`` (what it said), and ``submitted`` (ids of jobs submitted before the failure).
+    """
+
+    def __init__(
+        self, message: str, *, command: list[str], returncode: int | None, stderr: str = "", submitted: tuple[str, ...] = ()
+    ) -> None:
+        super().__init__(message)
+        self.command = command
+        self.returncode = returncode
+        self.stderr = stderr
+        self.submitted = submitted
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        attributes = {"command": self.command, "returncode": self.returncode, "stderr": self.stderr, "submitted": self.submitted}
+        return (_rebuild, (type(self), str(self), attributes))
 
 
 def _rebuild(cls: type[Exception], message: str, attributes: dict[str, Any]) -> Exception:

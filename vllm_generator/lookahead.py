@@ -50,7 +50,7 @@ class Lookahead:
 
     # -- the map function
 
-    def __call__(self, *args: Any, offset: int = 0) -> pa.Table:
+    def __call__(self, *args: Any, offset: int = 0, rows: Sequence[int] | None = None) -> pa.Table:
         """As ``VllmGenerate.generated_table``: the prompt columns and the indices in, the new
         columns out as an Arrow table."""
         if self.stop.is_set():
@@ -58,7 +58,7 @@ class Lookahead:
         transform = self.transform
         *values, indices = args
         batch = dict(zip(transform.prompt_columns, values))
-        indices = _offset(indices, offset)
+        indices = _offset(indices, offset, rows)
         pending = self._take(_row_key(transform, batch)) if self._ahead or self._feeding else None
         try:
             if pending is None:

@@ -15,6 +15,7 @@ import re
 import string
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -38,6 +39,7 @@ __all__ = [
     "LoggingConfig",
     "Recipe",
     "load_recipe",
+    "dotted_overrides",
     "format_validation_error",
 ]
 
@@ -552,6 +554,14 @@ class Recipe(_Config):
             max_concurrency=self.processing.max_concurrency,
         )
 
+    def with_overrides(self, overrides: Mapping[str, Any], where: str = "recipe") -> Recipe:
+        """A copy with ``section.key`` overrides applied, validated like a loaded recipe.
+
+        Raises:
+            RecipeError: naming ``where`` and the field.
+        """
+        return _validate(self.model_dump(exclude_unset=True), overrides, where)
+
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
@@ -595,6 +605,50 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any, where: str) -> None:
     node[parts[-1]] = value
 
 
+def dotted_overrides(overrides: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Python keyword overrides as ``section.key`` overrides: a dotted key is kept as is, and a
+    section given as a mapping (``generation={"temperature": 0.2}``) is merged into the recipe's
+    down to its fields, whose values are set whole (a ``stop`` list, a ``structured_outputs`` dict).
+
+    Raises:
+        RecipeError: a key that is neither a section nor dotted.
+    """
+    flat: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if "." in key:
+            flat[key] = value
+        elif key in Recipe.model_fields and isinstance(value, Mapping):
+            _flatten(Recipe.model_fields[key].annotation, key, value, flat)
+        else:
+            sections = ", ".join(Recipe.model_fields)
+            raise RecipeError(
+                f"{where}: {key}={value!r} is not an override: give a section as a dict ({sections}), "
+                f'e.g. generation={{"temperature": 0.2}}, or a dotted key, e.g. **{{"generation.temperature": 0.2}}'
+            )
+    return flat
+
+
+def _flatten(annotation: Any, prefix: str, values: Mapping[str, Any], flat: dict[str, Any]) -> None:
+    model = _config_model(annotation)
+    for key, value in values.items():
+        path = f"{prefix}.{key}"
+        field = model.model_fields.get(str(key)) if model else None
+        if field is not None and _config_model(field.annotation) and isinstance(value, Mapping):
+            _flatten(field.annotation, path, value, flat)
+        else:
+            flat[path] = value  # an unknown key goes on to validation, which names it
+
+
+def _config_model(annotation: Any) -> type[BaseModel] | None:
+    """The config model a field holds (``ServeConfig`` for ``ServeConfig | None``), if any."""
+    options = (
+        typing.get_args(annotation)
+        if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union
+        else (annotation,)
+    )
+    return next((o for o in options if isinstance(o, type) and issubclass(o, BaseModel)), None)
+
+
 def format_validation_error(err: ValidationError, where: str) -> str:
     """One line per problem: ``file: section.field: message``."""
     lines = []
@@ -614,10 +668,15 @@ class _RecipeLoader(yaml.SafeLoader):
 
 
 def _unique_mapping(loader: _RecipeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    loader.flatten_mapping(node)  # "<<: *defaults" merge keys first, as SafeLoader does
     first: dict[Any, int] = {}
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=True)
-        if key in first:
+        try:
+            seen = key in first
+        except TypeError:  # a list or a mapping as a key
+            raise yaml.constructor.ConstructorError(None, None, f"a key cannot be {type(key).__name__}", key_node.start_mark) from None
+        if seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"the key {key!r} is given twice (first on line {first[key] + 1}): merge them", key_node.start_mark
             )
@@ -653,8 +712,11 @@ def load_recipe(path: str | os.PathLike[str], overrides: dict[str, Any] | None =
         raise RecipeError(f"{where}: not valid YAML: {err}") from err
     if not isinstance(raw, dict):
         raise RecipeError(f"{where}: a recipe is a mapping with sections data, model, generation, processing, retry, logging")
-    raw = _expand_env(raw, where, "")
-    for key, value in (overrides or {}).items():
+    return _validate(_expand_env(raw, where, ""), overrides or {}, where)
+
+
+def _validate(raw: dict[str, Any], overrides: Mapping[str, Any], where: str) -> Recipe:
+    for key, value in overrides.items():
         _set_dotted(raw, key, value, where)
     try:
         return Recipe.model_validate(raw)

@@ -36,7 +36,8 @@ from .errors import RecipeError, ServerUnavailableError, StorageError
 from .images import undecoded
 from .journal import remove_journal
 from .lookahead import Lookahead
-from .recipe import Recipe, TransformConfig
+from .recipe import Recipe, TransformConfig, dotted_overrides, load_recipe
+from .status import SplitStatus
 from .storage import (
     check_output_path,
     datasets_bars_off,
@@ -49,6 +50,7 @@ from .storage import (
     no_space,
     push_to_hub,
     split_bounds,
+    split_dir,
     split_output_path,
     split_tag,
     work_dir,
@@ -105,13 +107,43 @@ class RunSummary:
 # --------------------------------------------------------------------------- entry points
 
 
-def run_recipe(recipe: Recipe, *, progress: bool = True, base_url: list[str] | None = None) -> RunSummary:
-    """Run the split of a recipe that its ``processing`` section names (or, left unset, the
-    SLURM array task's: see ``slurm.resolve_split``)."""
-    from .slurm import resolve_split
+def run_recipe(recipe: Recipe | str | os.PathLike[str], *, progress: bool = True, **overrides: Any) -> RunSummary:
+    """Run a recipe end to end: the split its ``processing`` section names or, left unset, the
+    SLURM array task's (see ``slurm.resolve_split``); with ``model.serve`` in a SLURM job that was
+    given GPUs, the servers run on those GPUs (``slurm.allocated_gpus``).
 
-    num_splits, split_id = resolve_split(recipe.processing)
-    return run_split(recipe, split_id, num_splits, progress=progress, base_url=base_url)
+    Args:
+        recipe: a ``Recipe``, or the path of its YAML file.
+        progress: show a progress bar on stderr.
+        **overrides: a section as a dict, merged into the recipe's down to its fields
+            (``generation={"temperature": 0.2}``), or dotted keys as the command's
+            ``--section.key=value`` (``**{"processing.split_id": 1}``).
+
+    Returns:
+        What the run did, also written as the metrics file beside the output.
+
+    Raises:
+        RecipeError: a bad recipe, override or input (before any request).
+        ServerUnavailableError, GenerationError: the run stopped; finished chunks are kept and
+        the same call resumes from them.
+
+    Example::
+
+        from vllm_generator import run_recipe
+
+        summary = run_recipe("recipe.yaml", generation={"temperature": 0.2}, processing={"split_id": 1, "num_splits": 4})
+        print(summary.rows, summary.failed, summary.output_path)
+    """
+    from .slurm import resolve_split, with_allocated_gpus
+
+    flat = dotted_overrides(overrides, "run_recipe")
+    loaded = load_recipe(recipe, flat) if not isinstance(recipe, Recipe) else recipe.with_overrides(flat, "run_recipe") if flat else recipe
+    num_splits, split_id = resolve_split(loaded.processing)
+    on_gpus = with_allocated_gpus(loaded, os.environ)
+    if on_gpus is not loaded:
+        assert on_gpus.model.serve is not None
+        logger.info("model.serve.gpus on the GPUs SLURM gave this job: %s", on_gpus.model.serve.gpus)
+    return run_split(on_gpus, split_id, num_splits, progress=progress)
 
 
 def run_split(recipe: Recipe, split_id: int, num_splits: int, *, progress: bool = True, base_url: list[str] | None = None) -> RunSummary:
@@ -120,50 +152,65 @@ def run_split(recipe: Recipe, split_id: int, num_splits: int, *, progress: bool 
 
     Everything that can be checked without a server (input, columns, split, output path) is
     checked before managed servers start or any request is sent. ``base_url`` replaces the
-    recipe's servers.
+    recipe's servers. The split's status file (``status.SplitStatus``) says what the run is doing.
 
     Raises:
         RecipeError: bad input (before any request). ServerUnavailableError, GenerationError:
         the run stopped; finished chunks are kept and the next run resumes from them.
     """
     started = time.monotonic()
-    checked = check_recipe(recipe, split_id, num_splits)
-    if checked.nulls:
-        logger.warning("%s: they get an error and are not sent", checked.nulls_text())
-    if recipe.model.serve is not None and base_url is None:
-        from .serve import serve_models
+    with SplitStatus(recipe, split_id, num_splits) as status:  # what `vllm-generator status` reads
+        checked = check_recipe(recipe, split_id, num_splits)
+        status.checked(len(checked.split))
+        if checked.nulls:
+            logger.warning("%s: they get an error and are not sent", checked.nulls_text())
+        work = work_dir(recipe.data.output, recipe.processing.work_dir)
+        folder = split_dir(work, split_id, num_splits)
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as err:
+            raise RecipeError(f"processing.work_dir: cannot create {folder} ({err.strerror or err})") from err
+        what = f"split {split_id} of {num_splits} of {checked.out_path or recipe.data.output.hub_repo_id}"
+        # before managed servers start: a second run must not load a model onto GPUs to be refused
+        with hold_lock(folder, what, wait=recipe.processing.wait_for_lock):
+            if recipe.model.serve is not None and base_url is None:
+                from .serve import serve_models
 
-        with serve_models(recipe.model.serve) as urls:
-            return _run(recipe, checked, urls, progress, started)
-    return _run(recipe, checked, base_url, progress, started)
+                with serve_models(recipe.model.serve) as urls:
+                    return _run(recipe, checked, urls, progress, started, status, work, folder)
+            return _run(recipe, checked, base_url, progress, started, status, work, folder)
 
 
-def _run(recipe: Recipe, checked: CheckedRecipe, base_url: list[str] | None, progress: bool, started: float) -> RunSummary:
+def _run(
+    recipe: Recipe,
+    checked: CheckedRecipe,
+    base_url: list[str] | None,
+    progress: bool,
+    started: float,
+    status: SplitStatus,
+    work: str,
+    folder: str,
+) -> RunSummary:
     serving = time.monotonic()  # rates leave out the servers' start-up
     config = recipe.transform_config(base_url) if base_url is not None else checked.config
-    work = work_dir(recipe.data.output, recipe.processing.work_dir)
-    split_dir = os.path.join(work, f"split-{split_tag(checked.split_id, checked.num_splits)}")
     # the split's response journal: a chunk killed midway resumes from the answers it got
-    transform = VllmGenerate(config, cache=split_dir)
+    transform = VllmGenerate(config, cache=folder)
     stats = transform.connect().stats
+    plan = _plan(recipe, checked, transform, work, folder)
+    before = stats.done
+    status.running(plan.reused, lambda: stats.done - before)
     try:
-        os.makedirs(split_dir, exist_ok=True)
-    except OSError as err:
-        raise RecipeError(f"processing.work_dir: cannot create {split_dir} ({err.strerror or err})") from err
-    what = f"split {checked.split_id} of {checked.num_splits} of {checked.out_path or recipe.data.output.hub_repo_id}"
-    with hold_lock(split_dir, what, wait=recipe.processing.wait_for_lock):
-        plan = _plan(recipe, checked, transform, work, split_dir)
-        try:
-            result, retried = _generate(recipe, checked, plan, transform, progress)
-        except Exception as err:
-            _raise_if_no_space(err, plan, plan.split_dir)
-            raise
-        summary = _summarize(recipe, checked, plan, result, retried, stats, started, serving)
-        try:
-            _write_outputs(recipe, checked, plan, result, summary)
-        except Exception as err:
-            _raise_if_no_space(err, plan, os.path.dirname(os.path.abspath(checked.out_path or split_dir)))
-            raise
+        result, retried = _generate(recipe, checked, plan, transform, progress)
+    except Exception as err:
+        _raise_if_no_space(err, plan, plan.split_dir)
+        raise
+    summary = _summarize(recipe, checked, plan, result, retried, stats, started, serving)
+    try:
+        _write_outputs(recipe, checked, plan, result, summary)
+    except Exception as err:
+        _raise_if_no_space(err, plan, os.path.dirname(os.path.abspath(checked.out_path or folder)))
+        raise
+    status.finish(summary.rows, summary.failed, summary.output_path)
     return summary
 
 
@@ -268,11 +315,11 @@ def _check_prompt_columns(config: TransformConfig, ds: Dataset, where: str) -> N
 
 
 def _check_rows(config: TransformConfig, split: Dataset, start: int, where: str) -> None:
-    """Rows that could not make a request, found before the first one is sent: text that is not
-    UTF-8, messages that are not messages, values the template cannot format (on the first rows:
+    """Rows that could not make a request, found before the first one is sent: prompt text that
+    is not UTF-8, messages that are not messages, values the template cannot format (on the first rows:
     the rest are checked as they are sent)."""
     table = split.data.table
-    for name in table.column_names:
+    for name in config.prompt.prompt_columns():  # the columns decoded to text; the rest are copied as they are
         _check_utf8(table.column(name), name, start, where)
     prompt = config.prompt
     if prompt.source == "messages":
@@ -369,16 +416,16 @@ class _Plan:
         return sum(c.rows for c in self.cached)
 
 
-def _plan(recipe: Recipe, checked: CheckedRecipe, transform: VllmGenerate, work: str, split_dir: str) -> _Plan:
-    for leftover in glob.glob(os.path.join(split_dir, "tmp*")):
+def _plan(recipe: Recipe, checked: CheckedRecipe, transform: VllmGenerate, work: str, folder: str) -> _Plan:
+    for leftover in glob.glob(os.path.join(folder, "tmp*")):
         os.remove(leftover)  # a chunk that map was writing when an earlier run was killed
 
-    served_model, unreachable = _served_model(transform, split_dir)
+    served_model, unreachable = _served_model(transform, folder)
     size = recipe.processing.chunk_size
     gen_key = transform.config.fingerprint(served_model)
-    chunks = plan_chunks(checked.split, split_dir, size, gen_key)
+    chunks = plan_chunks(checked.split, folder, size, gen_key)
     columns = transform.new_columns.column_names
-    plan = _Plan(work, split_dir, gen_key, chunks, {c.index for c in chunks if check_chunk(c, columns)}, served_model)
+    plan = _Plan(work, folder, gen_key, chunks, {c.index for c in chunks if check_chunk(c, columns)}, served_model)
     if unreachable is not None and plan.todo:
         raise unreachable  # rows are left to send, and no server answers
     if plan.done_before:
@@ -393,7 +440,7 @@ def _plan(recipe: Recipe, checked: CheckedRecipe, transform: VllmGenerate, work:
     return plan
 
 
-def _served_model(transform: VllmGenerate, split_dir: str) -> tuple[str | None, ServerUnavailableError | None]:
+def _served_model(transform: VllmGenerate, folder: str) -> tuple[str | None, ServerUnavailableError | None]:
     """With ``model.model`` unset, the model the servers serve: it decides the text, so it is part
     of the chunk keys (a server now serving another model never resumes from the old one's chunks).
 
@@ -403,7 +450,7 @@ def _served_model(transform: VllmGenerate, split_dir: str) -> tuple[str | None, 
     """
     if transform.config.model.model is not None:
         return None, None
-    saved = os.path.join(split_dir, "served_model.json")
+    saved = os.path.join(folder, "served_model.json")
     try:
         model = run_on_loop(transform.connect().resolve_model()).result()
     except ServerUnavailableError as err:

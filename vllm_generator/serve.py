@@ -88,7 +88,7 @@ def serve_models(serve: ServeConfig) -> Iterator[list[str]]:
             if serve.gpus:
                 env["CUDA_VISIBLE_DEVICES"] = serve.gpus[i]  # one server per GPU
             log_path = log_dir / f"vllm-{os.getpid()}-{i}-port{port}.log"
-            logger.info("starting vLLM server %d: %s (log: %s)", i, shlex.join(command), log_path)
+            logger.info("starting vLLM server %d: %s (log: %s)", i, shlex.join(_shown(command)), log_path)
             with open(log_path, "wb") as log_file:
                 try:
                     # A new session makes the server lead its own process group: we can stop its engine
@@ -98,7 +98,7 @@ def serve_models(serve: ServeConfig) -> Iterator[list[str]]:
                     )
                 except OSError as err:
                     raise ServerStartError(
-                        f"cannot run {shlex.join(command)}: {err}. Is vLLM installed in this "
+                        f"cannot run {shlex.join(_shown(command))}: {err}. Is vLLM installed in this "
                         "environment? Set serve.command to its launcher."
                     ) from err
             procs.append(proc)
@@ -108,6 +108,13 @@ def serve_models(serve: ServeConfig) -> Iterator[list[str]]:
         yield [server.url for server in servers]
     finally:
         _stop(procs, _STOP_GRACE)
+
+
+def _shown(command: list[str]) -> list[str]:
+    """The command as logs and errors show it: the value of --api-key (and other secret flags) hidden."""
+    from .card import redact
+
+    return [str(item) for item in redact(command)]
 
 
 def _flag_value(items: list[str], flag: str) -> str | None:
@@ -221,7 +228,7 @@ def _failure(what: str, server: _Process) -> str:
     except OSError as err:
         tail = [f"(cannot read the log: {err})"]
     return (
-        f"vLLM server at {url} (pid {proc.pid}) {what}.\ncommand: {shlex.join(command)}\n"
+        f"vLLM server at {url} (pid {proc.pid}) {what}.\ncommand: {shlex.join(_shown(command))}\n"
         f"last lines of {log_path}:\n" + "\n".join("    " + line for line in tail) + "\n"
         f"See the full log at {log_path}. Common causes: a wrong model path or Hub id, a missing "
         "HF_TOKEN for a gated model, a --max-model-len or --gpu-memory-utilization that does not fit "

@@ -28,6 +28,7 @@ from typing import Any
 import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
+import tenacity
 from datasets import Dataset
 
 from .errors import HubError, MergeError, RecipeError
@@ -47,6 +48,7 @@ __all__ = [
     "push_to_hub",
     "read_output_metadata",
     "split_bounds",
+    "split_dir",
     "split_output_path",
     "split_outputs",
     "split_tag",
@@ -244,6 +246,11 @@ def metrics_path(parquet_path: str) -> str:
     return parquet_path.removesuffix(".parquet") + ".metrics.json"
 
 
+def split_dir(work: str, split_id: int, num_splits: int) -> str:
+    """A split's folder in the work folder: its chunk caches and status file."""
+    return os.path.join(work, f"split-{split_tag(split_id, num_splits)}")
+
+
 def work_dir(output: OutputConfig, shared: str | None) -> str:
     """The folder of an output's chunk caches: ``<output path>.work``, or a folder of its own in a
     ``processing.work_dir`` that several recipes may share."""
@@ -394,28 +401,20 @@ def push_to_hub(
     Raises:
         HubError: the Hub refused or could not be reached; ``local_path`` is kept.
     """
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+    from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
+    api = api or HfApi()
+    # a push comes after hours of generation: a passing 5xx or reset connection is retried
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(_HUB_ATTEMPTS),
+        wait=tenacity.wait_exponential(multiplier=_HUB_WAIT, max=30),
+        retry=tenacity.retry_if_exception(_transient),
+        before_sleep=tenacity.before_sleep_log(logger, logging.WARNING),
+        reraise=True,
+    )
     try:
-        api = api or HfApi()
-        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-        operations: list[Any] = [CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=local_path)]
-        existing = api.list_repo_files(repo_id, repo_type="dataset") if delete_patterns or readme else []
-        if delete_patterns:
-            operations += [
-                CommitOperationDelete(path_in_repo=f)
-                for f in existing
-                # the whole path must match: Path.match would also take "old/data/train-0.parquet"
-                if f != path_in_repo
-                and any(fnmatch.fnmatchcase(f, p) for p in delete_patterns)
-                and not any(fnmatch.fnmatchcase(f, p) for p in keep_patterns or [])
-            ]
-        if readme is not None:
-            deleted = {op.path_in_repo for op in operations if isinstance(op, CommitOperationDelete)}
-            after = sorted({f for f in existing if f not in deleted} | {path_in_repo})
-            operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=readme(after).encode()))
-        api.create_commit(repo_id, operations=operations, repo_type="dataset", commit_message=f"vllm-generator: upload {path_in_repo}")
+        retrying(_push_once, api, local_path, repo_id, path_in_repo, private, delete_patterns, keep_patterns, readme)
     except (HfHubHTTPError, OSError, _http_error()) as err:  # refused, or not reached: not a bug
         raise HubError(
             f"pushing {local_path} to the Hub dataset {repo_id} failed ({type(err).__name__}: {err}); the file is "
@@ -424,6 +423,51 @@ def push_to_hub(
             local_path=local_path,
         ) from err
     logger.info("pushed %s to https://huggingface.co/datasets/%s (%s)", local_path, repo_id, path_in_repo)
+
+
+_HUB_ATTEMPTS = 3
+_HUB_WAIT = 1.0  # seconds before the second attempt, doubling
+
+
+def _push_once(
+    api: Any,
+    local_path: str,
+    repo_id: str,
+    path_in_repo: str,
+    private: bool,
+    delete_patterns: list[str] | None,
+    keep_patterns: list[str] | None,
+    readme: Callable[[list[str]], str] | None,
+) -> None:
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+    operations: list[Any] = [CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=local_path)]
+    existing = api.list_repo_files(repo_id, repo_type="dataset") if delete_patterns or readme else []
+    if delete_patterns:
+        operations += [
+            CommitOperationDelete(path_in_repo=f)
+            for f in existing
+            # the whole path must match: Path.match would also take "old/data/train-0.parquet"
+            if f != path_in_repo
+            and any(fnmatch.fnmatchcase(f, p) for p in delete_patterns)
+            and not any(fnmatch.fnmatchcase(f, p) for p in keep_patterns or [])
+        ]
+    if readme is not None:
+        deleted = {op.path_in_repo for op in operations if isinstance(op, CommitOperationDelete)}
+        after = sorted({f for f in existing if f not in deleted} | {path_in_repo})
+        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=readme(after).encode()))
+    api.create_commit(repo_id, operations=operations, repo_type="dataset", commit_message=f"vllm-generator: upload {path_in_repo}")
+
+
+def _transient(err: BaseException) -> bool:
+    """A Hub failure worth another try: a 5xx or 429, or a connection that failed; never a 4xx."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(err, HfHubHTTPError):
+        status = err.response.status_code if err.response is not None else None
+        return status is None or status >= 500 or status == 429
+    return isinstance(err, (OSError, _http_error()))
 
 
 def _http_error() -> type[Exception]:

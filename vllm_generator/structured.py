@@ -230,15 +230,7 @@ def conform(value: Any, shape: Shape, where: str = "$") -> Any:
     kind = shape.kind
     if kind == "integer" and isinstance(value, float) and value.is_integer():
         value = int(value)  # JSON Schema: 1.0 is an integer
-    ok = {
-        "string": isinstance(value, str),
-        "integer": isinstance(value, int) and not isinstance(value, bool),
-        "number": isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
-        "boolean": isinstance(value, bool),
-        "array": isinstance(value, list),
-        "object": isinstance(value, dict),
-    }[kind]
-    if not ok:
+    if not _is_kind(value, kind):
         raise _AnswerError(f"{where} should be a {kind}, got {json.dumps(value)[:80]}")
     if shape.enum is not None and value not in shape.enum:
         raise _AnswerError(f"{where} is {json.dumps(value)[:80]}, not one of {list(shape.enum)}")
@@ -252,6 +244,23 @@ def conform(value: Any, shape: Shape, where: str = "$") -> Any:
     if kind == "object":
         return _conform_object(value, shape, where)
     return value
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    if kind == "string":
+        return isinstance(value, str)
+    if kind == "boolean":
+        return isinstance(value, bool)
+    if kind == "array":
+        return isinstance(value, list)
+    if kind == "object":
+        return isinstance(value, dict)
+    if isinstance(value, bool):
+        return False
+    if kind == "integer":
+        return isinstance(value, int)
+    # a number: a finite float, or an int a float can hold (a 400-digit one overflows)
+    return (isinstance(value, float) and math.isfinite(value)) or (isinstance(value, int) and abs(value) < 2**1023)
 
 
 def _conform_object(value: dict[str, Any], shape: Shape, where: str) -> dict[str, Any]:
@@ -274,7 +283,7 @@ def parse_answer(text: str | None, shape: Shape) -> Any:
     """The value of one answer; raises ``_AnswerError`` when it is not JSON or does not fit."""
     try:
         value = json.loads(text or "")
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:  # RecursionError: nested deeper than Python parses
         raise _AnswerError(f"the answer is not valid JSON ({err})") from None
     return conform(value, shape)
 

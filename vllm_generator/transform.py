@@ -18,7 +18,7 @@ from .columns import NewColumns
 from .errors import GenerationError, RecipeError, RowFailedError
 from .journal import Journal, default_folder, journal_keys, open_journal
 from .recipe import ServeConfig, TransformConfig, format_validation_error
-from .wire import Result, Unsent, WireFormat, prompt_text
+from .wire import Result, Unsent, WireFormat, prompt_text, redact_url
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -90,7 +90,8 @@ class VllmGenerate:
 
     def __repr__(self) -> str:
         m = self.config.model
-        return f"vllm_generate(base_url={m.base_url}, model={m.model!r}, mode={self.config.generation.mode!r})"
+        urls = [redact_url(u) for u in m.base_url]
+        return f"vllm_generate(base_url={urls}, model={m.model!r}, mode={self.config.generation.mode!r})"
 
     # -- servers and the client, one per process
 
@@ -244,13 +245,13 @@ class VllmGenerate:
             return self.new_columns.arrow(results).to_pydict()
         return self.new_columns.numpy(results)
 
-    def generated_table(self, *args: Any, offset: int = 0) -> pa.Table:
+    def generated_table(self, *args: Any, offset: int = 0, rows: Sequence[int] | None = None) -> pa.Table:
         """The map function of ``ds.map(..., input_columns=self.prompt_columns, with_indices=True)``
         (the recipe runner's): the prompt columns, then the indices, in; only the new columns out,
         as an Arrow table, so that map neither re-encodes the input columns nor copies them into
         its cache file (the runner joins them back)."""
         *values, indices = args
-        return self.new_columns.arrow(self.generate(dict(zip(self.prompt_columns, values)), _offset(indices, offset)))
+        return self.new_columns.arrow(self.generate(dict(zip(self.prompt_columns, values)), _offset(indices, offset, rows)))
 
 
 async def _count(client: Client, results: list[Result]) -> None:
@@ -262,8 +263,14 @@ async def _reuse(client: Client, rows: int) -> None:
     client.stats.reused += rows
 
 
-def _offset(indices: Sequence[int] | None, offset: int) -> Sequence[int] | None:
-    return [i + offset for i in indices] if indices is not None and offset else indices
+def _offset(indices: Sequence[int] | None, offset: int, rows: Sequence[int] | None = None) -> Sequence[int] | None:
+    """The dataset rows of a batch: map's indices plus ``offset``, the first row of the chunk
+    mapped; with ``rows`` (the chunk's rows that were selected), through them."""
+    if indices is None:
+        return None
+    if rows is not None:
+        return [offset + rows[i] for i in indices]
+    return [i + offset for i in indices] if offset else indices
 
 
 def _row_failed(i: int, result: Result, bodies: list[dict[str, Any] | Unsent | None], indices: Sequence[int] | None) -> GenerationError:

@@ -206,7 +206,9 @@ def parse_choice(choice: dict[str, Any], chat: bool, parse_reasoning: bool) -> t
             raise ValueError(f"a choice has no message (got {type(message).__name__})")
         content = message.get("content")
         # vLLM >= 0.10 says "reasoning"; older servers "reasoning_content"
-        reasoning = message.get("reasoning") or message.get("reasoning_content")
+        reasoning = message.get("reasoning")
+        if reasoning is None:
+            reasoning = message.get("reasoning_content")
     else:
         content, reasoning = choice.get("text"), None
     if content is None and reasoning is None:
