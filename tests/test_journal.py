@@ -25,7 +25,8 @@ from datasets import Dataset, IterableDataset
 from fake_server import FakeServer
 
 from vllm_generator import StorageError, vllm_generate
-from vllm_generator.journal import FILE_NAME, close_journals
+from vllm_generator.journal import FILE_NAME, close_journals, open_journal
+from vllm_generator.wire import Result
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -223,6 +224,29 @@ def test_two_processes_write_one_journal(start_fake_server: Any, tmp_path: Path)
     out = Dataset.from_dict({"prompt": texts}).map(generate(server.url, cache=str(folder)), batched=True, batch_size=500)
     assert sent(server) == []
     assert_answers(out, texts)  # every row its own answer
+
+
+def test_forked_workers_opening_a_new_journal_at_once_all_write_it(tmp_path: Path) -> None:
+    # as map(num_proc=N) starts its workers: forked together, each creates the file or switches it
+    # to WAL, which SQLite's busy handler does not wait for
+    folder = tmp_path / "fresh"
+    children = []
+    for n in range(8):
+        pid = os.fork()
+        if pid == 0:  # the child: write 50 answers, and say how it went by its exit status
+            code = 1
+            try:
+                journal = open_journal(str(folder))
+                assert journal.lookup([b"not there yet..", f"p{n}-0".encode().ljust(16, b".")]) == {}  # as a map's first batch
+                for i in range(50):
+                    journal.record(f"p{n}-{i}".encode().ljust(16, b"."), Result(response=f"p{n} {i}"))
+                journal.flush()
+                code = 0
+            finally:
+                os._exit(code)
+        children.append(pid)
+    assert [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children] == [0] * 8
+    assert sorted(journaled(folder)) == sorted(f"p{n} {i}" for n in range(8) for i in range(50))
 
 
 # --------------------------------------------------------------------------- damaged journals

@@ -23,6 +23,7 @@ import errno
 import hashlib
 import logging
 import os
+import random
 import sqlite3
 import threading
 import time
@@ -134,30 +135,43 @@ class Journal:
             os.makedirs(self.folder, exist_ok=True)
         except OSError as err:
             raise self._storage_error(err)  # noqa: B904 (its cause is set)
-        for attempt in range(2):
+        dropped = False
+        deadline = time.monotonic() + _BUSY_MS / 1000
+        while True:
+            db: sqlite3.Connection | None = None
             try:
                 db = self._connect()
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute("PRAGMA synchronous=FULL")  # a commit is on disk, not only in the page cache
-                # keys are random: inserts touch pages all over the table, which stay cached
-                db.execute("PRAGMA cache_size=-65536")
-                db.execute(_SCHEMA)
-                check = db.execute("PRAGMA quick_check(1)").fetchone()
-                if check is None or check[0] != "ok":
-                    db.close()
-                    raise sqlite3.DatabaseError(f"quick_check: {check[0] if check else 'no answer'}")
-                version = db.execute("PRAGMA user_version").fetchone()[0]
-                if version == 0 and db.execute("SELECT 1 FROM responses LIMIT 1").fetchone() is None:
-                    db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")  # a new journal
-                elif version != _SCHEMA_VERSION:
-                    db.close()
-                    raise sqlite3.DatabaseError(f"layout {version}, not {_SCHEMA_VERSION}")
+                self._set_up(db)
                 return db
             except sqlite3.Error as err:
-                if attempt or not self._damaged(err):
+                if db is not None:
+                    db.close()
+                code = getattr(err, "sqlite_errorcode", 0) & 0xFF
+                if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) and time.monotonic() < deadline:
+                    # another process is creating the file or switching it to WAL, which
+                    # SQLite's busy handler does not wait for
+                    time.sleep(0.01 + 0.04 * random.random())
+                    continue
+                if dropped or not self._damaged(err):
                     raise self._storage_error(err)  # noqa: B904 (its cause is set)
+                dropped = True
                 self._drop(err)
-        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _set_up(db: sqlite3.Connection) -> None:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")  # a commit is on disk, not only in the page cache
+        # keys are random: inserts touch pages all over the table, which stay cached
+        db.execute("PRAGMA cache_size=-65536")
+        db.execute(_SCHEMA)
+        check = db.execute("PRAGMA quick_check(1)").fetchone()
+        if check is None or check[0] != "ok":
+            raise sqlite3.DatabaseError(f"quick_check: {check[0] if check else 'no answer'}")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0 and db.execute("SELECT 1 FROM responses LIMIT 1").fetchone() is None:
+            db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")  # a new journal
+        elif version != _SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(f"layout {version}, not {_SCHEMA_VERSION}")
 
     @staticmethod
     def _damaged(err: sqlite3.Error) -> bool:
@@ -213,6 +227,10 @@ class Journal:
                     except ValueError:
                         logger.warning("response journal %s: an unreadable entry is dropped; its row is sent again", self.path)
         except sqlite3.DatabaseError as err:
+            if getattr(err, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY:
+                # another process switching a new file to WAL: those rows are simply sent
+                logger.debug("response journal %s busy (%s): %d rows not looked up", self.path, err, len(keys))
+                return {}
             if not self._damaged(err):
                 raise self._storage_error(err)  # noqa: B904 (its cause is set)
             logger.warning("response journal %s cannot be read (%s): its rows are sent again", self.path, err)
