@@ -129,6 +129,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(autouse=True)
+def _own_datasets_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Each test has its own datasets cache, so its own response journal (vllm_generate(cache=True)):
+    no test is answered from another's. Subprocesses get it too, through the environment."""
+    import datasets
+
+    from vllm_generator.journal import close_journals
+
+    folder = tmp_path / "hf-datasets-cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", folder)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(folder))
+    yield folder
+    close_journals()
+
+
+@pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """No API key or SLURM array from the developer's shell leaks into a test."""
     for name in ("VLLM_API_KEY", "OPENAI_API_KEY", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN"):

@@ -1260,8 +1260,9 @@ def test_a_full_disk_says_where_and_what_is_kept_and_the_rerun_resumes(tmp_path:
         subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)  # room again
         fake_server.reset()
         again = run(recipe)
-        assert (again.reused_rows, again.generated_rows) == (kept, 2000 - kept)
-        assert len(fake_server.log()) == 2000 - kept
+        # the finished chunks, and the journaled answers of the chunk that was being written
+        assert again.reused_rows >= kept and again.generated_rows == 2000 - again.reused_rows
+        assert len(fake_server.log()) == 2000 - again.reused_rows
         rows = pq.read_table(tmp_path / "out" / "answers.parquet").to_pylist()
         assert [r["response"] for r in rows] == [f"echo: {t}" for t in texts]
     finally:

@@ -677,10 +677,12 @@ def test_on_error_raise_shows_the_rows_own_text_not_the_system_prompt(fake_serve
 
 
 def test_on_error_raise_stops_at_the_first_failed_row(fake_server: FakeServer) -> None:
-    # the default 16 slots: the failing row is answered while most of the batch still waits
+    # 16 in flight: the failing row is answered while most of the batch still waits in the client
+    # (the server logs a request as it arrives)
     prompts = ["bad [[400]]"] + [f"row {i} [[sleep:0.2]]" for i in range(99)]
+    transform = fast(fake_server.url, on_error="raise", max_concurrency=16)
     with pytest.raises(GenerationError, match=r"^row 0 of the batch failed: 400 from "):
-        Dataset.from_dict({"prompt": prompts}).map(fast(fake_server.url, on_error="raise"), batched=True, batch_size=100)
+        Dataset.from_dict({"prompt": prompts}).map(transform, batched=True, batch_size=100)
     assert len(fake_server.log()) < 40  # not the whole batch
 
 

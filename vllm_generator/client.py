@@ -131,11 +131,12 @@ class Stats:
     # 8 bytes a row (a list of floats takes 32): memory stays flat over millions of rows
     latencies: array.array[float] = field(default_factory=lambda: array.array("d"))
     in_flight: int = 0
+    reused: int = 0  # rows answered from the response journal (not sent)
 
     @property
     def done(self) -> int:
         """Rows with a result."""
-        return self.succeeded + self.failed
+        return self.succeeded + self.failed + self.reused
 
     def add(self, result: Result) -> None:
         if result.error is None:
@@ -410,6 +411,7 @@ class _Batch:
     results: list[Any]  # Result once each row is done
     remaining: int
     stop_on_error: bool = False  # the first failed row fails the batch (RowFailedError)
+    on_result: Callable[[int, Result], None] | None = None  # each row's result as it arrives (the journal)
     running: dict[int, asyncio.Task[None]] = field(default_factory=dict)  # row -> the worker sending it
 
 
@@ -710,19 +712,25 @@ class Client:
     # -- batches, from any thread
 
     def submit(
-        self, path: str, bodies: Sequence[dict[str, Any]], parse: Parse, stop_on_error: bool = False
+        self,
+        path: str,
+        bodies: Sequence[dict[str, Any]],
+        parse: Parse,
+        stop_on_error: bool = False,
+        on_result: Callable[[int, Result], None] | None = None,
     ) -> concurrent.futures.Future[list[Result]]:
         """Send every body concurrently; the future resolves to results in the same order.
 
         With ``stop_on_error`` the first row that ends with ``Result.error`` set fails the future
         with ``RowFailedError`` at once, and the batch's other rows are not sent (or are cut).
+        ``on_result(row, result)`` is called on the loop thread as each row's result arrives.
         """
 
         async def run() -> list[Result]:
             if not bodies:
                 return []
             loop = asyncio.get_running_loop()
-            batch = _Batch(path, bodies, parse, loop.create_future(), [None] * len(bodies), len(bodies), stop_on_error)
+            batch = _Batch(path, bodies, parse, loop.create_future(), [None] * len(bodies), len(bodies), stop_on_error, on_result)
             self.unfinished += len(bodies)
             self._queue.extend((batch, row) for row in range(len(bodies)))
             self._start_workers()
@@ -805,6 +813,8 @@ class Client:
                         batch.done.set_exception(RowFailedError(row, result))
                     continue
                 batch.results[row] = result
+                if batch.on_result is not None:
+                    batch.on_result(row, result)
                 batch.remaining -= 1
                 if not batch.remaining and not batch.done.done():
                     batch.done.set_result(batch.results)

@@ -34,6 +34,7 @@ from .chunks import Chunk, check_chunk, map_chunk, plan_chunks, remove_stale_chu
 from .client import Stats, run_on_loop
 from .errors import RecipeError, ServerUnavailableError, StorageError
 from .images import undecoded
+from .journal import remove_journal
 from .lookahead import Lookahead
 from .recipe import Recipe, TransformConfig, dotted_overrides, load_recipe
 from .status import SplitStatus
@@ -192,7 +193,8 @@ def _run(
 ) -> RunSummary:
     serving = time.monotonic()  # rates leave out the servers' start-up
     config = recipe.transform_config(base_url) if base_url is not None else checked.config
-    transform = VllmGenerate(config)
+    # the split's response journal: a chunk killed midway resumes from the answers it got
+    transform = VllmGenerate(config, cache=folder)
     stats = transform.connect().stats
     plan = _plan(recipe, checked, transform, work, folder)
     before = stats.done
@@ -222,7 +224,10 @@ def _raise_if_no_space(err: BaseException, plan: _Plan, folder: str) -> None:
         with contextlib.suppress(OSError):
             os.remove(leftover)
     done = [c for c in plan.chunks if c.files()]
-    kept = f"{len(done)} of {len(plan.chunks)} chunks ({sum(c.rows for c in done)} rows) are kept in {plan.split_dir}"
+    kept = (
+        f"{len(done)} of {len(plan.chunks)} chunks ({sum(c.rows for c in done)} rows) are kept in {plan.split_dir}, "
+        "and the responses journaled there for the others"
+    )
     raise StorageError(
         f"no space left on {full.filename or folder} ({full.strerror}): {kept}; free some space and run the same command again "
         "(it sends only what is not kept)",
@@ -586,13 +591,13 @@ def _summarize(
     failed = len(result) - table.column(columns.error).null_count
     # rows, not requests: with num_proc > 1 the requests are counted in the workers, not here
     unsent = int(sum(checked.no_prompt[c.start : c.stop].sum() for c in plan.todo))
-    generated = len(checked.split) - plan.reused + retried - unsent
+    generated = len(checked.split) - plan.reused - stats.reused + retried - unsent
     return RunSummary(
         rows=len(result),
         succeeded=len(result) - failed,
         failed=failed,
         failed_by_type=dict(stats.failed_by_type) | ({"no_prompt": unsent} if unsent else {}),
-        reused_rows=plan.reused,
+        reused_rows=plan.reused + stats.reused,
         generated_rows=generated,
         requests=stats.requests,
         retries=stats.retries,
@@ -640,6 +645,9 @@ def _write_outputs(recipe: Recipe, checked: CheckedRecipe, plan: _Plan, result: 
     summary.metrics_path = metrics_path(local)
     write_json(summary.metrics_path, summary.to_dict())
     remove_stale_chunks(plan.split_dir, {f for c in plan.chunks for f in c.files()})
+    # every chunk is done, so the journal holds nothing they do not: it goes, and a finished run
+    # keeps one copy of its answers (the chunks, for retry_failed and a rerun without a server)
+    remove_journal(plan.split_dir)
     if output.hub_repo_id:
         # an earlier run with another number of splits (or a merge) left files that would
         # duplicate these rows in the Hub split

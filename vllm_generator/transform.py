@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from .client import Client, run_on_loop
 from .columns import NewColumns
 from .errors import GenerationError, RecipeError, RowFailedError
+from .journal import Journal, default_folder, journal_keys, open_journal
 from .recipe import ServeConfig, TransformConfig, format_validation_error
 from .wire import Result, Unsent, WireFormat, prompt_text, redact_url
 
@@ -39,6 +40,8 @@ class Pending:
     bodies: list[dict[str, Any] | Unsent | None]  # None: the row has no prompt; Unsent: a bad image (not sent)
     future: concurrent.futures.Future[list[Result]]  # results of the rows sent, in order
     key: list[list[Any]] | None = None  # the rows' prompt columns (see lookahead.row_key)
+    cached: dict[int, Result] | None = None  # rows found in the journal, by their place among the rows sent
+    journal: Journal | None = None  # where the rows sent are recorded
 
 
 class VllmGenerate:
@@ -49,8 +52,10 @@ class VllmGenerate:
     (``num_proc>1``) gets its own event loop and HTTP session.
     """
 
-    def __init__(self, config: TransformConfig, api_key: str | None = None) -> None:
+    def __init__(self, config: TransformConfig, api_key: str | None = None, cache: bool | str | os.PathLike[str] = True) -> None:
         self.config = config
+        # where the response journal goes; not in the config, since it does not decide the text
+        self.cache: bool | str = os.fspath(cache) if isinstance(cache, os.PathLike) else cache
         self.wire = WireFormat.from_config(config)
         self.new_columns = NewColumns(config.columns, config.generation.n, self.wire.want_logprobs, self.wire.structured)
         self._api_key = api_key
@@ -59,6 +64,7 @@ class VllmGenerate:
             _API_KEYS[self._state] = api_key
         self._client: Client | None = None
         self._client_pid = 0
+        self._model: str | None = None  # the model named in journal keys (resolved once per process)
         self._lock = threading.Lock()
         self._servers: contextlib.ExitStack | None = None  # vLLM servers started for serve=...
         self._served_urls: list[str] | None = None  # their URLs, while they run
@@ -79,7 +85,8 @@ class VllmGenerate:
     # -- pickling: configuration only
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_restore, (self._state,))
+        # the default cache adds nothing: fingerprints stay those of transforms made before it
+        return (_restore, (self._state,) if self.cache is True else (self._state, self.cache))
 
     def __repr__(self) -> str:
         m = self.config.model
@@ -106,6 +113,17 @@ class VllmGenerate:
                 )
                 self._client_pid = os.getpid()
             return self._client
+
+    def journal(self) -> Journal | None:
+        """This process's response journal, or None when it is off (``cache=False``, or the
+        default folder with ``datasets.disable_caching()``)."""
+        folder = default_folder() if self.cache is True else self.cache or None
+        return open_journal(folder) if folder is not None else None
+
+    def _model_name(self, client: Client) -> str:
+        if self._model is None or self._client_pid != os.getpid():
+            self._model = self.config.model.model or run_on_loop(client.resolve_model()).result()
+        return self._model
 
     def _start_servers(self) -> None:
         """Start the ``serve`` section's vLLM servers; requests go to them until ``close()``."""
@@ -160,7 +178,22 @@ class VllmGenerate:
         unsent = [self._unsent(b) for b in bodies if isinstance(b, Unsent)]
         if unsent:  # counted like the rows sent, on the loop thread that owns the counters
             run_on_loop(_count(client, unsent))
-        return Pending(bodies, client.submit(self.wire.path, sent, self.wire.parse, stop_on_error=stop))
+        journal = self.journal() if sent else None
+        if journal is None:
+            return Pending(bodies, client.submit(self.wire.path, sent, self.wire.parse, stop_on_error=stop))
+        # only what the journal does not hold is sent; each answer is recorded as it arrives
+        keys = journal_keys(self.wire.path, self._model_name(client), sent)
+        found = journal.lookup(keys)
+        cached = {i: found[k] for i, k in enumerate(keys) if k in found} if found else {}
+        if cached:
+            run_on_loop(_reuse(client, len(cached)))
+            keys = [k for i, k in enumerate(keys) if i not in cached]
+            sent = [b for i, b in enumerate(sent) if i not in cached]
+        record = journal.record
+        future = client.submit(
+            self.wire.path, sent, self.wire.parse, stop_on_error=stop, on_result=lambda row, result: record(keys[row], result)
+        )
+        return Pending(bodies, future, cached=cached or None, journal=journal)
 
     def _unsent(self, body: Unsent | dict[str, Any] | None) -> Result:
         if isinstance(body, Unsent):
@@ -176,11 +209,23 @@ class VllmGenerate:
         try:
             results = pending.future.result()
         except RowFailedError as err:
-            row = [i for i, b in enumerate(pending.bodies) if isinstance(b, dict)][err.row]  # err.row counts the rows sent
-            raise _row_failed(row, err.result, pending.bodies, indices) from None
+            rows = [i for i, b in enumerate(pending.bodies) if isinstance(b, dict)]
+            if pending.cached:
+                rows = [r for i, r in enumerate(rows) if i not in pending.cached]
+            raise _row_failed(rows[err.row], err.result, pending.bodies, indices) from None  # err.row counts the rows sent
         except BaseException:
             pending.future.cancel()
+            if pending.journal is not None:  # Ctrl-C: the answers that came are on disk for the rerun
+                with contextlib.suppress(Exception):
+                    pending.journal.flush(timeout=10)
             raise
+        if pending.journal is not None and results:
+            # the batch's answers are on disk before map gets them: a map worker (num_proc > 1)
+            # is terminated, not exited, when its shard is done
+            pending.journal.flush()
+        if pending.cached:
+            sent = iter(results)
+            results = [pending.cached[i] if i in pending.cached else next(sent) for i in range(len(results) + len(pending.cached))]
         if len(results) == len(pending.bodies):
             return results
         sent = iter(results)
@@ -214,6 +259,10 @@ async def _count(client: Client, results: list[Result]) -> None:
         client.stats.add(result)
 
 
+async def _reuse(client: Client, rows: int) -> None:
+    client.stats.reused += rows
+
+
 def _offset(indices: Sequence[int] | None, offset: int, rows: Sequence[int] | None = None) -> Sequence[int] | None:
     """The dataset rows of a batch: map's indices plus ``offset``, the first row of the chunk
     mapped; with ``rows`` (the chunk's rows that were selected), through them."""
@@ -235,8 +284,8 @@ def _row_failed(i: int, result: Result, bodies: list[dict[str, Any] | Unsent | N
     )
 
 
-def _restore(state: str) -> VllmGenerate:
-    transform = VllmGenerate(TransformConfig.model_validate_json(state), api_key=_API_KEYS.get(state))
+def _restore(state: str, cache: bool | str = True) -> VllmGenerate:
+    transform = VllmGenerate(TransformConfig.model_validate_json(state), api_key=_API_KEYS.get(state), cache=cache)
     transform._unpickled = True
     transform._served_urls = _SERVED.get(state)
     return transform
@@ -264,6 +313,7 @@ def vllm_generate(
     serve: Mapping[str, Any] | ServeConfig | None = None,
     image_column: str | Sequence[str] | None = None,
     output_schema: Any = None,
+    cache: bool | str | os.PathLike[str] = True,
     **generation: Any,
 ) -> VllmGenerate:
     """Make a batched ``Dataset.map`` function that generates text for every row with vLLM.
@@ -301,6 +351,12 @@ def vllm_generate(
             ``{"model": "Qwen/Qwen3-8B", "args": [...], "gpus": ["0", "1"]}``). They start on
             first use, or when entering ``with vllm_generate(serve=...) as generate:`` (needed
             with ``num_proc>1``), and stop at ``close()``, the end of the with-block, or exit.
+        cache: the response journal, which keeps every answer as it arrives so that a map
+            run again (after Ctrl-C, a kernel restart, kill -9) sends only the rows with no
+            answer yet. True (default): a folder under datasets' cache directory
+            (``HF_DATASETS_CACHE``), off with ``datasets.disable_caching()``; a path: that
+            folder; False: off. The same request gets the journaled answer: pass ``cache=False``
+            or another ``seed`` for fresh samples.
         **generation: sampling parameters (``temperature``, ``max_tokens``, ``n``, ``seed``,
             ``stop``, ``top_p``, ``top_k``, ``min_p``, ``logprobs``, ``response_format``,
             ``structured_outputs``, ``chat_template_kwargs``, ...) and ``extra_body`` for any
@@ -322,6 +378,9 @@ def vllm_generate(
         >>> ds = ds.map(generate, batched=True, batch_size=8192)  # doctest: +SKIP
         >>> ds[0]["response"]  # doctest: +SKIP
     """
+
+    if not isinstance(cache, (bool, str, os.PathLike)) or cache == "":
+        raise RecipeError(f"vllm_generate: cache must be True, False or a folder, got {cache!r}")
 
     def given(**values: Any) -> dict[str, Any]:  # None means "the config's default"
         return {k: v for k, v in values.items() if v is not None}
@@ -351,4 +410,4 @@ def vllm_generate(
         for section in ("prompt.", "model.", "generation.", "retry.", "columns."):
             message = message.replace(f"vllm_generate: {section}", "vllm_generate: ")
         raise RecipeError(message) from None
-    return VllmGenerate(config, api_key=api_key)
+    return VllmGenerate(config, api_key=api_key, cache=cache)
