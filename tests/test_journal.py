@@ -479,7 +479,9 @@ def test_a_notebook_map_resumes_after_an_interrupt_and_a_killed_kernel(
         time.sleep(3.0)
         first = set(sent(server))
         assert 0 < len(first) < rows
-        os.kill(km.provisioner.process.pid, signal.SIGKILL)
+        kernel = km.provisioner.process
+        os.kill(kernel.pid, signal.SIGKILL)
+        kernel.wait(timeout=30)  # reaped: no Popen left to warn when it is collected
         kc.stop_channels()
         km.cleanup_resources()
         km, kc = start()
