@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -119,6 +120,27 @@ def user_text(body: dict[str, Any]) -> str:
 def received(server: FakeServer) -> Counter[str]:
     """How many generation requests the server got for each prompt."""
     return Counter(user_text(entry["body"]) for entry in server.log())
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, options: str, before_unmount: Callable[[], object] = lambda: None) -> Iterator[Path]:
+    """A small tmpfs mounted on ``folder`` (a full disk, a read-only one) for the test's span.
+    Mounting needs root: elsewhere the test skips, but under CI it fails."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("mounting a tmpfs needs root, and CI runs as root", pytrace=False)
+        pytest.skip("mounting a small tmpfs needs root")
+    folder.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], check=True)
+    try:
+        yield folder
+    finally:
+        before_unmount()
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)  # files may still be memory-mapped here
+
+
+def resize_tmpfs(folder: Path, size: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(folder)], check=True)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -20,7 +20,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import received, user_text, write_recipe
+from conftest import received, resize_tmpfs, tmpfs, user_text, write_recipe
 from datasets import Dataset, IterableDataset
 from fake_server import FakeServer
 
@@ -330,10 +330,7 @@ def test_a_torn_last_record_is_dropped_and_only_its_rows_are_sent_again(fake_ser
 
 
 def test_a_full_disk_is_a_storage_error_naming_the_folder_and_the_rerun_resumes(fake_server: FakeServer, tmp_path: Path) -> None:
-    disk = tmp_path / "small"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(disk)], check=True)
-    try:
+    with tmpfs(tmp_path / "small", "size=400k", before_unmount=close_journals) as disk:
         texts = [f"question {i} " + "x" * 400 for i in range(2000)]
         ds = Dataset.from_dict({"prompt": texts})
         with pytest.raises(StorageError) as info:
@@ -343,27 +340,19 @@ def test_a_full_disk_is_a_storage_error_naming_the_folder_and_the_rerun_resumes(
         kept = len(journaled(disk))
         assert 0 < kept < 2000
 
-        subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)  # room again
+        resize_tmpfs(disk, "16m")  # room again
         fake_server.reset()
         out = ds.map(generate(fake_server.url, cache=str(disk)), batched=True, batch_size=100)
         assert len(sent(fake_server)) == 2000 - kept
         assert_answers(out, texts)
-    finally:
-        close_journals()
-        subprocess.run(["umount", "--lazy", str(disk)], check=True)
 
 
 def test_a_read_only_folder_is_a_storage_error_before_any_request(fake_server: FakeServer, tmp_path: Path) -> None:
-    folder = tmp_path / "ro"
-    folder.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)], check=True)
-    try:
+    with tmpfs(tmp_path / "ro", "ro,size=64k") as folder:
         with pytest.raises(StorageError, match=f"^cannot write the response journal in {folder} ") as info:
             Dataset.from_dict({"prompt": prompts(5)}).map(generate(fake_server.url, cache=str(folder)), batched=True)
         assert info.value.path == str(folder)
         assert sent(fake_server) == []
-    finally:
-        subprocess.run(["umount", "--lazy", str(folder)], check=True)
 
 
 # --------------------------------------------------------------------------- recipes killed with SIGKILL

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import write_recipe
+from conftest import resize_tmpfs, tmpfs, write_recipe
 from datasets import Dataset
 from fake_server import FakeServer
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete
@@ -1232,15 +1232,8 @@ def test_a_run_that_waits_for_the_lock_resumes_from_the_first_run_s_work(tmp_pat
     assert time.monotonic() - started >= 0.8 and done[0].succeeded == 10
 
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0 and not os.environ.get("CI"), reason="mounting a small tmpfs needs root")
-
-
-@needs_root
 def test_a_full_disk_says_where_and_what_is_kept_and_the_rerun_resumes(tmp_path: Path, fake_server: FakeServer) -> None:
-    disk = tmp_path / "small"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(disk)], check=True)
-    try:
+    with tmpfs(tmp_path / "small", "size=400k") as disk:
         texts = [f"question {i} " + "x" * 400 for i in range(2000)]
         recipe = make_recipe(tmp_path, fake_server.url, write_input(tmp_path / "in.parquet", texts),
                              processing={"chunk_size": 50, "batch_size": 25, "work_dir": str(disk)})  # fmt: skip
@@ -1257,7 +1250,7 @@ def test_a_full_disk_says_where_and_what_is_kept_and_the_rerun_resumes(tmp_path:
         assert kept < 2000
         assert not [p for p in disk.rglob("*") if p.name.startswith("tmp") or ".tmp-" in p.name]  # nothing left that cannot resume
 
-        subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)  # room again
+        resize_tmpfs(disk, "16m")  # room again
         fake_server.reset()
         again = run(recipe)
         # the finished chunks, and the journaled answers of the chunk that was being written
@@ -1265,8 +1258,6 @@ def test_a_full_disk_says_where_and_what_is_kept_and_the_rerun_resumes(tmp_path:
         assert len(fake_server.log()) == 2000 - again.reused_rows
         rows = pq.read_table(tmp_path / "out" / "answers.parquet").to_pylist()
         assert [r["response"] for r in rows] == [f"echo: {t}" for t in texts]
-    finally:
-        subprocess.run(["umount", "--lazy", str(disk)], check=True)  # the chunks may still be memory-mapped here
 
 
 # --------------------------------------------------------------------------- the dataset card
