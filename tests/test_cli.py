@@ -594,7 +594,7 @@ def test_validate_refuses_what_run_would_refuse(tmp_path: Path, fake_server: Fak
 
 def test_log_file_rotates_and_keeps_backup_count_files(tmp_path: Path, fake_server: FakeServer) -> None:
     path = tmp_path / "in.parquet"
-    pq.write_table(pa.table({"question": [f"question {i} [[503:1]]" for i in range(40)]}), path)
+    pq.write_table(pa.table({"question": [f"question {i} [[500:1]]" for i in range(40)]}), path)
     write_recipe(tmp_path, fake_server.url, logging={"file": "logs/run.log", "max_bytes": 1000, "backup_count": 2})
     result = cli("run", "recipe.yaml", "--progress=false", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -524,7 +524,7 @@ def test_a_row_that_always_503s_logs_one_line_per_retry(
     fake_server: FakeServer, make_client: MakeClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="vllm_generator")
-    client = make_client(fake_server.url, attempts=3)
+    client = make_client(fake_server.url, attempts=3, max_concurrency=4)  # fixed: a 503 spends attempts
     (result,) = send(client, ["x [[503:10]]"])
 
     message = f"503 from {fake_server.url}{CHAT}: Service unavailable (fake_server [[503]])."
@@ -538,7 +538,7 @@ def test_a_row_that_always_503s_logs_one_line_per_retry(
 
 def test_503_503_then_400_counts_three_attempts(fake_server: FakeServer, make_client: MakeClient, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="vllm_generator")
-    client = make_client(fake_server.url, attempts=5)
+    client = make_client(fake_server.url, attempts=5, max_concurrency=4)  # fixed: a 503 spends attempts
     prompt = "x [[503:2]] [[400]]"
     ok, failed = send(client, ["y", prompt])
 

@@ -52,7 +52,7 @@ def test_minimal_recipe_gets_the_documented_defaults(tmp_path: Path) -> None:
     recipe = load_recipe(path)
     assert recipe.model.base_url == ["http://localhost:8000"]  # "/v1" and "/" dropped, made a list
     assert recipe.generation.mode == "chat" and recipe.generation.n == 1
-    assert recipe.processing.chunk_size == 10_000 and recipe.processing.max_concurrency == 256
+    assert recipe.processing.chunk_size == 10_000 and recipe.processing.max_concurrency == "adaptive"
     assert resolve_split(recipe.processing) == (1, 0)
     assert recipe.retry.attempts == 5 and recipe.retry.on_error == "record" and not recipe.retry.retry_failed
     assert recipe.data.input.split == "train" and recipe.data.output.private is True
@@ -404,7 +404,7 @@ def test_api_key_is_read_from_the_named_variable(monkeypatch: pytest.MonkeyPatch
 
 def test_recipe_and_keywords_build_the_same_config(tmp_path: Path) -> None:
     recipe = load_recipe(write_recipe(tmp_path, recipe_with(lambda r: r.update(generation={"temperature": 0.3, "max_tokens": 9}))))
-    direct = vllm_generate("http://localhost:8000", prompt_column="question", temperature=0.3, max_tokens=9, max_concurrency=256)
+    direct = vllm_generate("http://localhost:8000", prompt_column="question", temperature=0.3, max_tokens=9)
     assert recipe.transform_config() == direct.config
 
 

@@ -560,7 +560,9 @@ def test_completion_logprobs_count_zero_still_gets_its_column(fake_server: FakeS
 def test_two_503s_then_success_sends_the_row_three_times(fake_server: FakeServer, caplog: pytest.LogCaptureFixture) -> None:
     prompts = ["a", "b [[503:2]]", "c"]
     caplog.set_level(logging.WARNING, logger="vllm_generator")
-    out = Dataset.from_dict({"prompt": prompts}).map(fast(fake_server.url, attempts=3), batched=True)
+    # a fixed cap: a 503 spends an attempt like any retryable failure (with adaptive targets it is
+    # backpressure that spends none: test_adaptive.py)
+    out = Dataset.from_dict({"prompt": prompts}).map(fast(fake_server.url, attempts=3, max_concurrency=8), batched=True)
 
     assert out["response"] == ["echo: " + p for p in prompts]
     assert out["error"] == [None, None, None]
@@ -653,7 +655,7 @@ def test_a_row_that_exhausts_its_attempts_records_them(fake_server: FakeServer) 
 
 
 def test_a_single_attempt_is_not_retried(fake_server: FakeServer) -> None:
-    out = Dataset.from_dict({"prompt": ["b [[503]]"]}).map(fast(fake_server.url, attempts=1), batched=True)
+    out = Dataset.from_dict({"prompt": ["b [[503]]"]}).map(fast(fake_server.url, attempts=1, max_concurrency=8), batched=True)
 
     assert out["error"][0].startswith("gave up after 1 attempts: 503 from ")
     assert received(fake_server) == Counter({"b [[503]]": 1})

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
+from .adaptive import Controller, parse_metrics
 from .errors import AuthenticationError, ModelSelectionError, RowFailedError, ServerUnavailableError
 from .recipe import RetryConfig
 from .wire import FinalError, Result, RetryableError, check_auth, decode, encode, redact_text, redact_url, server_message, status_error
@@ -50,6 +51,11 @@ _SERVER_FAULTS = frozenset({"connection", "connect_timeout", "dropped", *(f"http
 # the whole request timeout while the kernel resends the SYN for two minutes.
 _CONNECT_TIMEOUT = 10.0
 _NOT_ACCEPTED = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)  # refused, or no handshake in time
+# "Not now" from a server (a rate limit, vLLM's full queue): with an adaptive target, backpressure
+# that lowers the server's target and costs the row no attempt (for up to retry.max_outage)
+_BUSY = frozenset({"http_429", "http_503"})
+_BUSY_PAUSE = 0.05  # first pause of a refused row, doubled on each refusal in a row (to max_wait)
+_REPORTS_IDLE = 2.0  # seconds without a request in flight before a server's load stops being polled
 
 
 # --------------------------------------------------------------------------- the event loop
@@ -160,6 +166,7 @@ class _Route:
 
     url: str  # root, without /v1, as requests use it
     name: str  # the same, with any password redacted: for messages and logs
+    control: Controller  # its in-flight target
     in_flight: int = 0
     refusals: int = 0  # connections refused (or not accepted in time) in a row
     failing: set[int] = field(default_factory=set)  # requests whose last attempt here failed the server's way
@@ -168,6 +175,7 @@ class _Route:
     half_open: bool = False  # down, but its probe answered: one trial request may go
     trial_row: int | None = None  # the request sending that trial
     probe: asyncio.Task[None] | None = None  # the client's probe while it is down
+    reports: asyncio.Task[None] | None = None  # the client's poll of its load while it has requests
     last_refused: float = -1e9
     last_error: str = ""
 
@@ -185,8 +193,10 @@ class _Router:
     still fails.
     """
 
-    def __init__(self, urls: Sequence[str], max_outage: float, on_down: Callable[[_Route], None] = lambda server: None) -> None:
-        self.servers = [_Route(u, redact_url(u)) for u in urls]
+    def __init__(
+        self, urls: Sequence[str], max_outage: float, on_down: Callable[[_Route], None] = lambda server: None, fixed: int | None = None
+    ) -> None:
+        self.servers = [_Route(u, redact_url(u), Controller(redact_url(u), fixed)) for u in urls]
         self.max_outage = max_outage
         self._on_down = on_down  # the client starts probing the server
         self._changed: asyncio.Event | None = None  # set when a server comes back or may take a trial
@@ -199,8 +209,9 @@ class _Router:
             return min(self.servers, key=lambda s: s.down_since or now)
         if len(up) == 1:
             return up[0]
-        # a server that refused a connection in the last second goes last, even with nothing in flight
-        return min(up, key=lambda s: (now - s.last_refused < 1.0, s.in_flight))
+        # the most room relative to its target; a server that refused a connection in the last
+        # second goes last, even with nothing in flight
+        return min(up, key=lambda s: (now - s.last_refused < 1.0, s.in_flight / s.control.target))
 
     def _claim_trial(self, row: int) -> _Route | None:
         for server in self.servers:
@@ -268,6 +279,7 @@ class _Router:
         server.failing.clear()
         server.half_open = server.refused_down = False
         server.trial_row = None
+        server.control.restart()  # it may have restarted with another capacity
         self._all_down_since = None
         self._notify()
 
@@ -429,7 +441,7 @@ class Client:
         api_key: str | None = None,
         model: str | None = None,
         timeout: float = 600,
-        max_concurrency: int = 256,
+        max_concurrency: int | None = None,
         retry: RetryConfig | None = None,
         connect_timeout: float = _CONNECT_TIMEOUT,
     ) -> None:
@@ -437,9 +449,10 @@ class Client:
             raise ValueError("Client needs at least one base URL")
         check_auth(base_urls, api_key)
         self.retry = retry or RetryConfig()
-        self.router = _Router(base_urls, self.retry.max_outage, on_down=self._on_down)
-        self.model = model
+        # None: adaptive, each server's controller sets its target; a number: a fixed target
         self.max_concurrency = max_concurrency
+        self.router = _Router(base_urls, self.retry.max_outage, on_down=self._on_down, fixed=max_concurrency)
+        self.model = model
         self.stats = Stats()
         self._headers = {"Content-Type": "application/json"}
         if api_key:
@@ -449,7 +462,7 @@ class Client:
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._connect_seconds)
         self._watchdog = _Watchdog(timeout)
         self._session: aiohttp.ClientSession | None = None
-        self._semaphore: asyncio.Semaphore | None = None
+        self._room: collections.deque[asyncio.Future[None]] = collections.deque()  # attempts waiting for a target's room
         self._model_lock: asyncio.Lock | None = None
         self._model_checked = False
         # submit(): rows wait in one FIFO queue for a pool of workers (see _work)
@@ -457,7 +470,8 @@ class Client:
         self._workers: set[asyncio.Task[None]] = set()
         self._tasks: set[asyncio.Task[None]] = set()  # workers, and former workers backing off
         self.unfinished = 0  # rows handed to submit() that have no result yet
-        self._low_water: tuple[int, Callable[[], None]] | None = None  # see wake_below
+        self.capacity = sum(s.control.target for s in self.servers)  # requests in flight at most, all servers
+        self._low_water: tuple[Callable[[], int], Callable[[], None]] | None = None  # see wake_below
         _clients.add(self)
 
     @property
@@ -471,8 +485,8 @@ class Client:
 
     def _ensure_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            total = self.max_concurrency * len(self.servers)
-            connector = aiohttp.TCPConnector(limit=total + len(self.servers), ttl_dns_cache=300)
+            # no connection limit: the targets bound the requests (and so the connections)
+            connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
             # a vLLM server sets no cookies: the default jar would still be searched on every request
             self._session = aiohttp.ClientSession(
                 connector=connector, headers=self._headers, raise_for_status=False, cookie_jar=aiohttp.DummyCookieJar()
@@ -480,14 +494,14 @@ class Client:
             # `ds.map(vllm_generate(...))` drops the transform without closing it: close the session
             # then, or aiohttp reports an unclosed session and connector when it is collected.
             weakref.finalize(self, _close_dropped_session, self._session, asyncio.get_running_loop(), os.getpid()).atexit = False
-            self._semaphore = asyncio.Semaphore(total)
             self._model_lock = asyncio.Lock()
         return self._session
 
     async def aclose(self) -> None:
         # stop the work first: a request cut by the closing session would be logged as a retry
         self._queue.clear()
-        tasks: list[asyncio.Task[Any]] = list(self._tasks) + [s.probe for s in self.servers if s.probe is not None]
+        tasks: list[asyncio.Task[Any]] = list(self._tasks)
+        tasks += [task for s in self.servers for task in (s.probe, s.reports) if task is not None]
         for task in tasks:
             task.cancel()
         self.router.reset()  # without its probes, a server marked down would never come back
@@ -569,44 +583,45 @@ class Client:
     async def _attempt(self, path: str, payload: bytes, parse: Parse, task: asyncio.Task[Any], server: _Route | None = None) -> Result:
         """One request, to ``server`` or the router's pick; ``task`` is the worker sending it (the
         watchdog cancels it at the deadline). A failure names its server in ``RetryableError.server``."""
-        assert self._semaphore is not None and self._session is not None
-        async with self._semaphore:
-            server = server or self.router.pick()
-            sent = time.monotonic()
-            server.in_flight += 1
-            self.stats.in_flight += 1
-            self.stats.requests += 1
-            self._watchdog.arm(task, sent)
-            try:
-                async with self._session.post(server.url + path, data=payload, timeout=self._timeout, allow_redirects=False) as resp:
-                    body = await resp.read()
-                    status = resp.status
-                    headers = resp.headers
-            except asyncio.CancelledError:
-                if not self._watchdog.expired(task):
-                    raise
-                raise RetryableError(f"no answer from {server.name} within {self._watchdog.timeout:g}s", "timeout", server=server) from None
-            except aiohttp.ClientConnectorError as err:
-                raise RetryableError(
-                    f"cannot connect to {server.name} ({redact_text(err.os_error or err)})", "connection", refused=True, server=server
-                ) from err
-            except aiohttp.ConnectionTimeoutError as err:  # raised by sock_connect (see _CONNECT_TIMEOUT)
-                raise RetryableError(
-                    f"cannot connect to {server.name} (no answer within {self._connect_seconds:g}s)",
-                    "connect_timeout",
-                    refused=True,
-                    server=server,
-                ) from err
-            except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as err:
-                raise RetryableError(f"connection to {server.name} dropped ({type(err).__name__})", "dropped", server=server) from err
-            except aiohttp.ClientError as err:
-                raise RetryableError(
-                    f"request to {server.name} failed ({type(err).__name__}: {redact_text(err)})", "client_error", server=server
-                ) from err
-            finally:
-                self._watchdog.disarm(task)
-                server.in_flight -= 1
-                self.stats.in_flight -= 1
+        assert self._session is not None
+        server = server or await self._admit()
+        sent = time.monotonic()
+        server.in_flight += 1
+        self.stats.in_flight += 1
+        self.stats.requests += 1
+        self._watchdog.arm(task, sent)
+        try:
+            async with self._session.post(server.url + path, data=payload, timeout=self._timeout, allow_redirects=False) as resp:
+                body = await resp.read()
+                status = resp.status
+                headers = resp.headers
+        except asyncio.CancelledError:
+            if not self._watchdog.expired(task):
+                raise
+            raise RetryableError(f"no answer from {server.name} within {self._watchdog.timeout:g}s", "timeout", server=server) from None
+        except aiohttp.ClientConnectorError as err:
+            raise RetryableError(
+                f"cannot connect to {server.name} ({redact_text(err.os_error or err)})", "connection", refused=True, server=server
+            ) from err
+        except aiohttp.ConnectionTimeoutError as err:  # raised by sock_connect (see _CONNECT_TIMEOUT)
+            raise RetryableError(
+                f"cannot connect to {server.name} (no answer within {self._connect_seconds:g}s)",
+                "connect_timeout",
+                refused=True,
+                server=server,
+            ) from err
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as err:
+            raise RetryableError(f"connection to {server.name} dropped ({type(err).__name__})", "dropped", server=server) from err
+        except aiohttp.ClientError as err:
+            raise RetryableError(
+                f"request to {server.name} failed ({type(err).__name__}: {redact_text(err)})", "client_error", server=server
+            ) from err
+        finally:
+            self._watchdog.disarm(task)
+            server.in_flight -= 1
+            self.stats.in_flight -= 1
+            if self._room:
+                self._wake_one()
         if status == 200:
             self.router.answered(server)
             try:
@@ -649,13 +664,29 @@ class Client:
         spent = 0
         row = id(payload)  # this request, whichever worker sends it
         waiting_since: float | None = None
+        refused_since: float | None = None  # refused in a row (429/503) since
+        refusals = 0
         while True:
             trial, waiting_since = await self.router.wait_up(row, waiting_since)
             try:
                 result = await self._attempt(path, payload, parse, task, trial)
             except RetryableError as err:
-                if err.server is not None and self.router.failed(err.server, err, row):
+                server = err.server
+                if server is not None and self.router.failed(server, err, row):
                     continue  # the server's failure: not this row's attempt
+                if server is not None and err.kind in _BUSY and server.control.adaptive:
+                    now = time.monotonic()
+                    refused_since = refused_since or now
+                    if now - refused_since < self.retry.max_outage:  # else it spends attempts, like any failure
+                        if server.control.refused(server.in_flight, now):
+                            self._room_changed()
+                        refusals += 1
+                        if err.retry_after is not None:  # the server said when
+                            pause = min(err.retry_after, self.retry.max_wait)
+                        else:  # jittered, so that a burst of refused rows does not come back at once
+                            pause = random.uniform(0.5, 1.0) * min(_BUSY_PAUSE * 2 ** min(refusals - 1, 10), self.retry.max_wait)
+                        await asyncio.sleep(pause)
+                        continue  # backpressure: the server's target is lower now, not this row's attempt
                 spent += 1
                 if spent == attempts:
                     return Result(error=f"gave up after {spent} attempts: {err}", error_type=err.kind, attempts=spent)
@@ -747,24 +778,66 @@ class Client:
 
         return run_on_loop(run())
 
-    def wake_below(self, limit: int, callback: Callable[[], None]) -> None:
-        """Call ``callback`` (once, on the loop thread) when fewer than ``limit`` rows are unfinished;
-        at once if that is already so. A later call replaces an earlier one."""
+    def wake_below(self, limit: Callable[[], int], callback: Callable[[], None]) -> None:
+        """Call ``callback`` (once, on the loop thread) when fewer than ``limit()`` rows are
+        unfinished (a function: it may follow ``capacity``); at once if that is already so. A
+        later call replaces an earlier one."""
         self._low_water = (limit, callback)
-        if self.unfinished < limit:
+        self._check_low_water()
+
+    def _check_low_water(self) -> None:
+        low = self._low_water
+        if low is not None and self.unfinished < low[0]():
             self._low_water = None
-            callback()
+            low[1]()
+
+    # -- admission: each server's target (on the loop)
+
+    async def _admit(self) -> _Route:
+        """The server with the most room below its target; waits while every one is at its target."""
+        while True:
+            server = self.router.pick()
+            if server.in_flight < server.control.target:
+                if (server.reports is None or server.reports.done()) and server.control.reported and self._model_checked:
+                    server.reports = asyncio.get_running_loop().create_task(_poll_load(weakref.ref(self), server))
+                return server
+            waiter = asyncio.get_running_loop().create_future()
+            self._room.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # woken and cancelled at once: the room goes to the next
+                raise
+
+    def _wake_one(self) -> None:
+        room = self._room
+        while room:
+            waiter = room.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _room_changed(self) -> None:
+        """A target changed: resize the worker pool, wake the attempts waiting for room, and the
+        feeder if it waits for the unfinished rows to fall below a share of the capacity."""
+        self.capacity = sum(s.control.target for s in self.servers)
+        for _ in range(len(self._room)):
+            self._wake_one()
+        if self._queue:
+            self._start_workers()
+        self._check_low_water()
 
     # -- the worker pool behind submit (on the loop)
     #
-    # A task per row waiting on the semaphore costs more client CPU per request than a bare
-    # aiohttp loop, as every release wakes a waiter. Instead a pool of at most
-    # ``max_concurrency x servers`` workers takes rows from one FIFO queue, so the semaphore is
-    # rarely contended and rows start in the order they were submitted.
+    # A task per row waiting for room costs more client CPU per request than a bare aiohttp loop,
+    # as every release wakes a waiter. Instead a pool of at most ``capacity`` workers (the sum of
+    # the targets) takes rows from one FIFO queue, so attempts rarely wait for room and rows
+    # start in the order they were submitted.
 
     def _start_workers(self) -> None:
         loop = asyncio.get_running_loop()
-        for _ in range(min(self.max_concurrency * len(self.servers) - len(self._workers), len(self._queue))):
+        for _ in range(min(self.capacity - len(self._workers), len(self._queue))):
             task = loop.create_task(self._work())
             self._workers.add(task)
             self._tasks.add(task)
@@ -779,10 +852,8 @@ class Client:
 
     def _row_done(self) -> None:
         self.unfinished -= 1
-        low = self._low_water
-        if low is not None and self.unfinished < low[0]:
-            self._low_water = None
-            low[1]()
+        if self._low_water is not None:
+            self._check_low_water()
 
     async def _work(self) -> None:
         me = asyncio.current_task()
@@ -790,6 +861,8 @@ class Client:
         queue = self._queue
         try:
             while queue and me in self._workers:
+                if len(self._workers) > self.capacity:  # a target came down: the pool shrinks
+                    break
                 batch, row = queue.popleft()
                 if batch.done.done():  # cancelled or failed: the rest of it is not sent
                     self._row_done()
@@ -823,6 +896,54 @@ class Client:
             self._tasks.discard(me)
             if queue:  # a cancelled worker's place
                 self._start_workers()
+
+
+async def _poll_load(client_ref: weakref.ref[Client], server: _Route) -> None:
+    """Read the server's load (vLLM's ``/metrics`` gauges) while it has requests in flight, for
+    its controller; ends when the server has been idle a while, or reports nothing. Holds the
+    client weakly: a transform that ``Dataset.map`` dropped must be collected (its session closed)."""
+    control = server.control
+    idle_since: float | None = None
+    misses = 0
+    while True:
+        await asyncio.sleep(control.poll_interval(time.monotonic()))
+        client = client_ref()
+        if client is None or client._session is None or client._session.closed:
+            return
+        now = time.monotonic()
+        if server.in_flight == 0:
+            idle_since = idle_since or now
+            if now - idle_since > _REPORTS_IDLE:
+                return  # _admit starts another with the next request
+            continue
+        idle_since = None
+        if server.down_since is not None:
+            continue  # its probe and requests tell when it is back (and the target ramps again)
+        timeout = aiohttp.ClientTimeout(total=min(_PROBE_TIMEOUT, client._watchdog.timeout), sock_connect=client._connect_seconds)
+        session = client._session
+        del client  # not across the await: a dropped client is collected meanwhile
+        try:
+            async with session.get(server.url + "/metrics", timeout=timeout, allow_redirects=False) as resp:
+                status = resp.status
+                body = await resp.read()
+        except (TimeoutError, aiohttp.ClientError):
+            continue  # the requests tell the router whether the server is down
+        client = client_ref()
+        if client is None:
+            return
+        load = parse_metrics(body) if status == 200 else None
+        if load is None:
+            misses += 1
+            if (status != 200 and status < 500) or misses >= 3:
+                why = f"/metrics answered {status}" if status != 200 else "/metrics has no vllm:num_requests_running"
+                if control.unreported(why):
+                    client._room_changed()
+                return
+            continue
+        misses = 0
+        if control.observe(load, server.in_flight, time.monotonic()):
+            client._room_changed()
+        del client
 
 
 def choose_model(url: str, ids: list[str], model: str | None, hint: str = "choose one with model=...") -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .transform import Pending, VllmGenerate, _offset
@@ -100,12 +100,12 @@ class Lookahead:
 
     # -- the feeder
 
-    def start(self, source: Dataset, ranges: list[tuple[int, int]], max_ahead: int, max_unfinished: int | None) -> None:
+    def start(self, source: Dataset, ranges: list[tuple[int, int]], max_ahead: int, max_unfinished: Callable[[], int] | None) -> None:
         """Start sending the rows ``ranges`` of ``source`` ahead, in the order map will ask for them.
 
         At most ``max_ahead`` batches wait to be taken; with ``max_unfinished``, once two wait,
-        more are sent only while the client holds fewer than that many rows without a result
-        (enough to keep the servers busy, and memory low).
+        more are sent only while the client holds fewer rows without a result than it returns
+        (enough to keep the servers busy, and memory low; it follows the servers' targets).
         """
         source = source.select_columns(self.transform.prompt_columns)
         with self._changed:
@@ -115,7 +115,7 @@ class Lookahead:
         )
         self._feeder.start()
 
-    def _feed(self, source: Dataset, ranges: list[tuple[int, int]], max_ahead: int, max_unfinished: int | None) -> None:
+    def _feed(self, source: Dataset, ranges: list[tuple[int, int]], max_ahead: int, max_unfinished: Callable[[], int] | None) -> None:
         try:
             for start, stop in ranges:
                 if not self._wait_for_room(max_ahead, max_unfinished):
@@ -136,17 +136,17 @@ class Lookahead:
                 self._feeding = False  # map takes what is left, then sends itself
                 self._changed.notify_all()
 
-    def _wait_for_room(self, max_ahead: int, max_unfinished: int | None) -> bool:
+    def _wait_for_room(self, max_ahead: int, max_unfinished: Callable[[], int] | None) -> bool:
         """Block until another batch may be sent ahead; False once stopped."""
         client = self.transform.connect()
         with self._changed:
             while not self._stopped.is_set():
                 if len(self._ahead) >= max_ahead:
                     self._changed.wait()
-                elif max_unfinished is not None and len(self._ahead) >= 2 and client.unfinished >= max_unfinished:
+                elif max_unfinished is not None and len(self._ahead) >= 2 and client.unfinished >= max_unfinished():
                     # rows finish on the loop thread: it wakes us once enough have
                     client.wake_below(max_unfinished, self._notify)
-                    if client.unfinished >= max_unfinished:
+                    if client.unfinished >= max_unfinished():
                         self._changed.wait()
                 else:
                     return True

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import RecipeError
 
@@ -41,13 +41,34 @@ __all__ = [
     "load_recipe",
     "dotted_overrides",
     "format_validation_error",
+    "fixed_concurrency",
 ]
 
-# vLLM's default scheduler batch (max_num_seqs) is 256 on most GPUs: keeping that many requests in
-# flight per server fills its batch without building a long queue on the server.
-DEFAULT_MAX_CONCURRENCY = 256
-# requests in flight per server (vllm_generate's max_concurrency, a recipe's processing.max_concurrency)
-MaxConcurrency = Annotated[int, Field(ge=1)]
+# Requests in flight per server (vllm_generate's max_concurrency, a recipe's processing.max_concurrency):
+# "adaptive" follows each server's own load reports (adaptive.py), as vLLM's batch is 128 to 2,048
+# sequences by GPU and flags, and no endpoint tells which; a number is a fixed cap.
+DEFAULT_MAX_CONCURRENCY: Literal["adaptive"] = "adaptive"
+
+
+def _concurrency(value: Any) -> int | str:
+    if value == "adaptive":
+        return value
+    number = value
+    if isinstance(value, str) and value.strip().isdigit():
+        number = int(value)
+    if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+        raise ValueError(f"expects 'adaptive' or a number of requests (1 or more), not {value!r}")
+    return number
+
+
+MaxConcurrency = Annotated[int | Literal["adaptive"], PlainValidator(_concurrency, json_schema_input_type=int | Literal["adaptive"])]
+
+
+def fixed_concurrency(value: int | str) -> int | None:
+    """A fixed ``max_concurrency``, or None for "adaptive"."""
+    return value if isinstance(value, int) else None
+
+
 API_KEY_ENV_VARS = ("VLLM_API_KEY", "OPENAI_API_KEY")
 
 

@@ -36,7 +36,7 @@ from .errors import RecipeError, ServerUnavailableError, StorageError
 from .images import undecoded
 from .journal import remove_journal
 from .lookahead import Lookahead
-from .recipe import Recipe, TransformConfig, dotted_overrides, load_recipe
+from .recipe import Recipe, TransformConfig, dotted_overrides, fixed_concurrency, load_recipe
 from .status import SplitStatus
 from .storage import (
     check_output_path,
@@ -65,6 +65,8 @@ __all__ = ["RunSummary", "CheckedRecipe", "check_recipe", "run_recipe", "run_spl
 logger = logging.getLogger(__name__)
 
 _TEMPLATE_ROWS_CHECKED = 100  # rows formatted before anything is sent (the rest as they go)
+# Look-ahead rows are sized for this target per server when targets are adaptive (an H100's batch)
+_NOMINAL_TARGET = 1024
 
 
 @dataclass
@@ -491,7 +493,7 @@ def _generate(recipe: Recipe, checked: CheckedRecipe, plan: _Plan, transform: Vl
         servers = len(client.servers)
         max_ahead = _lookahead_batches(recipe, servers)
         if p.num_proc == 1 and ranges and max_ahead:
-            lookahead.start(split, ranges, max_ahead, 2 * p.max_concurrency * servers)
+            lookahead.start(split, ranges, max_ahead, lambda: 2 * client.capacity)
         for chunk in plan.chunks:
             if stop.is_set():
                 raise KeyboardInterrupt
@@ -507,7 +509,8 @@ def _lookahead_batches(recipe: Recipe, num_servers: int) -> int:
     """Batches the feeder may hold ahead of map: enough rows to keep every slot busy while the
     oldest batch waits for its slowest row (see the README's design notes), in whole batches."""
     p = recipe.processing
-    rows = p.lookahead if p.lookahead is not None else 128 * p.max_concurrency * num_servers
+    per_server = fixed_concurrency(p.max_concurrency) or _NOMINAL_TARGET
+    rows = p.lookahead if p.lookahead is not None else 128 * per_server * num_servers
     return -(-rows // p.batch_size)  # rounded up; 0 turns look-ahead off
 
 

@@ -9,7 +9,7 @@ import os
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import ValidationError
 
@@ -17,7 +17,7 @@ from .client import Client, run_on_loop
 from .columns import NewColumns
 from .errors import GenerationError, RecipeError, RowFailedError
 from .journal import Journal, default_folder, journal_keys, open_journal
-from .recipe import ServeConfig, TransformConfig, format_validation_error
+from .recipe import ServeConfig, TransformConfig, fixed_concurrency, format_validation_error
 from .wire import Result, Unsent, WireFormat, prompt_text, redact_url
 
 if TYPE_CHECKING:
@@ -108,7 +108,7 @@ class VllmGenerate:
                     api_key=self._api_key or m.api_key(),
                     model=m.model,
                     timeout=m.timeout,
-                    max_concurrency=self.config.max_concurrency,
+                    max_concurrency=fixed_concurrency(self.config.max_concurrency),
                     retry=self.config.retry,
                 )
                 self._client_pid = os.getpid()
@@ -302,7 +302,7 @@ def vllm_generate(
     system_prompt: str | None = None,
     mode: str = "chat",
     thinking: bool | None = None,
-    max_concurrency: int | None = None,
+    max_concurrency: int | Literal["adaptive"] | None = None,
     timeout: float | None = None,
     max_attempts: int | None = None,
     initial_wait: float | None = None,
@@ -329,7 +329,9 @@ def vllm_generate(
         system_prompt: prepended as a system message (chat mode).
         mode: "chat" (``/v1/chat/completions``) or "completion" (``/v1/completions``, raw prompt).
         thinking: True/False set ``chat_template_kwargs.enable_thinking``; None keeps the default.
-        max_concurrency: requests in flight per server (default 256).
+        max_concurrency: requests in flight per server: "adaptive" (the default) follows each
+            server's load reports (vLLM's ``/metrics``) to keep its batch full with a short
+            queue; a number is a fixed cap.
         timeout: seconds per request (default 600).
         max_attempts: attempts per request, including the first (default 5).
         initial_wait, max_wait: exponential backoff bounds in seconds (default 1 and 60); a

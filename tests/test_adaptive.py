@@ -1,0 +1,210 @@
+"""The in-flight controller (adaptive.py) as plain logic: load reports in, targets out.
+
+A simulated server stands in for vLLM here: ``slots`` sequences run, the rest of what the clients
+keep in flight waits, and each report may trail the truth by ``lag`` seconds. The client-side
+tests against the fake server's real HTTP reports are in test_client_adaptive.py.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+
+import pytest
+from vllm_generator.adaptive import (
+    FAST_POLL,
+    MAX_TARGET,
+    START_TARGET,
+    UNREPORTED_TARGET,
+    Controller,
+    Load,
+    parse_metrics,
+    queue_allowance,
+)
+
+METRICS = b"""# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 100.0
+vllm:num_requests_running{engine="1",model_name="m"} 28.0
+# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="m"} 7.0
+vllm:num_requests_waiting{engine="1",model_name="m"} 1.0
+vllm:num_requests_waiting_by_reason{engine="0",model_name="m",reason="capacity"} 999.0
+vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.5
+vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.75
+vllm:e2e_request_latency_seconds_bucket{engine="0",le="1.0",model_name="m"} 5.0
+vllm:e2e_request_latency_seconds_count{engine="0",model_name="m"} 5.0
+vllm:request_success_total{engine="0",finished_reason="stop",model_name="m"} 4.0
+"""
+
+
+def test_parse_metrics_sums_the_engines_and_skips_everything_else() -> None:
+    assert parse_metrics(METRICS) == Load(running=128.0, waiting=8.0, kv_cache=0.75)
+
+
+def test_parse_metrics_without_the_gauges_is_none() -> None:
+    assert parse_metrics(b"") is None
+    assert parse_metrics(b"# a Prometheus exporter of something else\nprocess_cpu_seconds_total 3.0\n") is None
+    assert parse_metrics(b"<html>not found</html>") is None
+    # unlabelled gauges, as a single-engine exporter may write them; a NaN is no reading
+    assert parse_metrics(b"vllm:num_requests_running 3\nvllm:num_requests_waiting NaN\n") == Load(3.0, 0.0, None)
+
+
+class SimServer:
+    """``slots`` run; what clients keep in flight beyond that waits; reports trail by ``lag`` s."""
+
+    def __init__(self, slots: int, lag: float = 0.0) -> None:
+        self.slots = slots
+        self.lag = lag
+        self.history: collections.deque[tuple[float, Load]] = collections.deque()
+
+    def load(self, demand: int) -> Load:
+        running = min(demand, self.slots)
+        return Load(float(running), float(demand - running), running / self.slots)
+
+    def report(self, now: float, demand: int) -> Load:
+        self.history.append((now, self.load(demand)))
+        while len(self.history) > 1 and self.history[1][0] <= now - self.lag:
+            self.history.popleft()
+        at, load = self.history[0]
+        return load if at <= now - self.lag else Load(0.0, 0.0, 0.0)  # a cold start's zeros
+
+
+def run(controllers: list[Controller], server: SimServer, seconds: float, start: float = 0.0, rows: int | None = None) -> list[int]:
+    """Each controller's client keeps its target in flight (or ``rows``), polled every FAST_POLL;
+    returns the total in flight at each report."""
+    totals = []
+    now = start
+    while now < start + seconds:
+        ours = [c.target if rows is None else min(rows, c.target) for c in controllers]
+        demand = sum(ours)
+        totals.append(demand)
+        for control, mine in zip(controllers, ours, strict=True):
+            control.observe(server.report(now, demand), mine, now)
+        now += FAST_POLL
+    return totals
+
+
+@pytest.mark.parametrize("slots", [4, 16, 64, 128, 256, 1024, 3000])
+def test_the_target_settles_within_a_quarter_of_the_slots(slots: int) -> None:
+    control = Controller("s")
+    run([control], SimServer(slots), 10.0)
+
+    assert control.state == "hold"
+    assert slots <= control.target <= max(slots * 1.25, slots + 4)
+    assert control.settled is not None and control.max_target <= 2 * max(slots, START_TARGET)
+
+
+def test_the_ramp_doubles_per_report_and_reaches_1024_slots_in_seconds() -> None:
+    control = Controller("s")
+    totals = run([control], SimServer(1024), 3.0)
+
+    assert totals[:6] == [32, 64, 128, 256, 512, 1024]
+    assert totals.index(next(t for t in totals if t >= 1024)) * FAST_POLL <= 1.5
+    assert 1024 <= control.target <= 1024 + queue_allowance(1024) * 2
+
+
+def test_the_target_follows_a_capacity_change_down_then_up(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="vllm_generator")
+    control = Controller("s")
+    server = SimServer(512)
+    run([control], server, 5.0)
+    assert 512 <= control.target <= 512 * 1.25
+
+    server.slots = 128
+    run([control], server, 2.0, start=5.0)
+    assert 128 <= control.target <= 128 * 1.25
+    assert any("target" in r.getMessage() and "-> " in r.getMessage() for r in caplog.records)
+
+    server.slots = 600
+    run([control], server, 10.0, start=7.0)
+    assert 600 <= control.target <= 600 * 1.25
+
+
+def test_a_client_without_rows_to_fill_its_target_does_not_raise_it() -> None:
+    control = Controller("s")
+    run([control], SimServer(1024), 5.0, rows=20)
+    assert control.target == START_TARGET
+
+
+def test_lagging_reports_do_not_drive_the_target_below_the_slots() -> None:
+    control = Controller("s")
+    targets = []
+    server = SimServer(100, lag=5.0)  # longer than the grace period
+    for second in range(30):
+        run([control], server, 1.0, start=float(second))
+        targets.append(control.target)
+
+    # the cold start's zeros: the safe default after a grace period, then the real reports
+    assert max(targets) >= UNREPORTED_TARGET
+    assert all(100 <= t <= 125 for t in targets[-10:]), targets
+
+
+def test_two_clients_on_one_server_share_it_without_a_long_queue() -> None:
+    a, b = Controller("s"), Controller("s")
+    server = SimServer(256)
+    totals = run([a, b], server, 20.0)
+
+    assert 256 <= totals[-1] <= 256 * 1.3
+    assert min(a.target, b.target) >= 256 * 0.25  # neither starves
+
+
+def test_a_refusal_with_most_of_the_target_in_flight_caps_it_for_a_while() -> None:
+    control = Controller("s")
+    control.target = 200
+    control.state = "hold"
+    assert control.refused(150, now=100.0)
+    assert control.target == 150 and control.refusals == 1
+    run([control], SimServer(1000), 20.0, start=100.0)  # nothing waits: it would rise, but for the refusal
+    assert control.target == 150
+    run([control], SimServer(1000), 10.0, start=131.0)  # 30 s later it probes above again
+    assert control.target > 150
+
+
+def test_a_burst_of_refusals_with_little_in_flight_halves_the_target_once() -> None:
+    control = Controller("s")
+    control.target = 64
+    assert control.refused(3, now=10.0)
+    assert control.target == 32
+    assert not any(control.refused(2, now=10.0 + i / 100) for i in range(50))  # the same burst
+    assert control.target == 32
+    assert control.refused(2, now=12.0) and control.target == 16  # a new burst
+
+
+def test_a_server_that_reports_nothing_gets_the_safe_default(caplog: pytest.LogCaptureFixture) -> None:
+    control = Controller("http://h:8000")
+    assert control.unreported("/metrics answered 404")
+    assert control.target == UNREPORTED_TARGET and not control.reported and control.state == "unreported"
+    assert "reports no load (/metrics answered 404)" in caplog.text
+
+
+def test_a_fixed_target_never_moves() -> None:
+    control = Controller("s", fixed=40)
+    run([control], SimServer(1000), 5.0)
+    control.refused(40, 1.0)
+    control.restart()
+    assert control.target == 40 and control.state == "fixed"
+    assert control.reports > 0 and control.summary()["max_concurrency"] == 40
+
+
+def test_a_server_back_in_rotation_ramps_again() -> None:
+    control = Controller("s")
+    run([control], SimServer(1024), 5.0)
+    assert control.target > 1024
+    control.restart()
+    assert control.target == START_TARGET and control.state == "ramp"
+    run([control], SimServer(64), 5.0, start=10.0)
+    assert 64 <= control.target <= 80
+
+
+def test_targets_stay_below_the_ceiling() -> None:
+    control = Controller("s")
+    run([control], SimServer(10 * MAX_TARGET), 10.0)
+    assert control.target == MAX_TARGET
+
+
+def test_queue_allowance_is_short() -> None:
+    assert queue_allowance(0) == 2 and queue_allowance(16) == 2
+    assert queue_allowance(1024) == math.ceil(1024 * 0.08)
