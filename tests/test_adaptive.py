@@ -12,6 +12,7 @@ import logging
 import math
 
 import pytest
+
 from vllm_generator.adaptive import (
     FAST_POLL,
     MAX_TARGET,
