@@ -8,10 +8,15 @@ tests against the fake server's real HTTP reports are in test_client_adaptive.py
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import math
+import time
+from collections.abc import Callable
 
 import pytest
+from conftest import CHAT, MakeClient
+from fake_server import FakeServer
 
 from vllm_generator.adaptive import (
     FAST_POLL,
@@ -23,6 +28,8 @@ from vllm_generator.adaptive import (
     parse_metrics,
     queue_allowance,
 )
+from vllm_generator.client import Client
+from vllm_generator.wire import Result, parse_response
 
 METRICS = b"""# HELP vllm:num_requests_running Number of requests in model execution batches.
 # TYPE vllm:num_requests_running gauge
@@ -209,3 +216,123 @@ def test_targets_stay_below_the_ceiling() -> None:
 def test_queue_allowance_is_short() -> None:
     assert queue_allowance(0) == 2 and queue_allowance(16) == 2
     assert queue_allowance(1024) == math.ceil(1024 * 0.08)
+
+
+# --------------------------------------------------------------------------- against the fake server's real reports
+
+
+def send_all(client: Client, prompts: list[str]) -> list[Result]:
+    results = client.submit(CHAT, [{"messages": [{"role": "user", "content": p}]} for p in prompts], parse_response).result(timeout=120)
+    assert [r.error for r in results] == [None] * len(prompts)
+    assert [r.response for r in results] == ["echo: " + p for p in prompts]
+    return results
+
+
+def queue_quantile(server: FakeServer, q: float, after: float = 0.0, before: float = math.inf) -> float:
+    """The ``q`` quantile of the server's queue over time (each value weighted by how long it held)."""
+    timeline = [(t, waiting) for t, _running, waiting in server.stats()["queue_timeline"]]
+    start = timeline[0][0] + after
+    spans: list[tuple[float, float]] = []  # (waiting, seconds)
+    for (t0, waiting), (t1, _) in itertools.pairwise(timeline):
+        lo, hi = max(t0, start), min(t1, timeline[0][0] + before)
+        if hi > lo:
+            spans.append((waiting, hi - lo))
+    total = sum(d for _, d in spans)
+    acc = 0.0
+    for waiting, seconds in sorted(spans):
+        acc += seconds
+        if acc >= q * total:
+            return waiting
+    return 0.0
+
+
+def test_the_target_settles_on_the_server_s_slots_with_a_short_queue(
+    start_fake_server: Callable[..., FakeServer], make_client: MakeClient
+) -> None:
+    server = start_fake_server("--slots", "64", "--latency", "0.05")
+    client = make_client(server.url)
+    send_all(client, [f"q {i}" for i in range(4000)])
+
+    control = client.servers[0].control
+    assert control.state == "hold" and 64 <= control.target <= 80
+    stats = server.stats()
+    assert stats["max_running"] == 64 and stats["metrics_requests"] > 0
+    assert queue_quantile(server, 0.95, after=1.0) <= 64 * 0.25
+
+
+def test_admission_503s_lower_the_target_and_cost_no_attempt(
+    start_fake_server: Callable[..., FakeServer], make_client: MakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="vllm_generator")
+    # vLLM's --max-num-queued-reqs 24: running + waiting above 24 is refused with a 503
+    server = start_fake_server("--slots", "16", "--latency", "0.05", "--max-queued", "24")
+    client = make_client(server.url, attempts=1)  # a refusal that spent an attempt would fail its row
+    results = send_all(client, [f"q {i}" for i in range(1500)])
+
+    assert all(r.attempts == 1 for r in results)
+    stats = server.stats()
+    assert 0 < stats["rejected"] < 200  # the target came down to what the server takes, and stayed there
+    assert stats["max_running"] == 16
+    assert client.servers[0].control.target <= 24 and client.stats.retries == 0
+    assert sum("refuses requests" in r.getMessage() for r in caplog.records) <= 3
+
+
+def test_a_server_that_reports_nothing_gets_256_in_flight(
+    start_fake_server: Callable[..., FakeServer], make_client: MakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="vllm_generator")
+    server = start_fake_server("--no-metrics", "--latency", "0.2")
+    client = make_client(server.url)
+    send_all(client, [f"q {i}" for i in range(1200)])
+
+    assert client.servers[0].control.target == UNREPORTED_TARGET
+    assert server.stats()["max_in_flight"] == UNREPORTED_TARGET
+    assert sum("reports no load (/metrics answered 404)" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_the_queue_settles_after_the_server_loses_slots_mid_run(
+    start_fake_server: Callable[..., FakeServer], make_client: MakeClient
+) -> None:
+    server = start_fake_server("--slots", "128", "--latency", "0.05", "--slots-schedule", "1.5:32")
+    client = make_client(server.url)
+    send_all(client, [f"q {i}" for i in range(6000)])
+
+    control = client.servers[0].control
+    assert 32 <= control.target <= 40
+    assert control.max_target >= 128
+    # within 3 s of the change the queue is short again (and it was not short just after it)
+    assert queue_quantile(server, 1.0, after=1.5, before=2.0) > 16
+    assert queue_quantile(server, 0.95, after=4.5) <= 32 * 0.25
+
+
+def test_two_unequal_servers_each_get_their_own_batch(start_fake_server: Callable[..., FakeServer], make_client: MakeClient) -> None:
+    big = start_fake_server("--slots", "96", "--latency", "0.05")
+    small = start_fake_server("--slots", "16", "--latency", "0.05")
+    client = make_client([big.url, small.url])
+    send_all(client, [f"q {i}" for i in range(6000)])
+
+    big_control, small_control = (s.control for s in client.servers)
+    assert 96 <= big_control.target <= 120 and 16 <= small_control.target <= 20
+    assert big.stats()["max_running"] == 96 and small.stats()["max_running"] == 16
+    assert queue_quantile(big, 0.95, after=1.0) <= 96 * 0.25 and queue_quantile(small, 0.95, after=1.0) <= 16 * 0.25 + 2
+    # rows went where the room was: about 6 to 1
+    assert big.stats()["requests"] > 4 * small.stats()["requests"]
+
+
+def test_a_server_killed_and_restarted_ramps_again(start_fake_server: Callable[..., FakeServer], make_client: MakeClient) -> None:
+    server = start_fake_server("--slots", "64", "--latency", "0.05")
+    client = make_client(server.url)
+    future = client.submit(CHAT, [{"messages": [{"role": "user", "content": f"q {i}"}]} for i in range(12000)], parse_response)
+    deadline = time.monotonic() + 10
+    while client.servers[0].control.state != "hold" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.servers[0].control.state == "hold"
+    server.restart("--slots", "16", "--latency", "0.05", down=0.5)
+
+    results = future.result(timeout=120)
+    assert [r.error for r in results] == [None] * len(results)
+    control = client.servers[0].control
+    assert 16 <= control.target <= 20  # it found the new server's slots
+    # the new server saw a ramp from the start target, not the old target at once
+    first = [n for _t, n in server.stats()["timeline"][:200]]
+    assert max(first[:50]) <= START_TARGET

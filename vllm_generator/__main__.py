@@ -333,7 +333,7 @@ class Commands:
         image_column: str | None = None,
         limit: int | None = None,
         batch_size: int | None = None,
-        max_concurrency: int | None = None,
+        max_concurrency: int | str | None = None,
         chunk_size: int | None = None,
         split_id: int | None = None,
         num_splits: int | None = None,

@@ -138,6 +138,19 @@ class Stats:
     latencies: array.array[float] = field(default_factory=lambda: array.array("d"))
     in_flight: int = 0
     reused: int = 0  # rows answered from the response journal (not sent)
+    servers: list[Controller] = field(default_factory=list)  # each server's target and queue
+
+    def targets(self) -> str:
+        """Each server's target and queue, for the progress bar: "target 1106, queue 82"."""
+        if not self.servers:
+            return ""
+
+        def queue(control: Controller) -> str:
+            return "?" if control.waiting is None else f"{control.waiting:.0f}"
+
+        if len(self.servers) == 1:
+            return f"target {self.servers[0].target}, queue {queue(self.servers[0])}"
+        return f"targets {'/'.join(str(c.target) for c in self.servers)}, queues {'/'.join(queue(c) for c in self.servers)}"
 
     @property
     def done(self) -> int:
@@ -453,7 +466,7 @@ class Client:
         self.max_concurrency = max_concurrency
         self.router = _Router(base_urls, self.retry.max_outage, on_down=self._on_down, fixed=max_concurrency)
         self.model = model
-        self.stats = Stats()
+        self.stats = Stats(servers=[s.control for s in self.servers])
         self._headers = {"Content-Type": "application/json"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"

@@ -93,6 +93,8 @@ class RunSummary:
     requests_per_s: float = 0.0  # HTTP attempts / s
     tokens_per_s: float = 0.0  # completion tokens generated this run / s
     latency_s: dict[str, float] = field(default_factory=dict)  # per successful request
+    # per server (this process's client): its in-flight target, what it ran and queued, refusals
+    servers: list[dict[str, Any]] = field(default_factory=list)
     split_id: int = 0
     num_splits: int = 1
     output_path: str | None = None
@@ -540,7 +542,9 @@ class _Progress:
         self.bar.update(done - self._shown)
         self._shown = done
         tok_s = stats.completion_tokens / max(time.monotonic() - self.start, 1e-9)
-        self.bar.set_postfix_str(f"{tok_s:,.0f} tok/s, {stats.in_flight} in flight, {stats.failed} errors", refresh=False)
+        self.bar.set_postfix_str(
+            f"{tok_s:,.0f} tok/s, {stats.in_flight} in flight ({stats.targets()}), {stats.failed} errors", refresh=False
+        )
 
     def close(self) -> None:
         self._closed.set()
@@ -611,6 +615,7 @@ def _summarize(
         requests_per_s=round(stats.requests / busy, 2) if busy else 0.0,
         tokens_per_s=round(stats.completion_tokens / busy, 2) if busy else 0.0,
         latency_s=_percentiles(stats.latencies),
+        servers=[control.summary() for control in stats.servers],
         split_id=checked.split_id,
         num_splits=checked.num_splits,
         work_dir=plan.work_dir,
