@@ -109,8 +109,12 @@ def test_full_run_writes_aligned_output_and_metrics(tmp_path: Path, fake_server:
     tokens = table.column("completion_tokens").to_pylist()
     assert {k: metrics[k] for k in ("rows", "succeeded", "failed", "failed_by_type", "retries", "requests", "generated_rows", "reused_rows")} == {
         "rows": 40, "succeeded": 39, "failed": 1, "failed_by_type": {"http_400": 1},
-        "retries": 1, "requests": 41, "generated_rows": 40, "reused_rows": 0,
+        "retries": 0, "requests": 41, "generated_rows": 40, "reused_rows": 0,
     }  # fmt: skip
+    # the 503 is backpressure with the default adaptive target: sent again, not a retry
+    (server,) = metrics["servers"]
+    assert server["url"] == fake_server.url and server["max_concurrency"] == "adaptive" and server["refusals"] == 1
+    assert server["target"] >= 1 and {"queue", "peak_queue", "settled_target", "max_target", "reports"} <= set(server)
     assert metrics["completion_tokens"] == sum(tokens)
     assert metrics["prompt_tokens"] == sum(len(t.split()) for i, t in enumerate(texts) if i != 7)
     assert metrics["wall_time_s"] > 0 and metrics["requests_per_s"] > 0 and metrics["tokens_per_s"] > 0
