@@ -8,6 +8,7 @@ tests against the fake server's real HTTP reports are in test_client_adaptive.py
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import logging
 import math
@@ -221,8 +222,11 @@ def test_queue_allowance_is_short() -> None:
 # --------------------------------------------------------------------------- against the fake server's real reports
 
 
+PARSE = functools.partial(parse_response, chat=True, n=1, parse_reasoning=True, want_logprobs=False)
+
+
 def send_all(client: Client, prompts: list[str]) -> list[Result]:
-    results = client.submit(CHAT, [{"messages": [{"role": "user", "content": p}]} for p in prompts], parse_response).result(timeout=120)
+    results = client.submit(CHAT, [{"messages": [{"role": "user", "content": p}]} for p in prompts], PARSE).result(timeout=120)
     assert [r.error for r in results] == [None] * len(prompts)
     assert [r.response for r in results] == ["echo: " + p for p in prompts]
     return results
@@ -322,7 +326,7 @@ def test_two_unequal_servers_each_get_their_own_batch(start_fake_server: Callabl
 def test_a_server_killed_and_restarted_ramps_again(start_fake_server: Callable[..., FakeServer], make_client: MakeClient) -> None:
     server = start_fake_server("--slots", "64", "--latency", "0.05")
     client = make_client(server.url)
-    future = client.submit(CHAT, [{"messages": [{"role": "user", "content": f"q {i}"}]} for i in range(12000)], parse_response)
+    future = client.submit(CHAT, [{"messages": [{"role": "user", "content": f"q {i}"}]} for i in range(12000)], PARSE)
     deadline = time.monotonic() + 10
     while client.servers[0].control.state != "hold" and time.monotonic() < deadline:
         time.sleep(0.05)

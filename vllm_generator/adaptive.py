@@ -116,6 +116,7 @@ class Controller:
         self._ceiling = MAX_TARGET  # lowered by a refusal, for _REFUSAL_MEMORY seconds
         self._ceiling_until = 0.0
         self._refused_at = -1e9
+        self._empty = 0  # reports in a row with nothing waiting
         self._filled_at: float | None = None  # when ours first reached the current target
         self._confirmed = False  # a report showed our requests at the current target
         self._lag = 0.0  # seconds the reports trail our in-flight count (estimated)
@@ -167,6 +168,7 @@ class Controller:
             # the lag at its longest lately: a short estimate would cut again on stale reports
             sample = now - self._filled_at
             self._lag = max(sample, (1 - _LAG_WEIGHT) * self._lag + _LAG_WEIGHT * sample)
+        self._empty = 0 if load.waiting > 0 else self._empty + 1
         if load.waiting > 2 * allowance:
             return self._cut(load, self._ours_then(now), demand, allowance, now)
         if load.waiting > 0:
@@ -176,7 +178,7 @@ class Controller:
         # nothing waits: more would run too, if we filled the target and the report shows us
         if not sees_us or ours < _SEES_US * self.target:
             return self._wait_for_reports(now)
-        return self._raise(now)
+        return self._raise(allowance, now)
 
     def refused(self, ours: int, now: float) -> bool:
         """The server refused a request (429 or 503) with ``ours`` still in flight there.
@@ -267,8 +269,18 @@ class Controller:
         self._set(target, now)
         return True
 
-    def _raise(self, now: float) -> bool:
-        grown = self.target * 2 if self.state == "ramp" else max(self.target + 2, math.ceil(self.target * 1.25))
+    def _raise(self, allowance: int, now: float) -> bool:
+        """Double while ramping. Once settled, a report with an empty queue may be a moment's
+        (answers on their way back, their slots not refilled yet): raise by the allowance after
+        two such reports in a row, by a quarter after four (the server has grown)."""
+        if self.state == "ramp":
+            grown = self.target * 2
+        elif self._empty >= 4:
+            grown = math.ceil(self.target * 1.25)
+        elif self._empty >= 2:
+            grown = self.target + allowance
+        else:
+            return False
         target = min(grown, self._ceiling, MAX_TARGET)
         if target <= self.target:
             return False
