@@ -2,7 +2,7 @@
 
 Run as a subprocess::
 
-    python tests/fake_server.py --port 0 [--slots N] [--latency S]
+    python tests/fake_server.py --port 0 [--slots N] [--slots-schedule T:N,...] [--latency S]
         [--latency-model fixed|lognormal] [--model NAME ...] [--api-key KEY]
         [--no-timeline] [--no-log] [--bind-retry S] [--listen-delay S]
 
@@ -69,11 +69,19 @@ Latency: ``--latency-model fixed`` sleeps ``--latency`` seconds per request;
 always gets the same latency): median ``--latency``, sigma = ln(25) / z(0.99) ≈ 1.3837,
 so about 1 % of rows take more than 25x the median (mean ≈ 2.6x the median).
 The sleep happens while holding one of ``--slots`` (0 = unlimited) slots; requests
-beyond that queue, like vLLM's scheduler.
+beyond that wait in line (FIFO), like vLLM's scheduler with ``--max-num-seqs``. The slot
+count can change while the server runs: ``POST /_slots`` with ``{"slots": N}``, or
+``--slots-schedule "5:128,10:256"`` (128 slots 5 s after the first generation request,
+256 at 10 s). Raising it admits waiters at once, in arrival order; lowering it lets the
+running requests finish and admits no one until fewer than N run.
 
 Test-control endpoints: ``GET /_log`` (the generation requests, in order of arrival),
 ``GET /_stats`` (counters, including ``models_requests``: the ``GET /v1/models`` calls,
-which ``/_log`` leaves out), ``POST /_reset``, and ``POST /_fail`` with
+which ``/_log`` leaves out; ``running``/``waiting`` (holding a slot / waiting for one) and their
+maxima; ``slots``: the current capacity, 0 = unlimited; ``timeline``: ``[t, in_flight]``
+and ``queue_timeline``: ``[t, running, waiting]`` on every change, unless
+``--no-timeline``), ``POST /_reset`` (counters to 0, maxima to the current values),
+``POST /_slots``, and ``POST /_fail`` with
 ``{"status": 500, "seconds": S}``: every generation request is answered that status
 for S seconds (a vLLM engine failing while its server shuts down).
 
@@ -100,6 +108,7 @@ import sys
 import time
 import urllib.request
 from array import array
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from statistics import NormalDist
 from typing import Any, NoReturn, Self
@@ -122,7 +131,6 @@ _REASONING_SHAPES = frozenset({"field", "legacy", "inline", "close_only", "unclo
 _CONTEXT_LENGTH_MESSAGE = "This model's maximum context length is 512 tokens. However, you requested 900 tokens."
 _MALFORMED_BODY = b'{"id": "x", "choi'
 _JSON = "application/json"
-_NO_SLOTS = contextlib.nullcontext()
 _Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
@@ -293,6 +301,64 @@ def _format_seconds(seconds: float) -> str:
     return str(int(seconds)) if seconds == int(seconds) else repr(seconds)
 
 
+class SlotGate:
+    """FIFO admission to ``capacity`` slots (0 = unlimited), like vLLM's scheduler with
+    ``max_num_seqs``, but the capacity may change while requests hold slots: raising it admits
+    waiters at once, in arrival order; lowering it lets running requests finish and admits no
+    one until fewer than ``capacity`` run. ``on_change(now)`` is called after every change of
+    ``running`` or ``waiting``."""
+
+    __slots__ = ("_on_change", "_waiters", "capacity", "running")
+
+    def __init__(self, capacity: int, on_change: Callable[[float], None]) -> None:
+        self.capacity = capacity
+        self.running = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._on_change = on_change
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    async def acquire(self, now: float) -> None:
+        """Take a slot, waiting in line for one if none is free (or others already wait)."""
+        if not self._waiters and (self.capacity == 0 or self.running < self.capacity):
+            self.running += 1
+            self._on_change(now)
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self._on_change(now)
+        try:
+            await waiter  # release() or set_capacity() hands the slot over, running counted
+        except asyncio.CancelledError:  # the client left, or the server shuts down
+            if waiter.cancelled():
+                with contextlib.suppress(ValueError):  # _admit may have dropped it already
+                    self._waiters.remove(waiter)
+                self._on_change(time.monotonic())
+            else:  # handed a slot just before the cancellation arrived
+                self.release(time.monotonic())
+            raise
+
+    def release(self, now: float) -> None:
+        self.running -= 1
+        if self._waiters:
+            self._admit()
+        self._on_change(now)
+
+    def set_capacity(self, capacity: int, now: float) -> None:
+        self.capacity = capacity
+        self._admit()
+        self._on_change(now)
+
+    def _admit(self) -> None:
+        while self._waiters and (self.capacity == 0 or self.running < self.capacity):
+            waiter = self._waiters.popleft()
+            if not waiter.done():  # a cancelled waiter leaves the line itself
+                waiter.set_result(None)
+                self.running += 1
+
+
 class FakeVLLM:
     """Server state and the request handler (aiohttp's low-level server: no router)."""
 
@@ -302,11 +368,12 @@ class FakeVLLM:
         self.latency: float = args.latency
         self.lognormal = args.latency_model == "lognormal"
         self.auth_header = f"Bearer {args.api_key}" if args.api_key else None
-        self.slots: asyncio.Semaphore | None = asyncio.Semaphore(args.slots) if args.slots > 0 else None
         self.record_timeline = not args.no_timeline
         self.record_log = not args.no_log
         self.in_flight = 0
-        self.running = 0  # requests holding a slot
+        self.gate = SlotGate(args.slots, self._queue_changed)
+        self.slots_schedule: list[tuple[float, int]] | None = args.slots_schedule
+        self._schedule_task: asyncio.Task[None] | None = None  # referenced, so never collected
         self._id_prefix = f"{os.getpid():x}"  # response ids: unique per server
         self.redirect_to: str | None = args.redirect_to
         self.failing_until = 0.0  # POST /_fail: every generation request fails until then
@@ -322,19 +389,24 @@ class FakeVLLM:
             ("GET", "/_stats"): self._get_stats,
             ("POST", "/_reset"): self._reset,
             ("POST", "/_fail"): self._fail,
+            ("POST", "/_slots"): self._set_slots,
         }
 
     def reset(self) -> None:
         self.requests = 0
         self.models_requests = 0  # GET /v1/models, kept out of the generation log
         self.max_in_flight = self.in_flight
-        self.max_running = self.running
+        self.max_running = self.gate.running
+        self.max_waiting = self.gate.waiting
         # Tuples, turned into dicts only when /_log is read: keeps the hot path cheap.
         self.log: list[tuple[str, Any, bool, float]] = []
         self.attempts: dict[str, int] = {}  # per prompt text carrying counted faults
         # Two flat arrays (12 bytes per change) instead of 100k small lists.
         self.tl_time = array("d")
         self.tl_count = array("l")
+        self.qt_time = array("d")
+        self.qt_running = array("l")
+        self.qt_waiting = array("l")
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         handler = self.routes.get((request.method, request.path))
@@ -356,6 +428,28 @@ class FakeVLLM:
             self.tl_time.append(now)
             self.tl_count.append(n)
 
+    def _queue_changed(self, now: float) -> None:
+        running, waiting = self.gate.running, self.gate.waiting
+        if running > self.max_running:
+            self.max_running = running
+        if waiting > self.max_waiting:
+            self.max_waiting = waiting
+        if self.record_timeline:
+            self.qt_time.append(now)
+            self.qt_running.append(running)
+            self.qt_waiting.append(waiting)
+
+    def _follow_schedule(self, start: float) -> None:
+        """Start ``--slots-schedule``: its times count from ``start``, the first generation request."""
+        steps, self.slots_schedule = self.slots_schedule or [], None
+
+        async def follow() -> None:
+            for at, slots in steps:
+                await asyncio.sleep(start + at - time.monotonic())
+                self.gate.set_capacity(slots, time.monotonic())
+
+        self._schedule_task = asyncio.get_running_loop().create_task(follow())
+
     # -- generation -----------------------------------------------------------------
 
     async def _chat(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -368,6 +462,8 @@ class FakeVLLM:
         now = time.monotonic()
         self.requests += 1
         self._track(1, now)
+        if self.slots_schedule is not None:
+            self._follow_schedule(now)
         try:
             raw = await request.read()
             has_auth = "Authorization" in request.headers
@@ -456,12 +552,16 @@ class FakeVLLM:
             else:
                 latency = self.latency
 
-            # Queue for a slot like vLLM's scheduler; unlimited slots: no semaphore.
-            async with self.slots or _NO_SLOTS:
-                return await self._run(
+            # Queue for a slot like vLLM's scheduler.
+            await self.gate.acquire(time.monotonic())
+            try:
+                response = await self._run(
                     request, body, chat, model, prompts, prompt_tokens,
                     directives, fault, latency,
                 )  # fmt: skip
+            finally:
+                self.gate.release(time.monotonic())
+            return response
         finally:
             self._track(-1, time.monotonic())
 
@@ -490,40 +590,35 @@ class FakeVLLM:
         fault: str | None,
         latency: float,
     ) -> web.StreamResponse:
-        """The "generation": holds a slot (if slots are limited) for the latency."""
-        self.running += 1
-        self.max_running = max(self.max_running, self.running)
-        try:
-            if fault == "hang":
-                # Cancelled when the client disconnects or the server shuts down.
-                await asyncio.sleep(HANG_SECONDS)
-            elif latency > 0:
-                await asyncio.sleep(latency)
-            if fault == "500":
-                return _error(
-                    500,
-                    "Internal server error (fake_server [[500]]).",
-                    "InternalServerError",
-                )
-            if fault == "drop":
-                # Close the socket without a response; raising CancelledError makes
-                # aiohttp end the handler quietly, not write to a closed transport.
-                assert request.protocol is not None
-                request.protocol.force_close()
-                raise asyncio.CancelledError
-            if fault == "malformed":
-                return web.Response(body=_MALFORMED_BODY, content_type=_JSON)
-            completion = self._completion(body, chat, model, prompts, prompt_tokens, directives)
-            if fault in ("no_message", "null_message", "null_content"):
-                for choice in completion["choices"]:
-                    _break_choice(choice, fault, chat)
-            if directives is not None and directives.text_usage:
-                completion["usage"] = {k: str(v) if isinstance(v, int) else v for k, v in completion["usage"].items()}
-            if fault == "truncate":
-                await self._send_truncated(request, json.dumps(completion).encode())
-            return _json(completion)
-        finally:
-            self.running -= 1
+        """The "generation": runs for the latency while its caller holds a slot."""
+        if fault == "hang":
+            # Cancelled when the client disconnects or the server shuts down.
+            await asyncio.sleep(HANG_SECONDS)
+        elif latency > 0:
+            await asyncio.sleep(latency)
+        if fault == "500":
+            return _error(
+                500,
+                "Internal server error (fake_server [[500]]).",
+                "InternalServerError",
+            )
+        if fault == "drop":
+            # Close the socket without a response; raising CancelledError makes
+            # aiohttp end the handler quietly, not write to a closed transport.
+            assert request.protocol is not None
+            request.protocol.force_close()
+            raise asyncio.CancelledError
+        if fault == "malformed":
+            return web.Response(body=_MALFORMED_BODY, content_type=_JSON)
+        completion = self._completion(body, chat, model, prompts, prompt_tokens, directives)
+        if fault in ("no_message", "null_message", "null_content"):
+            for choice in completion["choices"]:
+                _break_choice(choice, fault, chat)
+        if directives is not None and directives.text_usage:
+            completion["usage"] = {k: str(v) if isinstance(v, int) else v for k, v in completion["usage"].items()}
+        if fault == "truncate":
+            await self._send_truncated(request, json.dumps(completion).encode())
+        return _json(completion)
 
     @staticmethod
     async def _send_truncated(request: web.BaseRequest, body: bytes) -> NoReturn:
@@ -676,14 +771,28 @@ class FakeVLLM:
                 "models_requests": self.models_requests,
                 "in_flight": self.in_flight,
                 "max_in_flight": self.max_in_flight,
-                "running": self.running,
+                "running": self.gate.running,
                 "max_running": self.max_running,
+                "waiting": self.gate.waiting,
+                "max_waiting": self.max_waiting,
+                "slots": self.gate.capacity,
                 "timeline": [[t, n] for t, n in zip(self.tl_time, self.tl_count, strict=True)],
+                "queue_timeline": [list(c) for c in zip(self.qt_time, self.qt_running, self.qt_waiting, strict=True)],
             }
         )
 
     async def _reset(self, request: web.BaseRequest) -> web.StreamResponse:
         self.reset()
+        return _json({"ok": True})
+
+    async def _set_slots(self, request: web.BaseRequest) -> web.StreamResponse:
+        try:
+            slots = json.loads(await request.read())["slots"]
+        except (ValueError, KeyError, TypeError):
+            slots = None
+        if type(slots) is not int or slots < 1:
+            return _error(400, '/_slots takes {"slots": N}, N an integer >= 1', "BadRequestError")
+        self.gate.set_capacity(slots, time.monotonic())
         return _json({"ok": True})
 
     async def _fail(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -693,10 +802,31 @@ class FakeVLLM:
         return _json({"ok": True})
 
 
+def _slots_schedule(text: str) -> list[tuple[float, int]]:
+    """``--slots-schedule "5:128,10:256"``: (seconds, slots) steps, in time order."""
+    steps = []
+    for step in text.split(","):
+        at, _, slots = step.partition(":")
+        try:
+            seconds, count = float(at), int(slots)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad step {step!r}: want SECONDS:SLOTS, e.g. 5:128") from None
+        if seconds < 0 or count < 1:
+            raise argparse.ArgumentTypeError(f"bad step {step!r}: seconds must be >= 0 and slots >= 1")
+        steps.append((seconds, count))
+    return sorted(steps)
+
+
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Fake vLLM OpenAI-compatible server.")
     parser.add_argument("--port", type=int, default=0, help="0 = let the OS pick")
     parser.add_argument("--slots", type=int, default=0, help="concurrent generations (0 = unlimited)")
+    parser.add_argument(
+        "--slots-schedule",
+        type=_slots_schedule,
+        default=None,
+        help='"T1:N1,T2:N2": set the slots to N1 T1 seconds after the first generation request, ...',
+    )
     parser.add_argument("--latency", type=float, default=0.0, help="seconds (median for lognormal)")
     parser.add_argument("--latency-model", choices=("fixed", "lognormal"), default="fixed")
     parser.add_argument("--model", action="append", help="served model name (repeatable)")
@@ -716,7 +846,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0.0,
         help="seconds between binding and listening (connections are refused)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.slots < 0:
+        parser.error("--slots must be >= 0 (0: unlimited)")
+    return args
 
 
 def _bind(port: int, retry_seconds: float) -> socket.socket:
@@ -798,8 +931,8 @@ OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 class FakeServer:
     """``fake_server.py`` as a subprocess: ``with FakeServer("--slots", "8") as s:``.
 
-    ``s.url`` is ``http://127.0.0.1:<port>``; ``log()``, ``stats()``, ``reset()`` call
-    the test-control endpoints; ``kill()`` SIGKILLs the server; ``restart()`` kills it
+    ``s.url`` is ``http://127.0.0.1:<port>``; ``log()``, ``stats()``, ``reset()``,
+    ``fail()``, ``set_slots()`` call the test-control endpoints; ``kill()`` SIGKILLs the server; ``restart()`` kills it
     and starts another on the same port.
     """
 
@@ -908,8 +1041,9 @@ class FakeServer:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
-    def _call(self, method: str, path: str) -> Any:
-        req = urllib.request.Request(self.url + path, method=method, data=b"" if method == "POST" else None)
+    def _call(self, method: str, path: str, body: Any = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else b"" if method == "POST" else None
+        req = urllib.request.Request(self.url + path, method=method, data=data)
         with OPENER.open(req, timeout=30) as resp:
             return json.loads(resp.read())
 
@@ -926,9 +1060,11 @@ class FakeServer:
 
     def fail(self, seconds: float, status: int = 500) -> None:
         """Answer every generation request ``status`` for ``seconds`` (see ``POST /_fail``)."""
-        req = urllib.request.Request(self.url + "/_fail", method="POST", data=json.dumps({"status": status, "seconds": seconds}).encode())
-        with OPENER.open(req, timeout=30) as resp:
-            resp.read()
+        self._call("POST", "/_fail", {"status": status, "seconds": seconds})
+
+    def set_slots(self, slots: int) -> None:
+        """Change the slot count now (see ``POST /_slots``)."""
+        self._call("POST", "/_slots", {"slots": slots})
 
 
 class BlackHole:

@@ -451,3 +451,153 @@ def test_every_response_shape_is_an_openai_response(srv: FakeServer, path: str, 
     assert status == 200
     parsed = check_response(path, json.loads(data))
     assert len(parsed.choices) == body.get("n", 1)  # type: ignore[attr-defined]
+
+
+# -- slots that change while the server runs, and the queue --
+
+
+class Load:
+    """Chat requests sent from daemon threads; ``results`` holds their (status, headers, body)
+    in order of completion. Requests still running when the server stops fail quietly."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.results: list[tuple[int, Any, Any]] = []
+        self.threads: list[threading.Thread] = []
+
+    def send(self, content: str, count: int = 1, headers: dict[str, str] | None = None) -> None:
+        def run() -> None:
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                status, got, data = request(
+                    self.url, CHAT, {"messages": [{"role": "user", "content": content}]}, headers=headers, timeout=60
+                )
+                self.results.append((status, got, json.loads(data)))
+
+        for _ in range(count):
+            thread = threading.Thread(target=run, daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def join(self) -> list[tuple[int, Any, Any]]:
+        for thread in self.threads:
+            thread.join(timeout=30)
+        return self.results
+
+
+def wait_for(srv: FakeServer, **expected: Any) -> dict[str, Any]:
+    """``/_stats`` once the given keys hold the given values (at most 10 s)."""
+    deadline = time.monotonic() + 10
+    while True:
+        stats = srv.stats()
+        if all(stats[key] == value for key, value in expected.items()):
+            return stats
+        assert time.monotonic() < deadline, (expected, {key: stats[key] for key in expected})
+        time.sleep(0.01)
+
+
+def test_queue_timeline_and_max_waiting() -> None:
+    with FakeServer("--slots", "2") as srv:
+        load = Load(srv.url)
+        load.send("[[sleep:0.3]]", 5)
+        assert wait_for(srv, running=2, waiting=3)["slots"] == 2
+        load.join()
+        stats = srv.stats()
+        assert (stats["running"], stats["waiting"], stats["max_running"], stats["max_waiting"]) == (0, 0, 2, 3)
+        queue = stats["queue_timeline"]
+        # (running, waiting) on every change: 5 arrivals, then two ending together every 0.3 s
+        assert [(r, w) for _, r, w in queue] == [(1, 0), (2, 0), (2, 1), (2, 2), (2, 3), (2, 2), (2, 1), (2, 0), (1, 0), (0, 0)]
+        assert [t for t, _, _ in queue] == sorted(t for t, _, _ in queue)
+        load.send("[[sleep:0.3]]", 3)
+        wait_for(srv, running=2, waiting=1)
+        srv.reset()  # the maxima start again from the present state
+        stats = srv.stats()
+        assert (stats["queue_timeline"], stats["max_running"], stats["max_waiting"]) == ([], 2, 1)
+        load.join()
+        assert [(r, w) for _, r, w in srv.stats()["queue_timeline"]] == [(2, 0), (1, 0), (0, 0)]
+
+
+def test_raising_slots_admits_waiters_at_once_in_arrival_order() -> None:
+    with FakeServer("--slots", "1") as srv:
+        load = Load(srv.url)
+        load.send("first [[sleep:1.5]]")
+        wait_for(srv, running=1)
+        for i in range(4):  # one by one: their order of arrival is known
+            load.send(f"waiter {i} [[sleep:0.2]]")
+            wait_for(srv, waiting=i + 1)
+        srv.set_slots(2)
+        stats = srv.stats()  # at once, not when the first finishes
+        assert (stats["slots"], stats["running"], stats["waiting"]) == (2, 2, 3)
+        load.join()
+        # the new slot served the waiters one after another, in their order of arrival
+        assert [r[2]["choices"][0]["message"]["content"] for r in load.results] == [
+            "echo: waiter 0 [[sleep:0.2]]",
+            "echo: waiter 1 [[sleep:0.2]]",
+            "echo: waiter 2 [[sleep:0.2]]",
+            "echo: waiter 3 [[sleep:0.2]]",
+            "echo: first [[sleep:1.5]]",
+        ]
+        srv.set_slots(1)
+        load.send("[[sleep:0.5]]", 4)
+        wait_for(srv, running=1, waiting=3)
+        srv.set_slots(4)
+        stats = srv.stats()
+        assert (stats["running"], stats["waiting"]) == (4, 0)  # several admitted at once
+        load.join()
+
+
+def test_lowering_slots_drains_the_running_first() -> None:
+    with FakeServer("--slots", "4") as srv:
+        load = Load(srv.url)
+        for i in range(1, 5):  # they end 0.3 s apart
+            load.send(f"[[sleep:{0.3 * i:.1f}]]")
+        wait_for(srv, running=4)
+        srv.set_slots(2)
+        lowered = time.monotonic()
+        load.send("late", 2)
+        wait_for(srv, waiting=2)
+        assert [r[0] for r in load.join()] == [200] * 6
+        queue = [(running, waiting) for t, running, waiting in srv.stats()["queue_timeline"] if t > lowered]
+    # (running, waiting): the two late ones wait while 4, 3 and 2 run, then take turns
+    assert queue == [(4, 1), (4, 2), (3, 2), (2, 2), (2, 1), (2, 0), (1, 0), (0, 0)]
+
+
+def test_slots_schedule() -> None:
+    with FakeServer("--slots", "1", "--slots-schedule", "0.5:3,1.0:2") as srv:
+        load = Load(srv.url)
+        load.send("[[sleep:30]]")  # the schedule counts from this first generation request
+        wait_for(srv, running=1)
+        load.send("[[sleep:30]]", 3)
+        stats = wait_for(srv, waiting=3)
+        assert stats["slots"] == 1
+        stats = wait_for(srv, slots=3, running=3, waiting=1)
+        start = srv.log()[0]["t"]
+        admitted = next(t for t, running, _ in stats["queue_timeline"] if running == 3)
+        assert 0.5 <= admitted - start < 0.9
+        # lowered to 2 at 1.0 s: the three run on, no one is admitted
+        stats = wait_for(srv, slots=2)
+        assert (stats["running"], stats["waiting"]) == (3, 1)
+
+
+def test_slots_endpoint_rejects_bad_values() -> None:
+    with FakeServer() as srv:
+        for body in ({"slots": 0}, {"slots": -1}, {"slots": "4"}, {"slots": True}, {}, [4]):
+            status, _, data = request(srv.url, "/_slots", body)
+            assert status == 400 and "/_slots takes" in json.loads(data)["error"]["message"], body
+        assert srv.stats()["slots"] == 0
+        srv.set_slots(2)
+        assert srv.stats()["slots"] == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--slots-schedule", "5"], "bad step '5'"),
+        (["--slots-schedule", "5:0"], "slots >= 1"),
+        (["--slots-schedule=-1:4"], "seconds must be >= 0"),
+        (["--slots", "-1"], "--slots must be >= 0"),
+    ],
+)
+def test_bad_load_arguments(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        _parse_args(argv)
+    assert message in capsys.readouterr().err
