@@ -4,6 +4,7 @@ Run as a subprocess::
 
     python tests/fake_server.py --port 0 [--slots N] [--slots-schedule T:N,...] [--latency S]
         [--latency-model fixed|lognormal] [--model NAME ...] [--api-key KEY]
+        [--max-queued N]
         [--no-timeline] [--no-log] [--bind-retry S] [--listen-delay S]
 
 It prints exactly one line, ``LISTENING <port>``, once bound to 127.0.0.1, and exits
@@ -74,14 +75,17 @@ count can change while the server runs: ``POST /_slots`` with ``{"slots": N}``, 
 ``--slots-schedule "5:128,10:256"`` (128 slots 5 s after the first generation request,
 256 at 10 s). Raising it admits waiters at once, in arrival order; lowering it lets the
 running requests finish and admits no one until fewer than N run.
+``--max-queued N`` is vLLM's ``--max-num-queued-reqs``: a request that would make
+running + waiting exceed N is answered at once (no slot, no latency) 503 with vLLM's
+QueueOverflowError message and ``type`` "Service Unavailable".
 
 Test-control endpoints: ``GET /_log`` (the generation requests, in order of arrival),
 ``GET /_stats`` (counters, including ``models_requests``: the ``GET /v1/models`` calls,
-which ``/_log`` leaves out; ``running``/``waiting`` (holding a slot / waiting for one) and their
-maxima; ``slots``: the current capacity, 0 = unlimited; ``timeline``: ``[t, in_flight]``
-and ``queue_timeline``: ``[t, running, waiting]`` on every change, unless
-``--no-timeline``), ``POST /_reset`` (counters to 0, maxima to the current values),
-``POST /_slots``, and ``POST /_fail`` with
+which ``/_log`` leaves out; ``rejected``: the ``--max-queued`` 503s; ``running`` and
+``waiting`` (holding a slot / waiting for one) and their maxima; ``slots``: the current
+capacity, 0 = unlimited; ``timeline``: ``[t, in_flight]`` and ``queue_timeline``:
+``[t, running, waiting]`` on every change, unless ``--no-timeline``), ``POST /_reset``
+(counters to 0, maxima to the current values), ``POST /_slots``, and ``POST /_fail`` with
 ``{"status": 500, "seconds": S}``: every generation request is answered that status
 for S seconds (a vLLM engine failing while its server shuts down).
 
@@ -132,6 +136,9 @@ _CONTEXT_LENGTH_MESSAGE = "This model's maximum context length is 512 tokens. Ho
 _MALFORMED_BODY = b'{"id": "x", "choi'
 _JSON = "application/json"
 _Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+# vLLM's QueueOverflowError (--max-num-queued-reqs), answered 503 with type "Service Unavailable"
+_QUEUE_OVERFLOW_MESSAGE = "The engine is currently busy and cannot accept new requests. Please try again later or on a different instance."
 
 
 class BadDirective(ValueError):
@@ -372,6 +379,7 @@ class FakeVLLM:
         self.record_log = not args.no_log
         self.in_flight = 0
         self.gate = SlotGate(args.slots, self._queue_changed)
+        self.max_queued: int = args.max_queued
         self.slots_schedule: list[tuple[float, int]] | None = args.slots_schedule
         self._schedule_task: asyncio.Task[None] | None = None  # referenced, so never collected
         self._id_prefix = f"{os.getpid():x}"  # response ids: unique per server
@@ -395,6 +403,7 @@ class FakeVLLM:
     def reset(self) -> None:
         self.requests = 0
         self.models_requests = 0  # GET /v1/models, kept out of the generation log
+        self.rejected = 0  # --max-queued
         self.max_in_flight = self.in_flight
         self.max_running = self.gate.running
         self.max_waiting = self.gate.waiting
@@ -552,6 +561,10 @@ class FakeVLLM:
             else:
                 latency = self.latency
 
+            # vLLM's --max-num-queued-reqs: running + waiting + this one may not pass the limit
+            if self.max_queued and self.gate.running + self.gate.waiting >= self.max_queued:
+                self.rejected += 1
+                return _error(503, _QUEUE_OVERFLOW_MESSAGE, "Service Unavailable")
             # Queue for a slot like vLLM's scheduler.
             await self.gate.acquire(time.monotonic())
             try:
@@ -776,6 +789,7 @@ class FakeVLLM:
                 "waiting": self.gate.waiting,
                 "max_waiting": self.max_waiting,
                 "slots": self.gate.capacity,
+                "rejected": self.rejected,
                 "timeline": [[t, n] for t, n in zip(self.tl_time, self.tl_count, strict=True)],
                 "queue_timeline": [list(c) for c in zip(self.qt_time, self.qt_running, self.qt_waiting, strict=True)],
             }
@@ -827,6 +841,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help='"T1:N1,T2:N2": set the slots to N1 T1 seconds after the first generation request, ...',
     )
+    parser.add_argument("--max-queued", type=int, default=0, help="vLLM's --max-num-queued-reqs: 503 past it (0 = no limit)")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds (median for lognormal)")
     parser.add_argument("--latency-model", choices=("fixed", "lognormal"), default="fixed")
     parser.add_argument("--model", action="append", help="served model name (repeatable)")
@@ -849,6 +864,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.slots < 0:
         parser.error("--slots must be >= 0 (0: unlimited)")
+    if args.max_queued < 0:
+        parser.error("--max-queued must be >= 0")
     return args
 
 

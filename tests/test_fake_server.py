@@ -578,6 +578,33 @@ def test_slots_schedule() -> None:
         assert (stats["running"], stats["waiting"]) == (3, 1)
 
 
+def test_max_queued_rejects_with_vllms_503() -> None:
+    with FakeServer("--slots", "1", "--max-queued", "3") as srv:
+        load = Load(srv.url)
+        load.send("[[sleep:0.5]]", 3)
+        wait_for(srv, running=1, waiting=2)
+        started = time.monotonic()
+        status, _, out = chat(srv.url, "one too many")
+        assert time.monotonic() - started < 0.3  # at once: no slot, no latency
+        assert (status, out) == (
+            503,
+            {
+                "error": {
+                    "message": "The engine is currently busy and cannot accept new requests. Please try again later or on a different instance.",
+                    "type": "Service Unavailable",
+                    "param": None,
+                    "code": 503,
+                }
+            },
+        )
+        assert [r[0] for r in load.join()] == [200] * 3
+        assert chat(srv.url, "room again")[0] == 200
+        stats = srv.stats()
+        assert (stats["rejected"], stats["requests"]) == (1, 5)
+        srv.reset()
+        assert srv.stats()["rejected"] == 0
+
+
 def test_slots_endpoint_rejects_bad_values() -> None:
     with FakeServer() as srv:
         for body in ({"slots": 0}, {"slots": -1}, {"slots": "4"}, {"slots": True}, {}, [4]):
@@ -595,6 +622,7 @@ def test_slots_endpoint_rejects_bad_values() -> None:
         (["--slots-schedule", "5:0"], "slots >= 1"),
         (["--slots-schedule=-1:4"], "seconds must be >= 0"),
         (["--slots", "-1"], "--slots must be >= 0"),
+        (["--max-queued", "-1"], "--max-queued must be >= 0"),
     ],
 )
 def test_bad_load_arguments(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
