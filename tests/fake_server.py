@@ -4,7 +4,7 @@ Run as a subprocess::
 
     python tests/fake_server.py --port 0 [--slots N] [--slots-schedule T:N,...] [--latency S]
         [--latency-model fixed|lognormal] [--model NAME ...] [--api-key KEY]
-        [--max-queued N]
+        [--engines K] [--max-queued N] [--metrics-lag S] [--no-metrics]
         [--no-timeline] [--no-log] [--bind-retry S] [--listen-delay S]
 
 It prints exactly one line, ``LISTENING <port>``, once bound to 127.0.0.1, and exits
@@ -79,13 +79,37 @@ running requests finish and admits no one until fewer than N run.
 running + waiting exceed N is answered at once (no slot, no latency) 503 with vLLM's
 QueueOverflowError message and ``type`` "Service Unavailable".
 
+Load reporting, as vLLM 0.32 does it (DESIGN.md §7):
+``GET /metrics`` is Prometheus text as vLLM's prometheus_client writes it: the gauges
+``vllm:num_requests_running``, ``vllm:num_requests_waiting``,
+``vllm:num_requests_waiting_by_reason`` (``reason="capacity"``, and ``"deferred"`` always 0),
+``vllm:kv_cache_usage_perc`` (running / slots, 0 with unlimited slots), among other
+metrics (``vllm:cache_config_info``, token and success counters, an e2e latency histogram),
+labelled ``{engine="0",model_name="<first --model>"}``. With ``--engines K`` the engines
+report separately, ``engine="0"`` to ``"K-1"``: each total (running, waiting, slots, the
+counters) is split evenly, engine e getting ``total // K`` plus one if ``e < total % K``,
+so a client must sum them; each engine's KV usage is its running / its slots.
+A generation request with header ``endpoint-load-metrics-format: json`` (or ``text``)
+gets, on a 200 answer only (vLLM sends none with errors; nor does ``[[truncate]]``),
+``endpoint-load-metrics: JSON {"named_metrics": {"num_requests_waiting": 3.0,
+"kv_cache_usage_perc": 0.25}}`` or ``TEXT named_metrics.num_requests_waiting=3.0,
+named_metrics.kv_cache_usage_perc=0.25``, in vLLM's registry order, taken once the
+generation is done and its slot freed. With several engines TEXT lists every engine's
+value (all waiting, then all usage) and JSON only the last engine's, as vLLM's dict does.
+``--metrics-lag S`` makes both report the state of S seconds ago (zeros until the first
+change that old), like vLLM's trailing gauges; counters are not delayed.
+``--no-metrics`` makes another OpenAI-compatible server: ``/metrics`` answers 404 and no
+response carries the header.
+
 Test-control endpoints: ``GET /_log`` (the generation requests, in order of arrival),
 ``GET /_stats`` (counters, including ``models_requests``: the ``GET /v1/models`` calls,
-which ``/_log`` leaves out; ``rejected``: the ``--max-queued`` 503s; ``running`` and
-``waiting`` (holding a slot / waiting for one) and their maxima; ``slots``: the current
-capacity, 0 = unlimited; ``timeline``: ``[t, in_flight]`` and ``queue_timeline``:
-``[t, running, waiting]`` on every change, unless ``--no-timeline``), ``POST /_reset``
-(counters to 0, maxima to the current values), ``POST /_slots``, and ``POST /_fail`` with
+which ``/_log`` leaves out; ``metrics_requests``: the ``GET /metrics`` calls;
+``load_header_requests``: the generation requests asking for the header; ``rejected``: the
+``--max-queued`` 503s; ``running`` and ``waiting`` (holding a slot / waiting for one) and
+their maxima; ``slots``: the current capacity, 0 = unlimited; ``timeline``:
+``[t, in_flight]`` and ``queue_timeline``: ``[t, running, waiting]`` on every change,
+unless ``--no-timeline``), ``POST /_reset`` (counters to 0, maxima to the current values;
+the Prometheus counters never reset), ``POST /_slots``, and ``POST /_fail`` with
 ``{"status": 500, "seconds": S}``: every generation request is answered that status
 for S seconds (a vLLM engine failing while its server shuts down).
 
@@ -97,12 +121,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import contextlib
 import gc
 import hashlib
 import json
 import math
 import os
+import platform
 import re
 import selectors
 import signal
@@ -115,7 +141,7 @@ from array import array
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from statistics import NormalDist
-from typing import Any, NoReturn, Self
+from typing import Any, NamedTuple, NoReturn, Self
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
@@ -139,6 +165,27 @@ _Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 # vLLM's QueueOverflowError (--max-num-queued-reqs), answered 503 with type "Service Unavailable"
 _QUEUE_OVERFLOW_MESSAGE = "The engine is currently busy and cannot accept new requests. Please try again later or on a different instance."
+_LOAD_FORMAT_HEADER = "endpoint-load-metrics-format"
+_LOAD_HEADER = "endpoint-load-metrics"
+# What vLLM 0.32's prometheus_client serves /metrics as (its CONTENT_TYPE_LATEST).
+_METRICS_CONTENT_TYPE = "text/plain; version=1.0.0; charset=utf-8"
+# vLLM's default "request_latency" buckets (v1/metrics/buckets.py), in seconds.
+_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
+_FINISHED_REASONS = ("stop", "length", "abort", "error", "repetition")
+# vllm:cache_config_info labels: static, like a real engine's after its start-up profiling.
+# kv_cache_max_concurrency bounds full-length (512-token) requests and says nothing about --slots.
+_CACHE_CONFIG = {
+    "block_size": "16",
+    "cache_dtype": "auto",
+    "enable_prefix_caching": "True",
+    "gpu_memory_utilization": "0.9",
+    "kv_cache_max_concurrency": "128.0",
+    "kv_cache_size_tokens": "65536",
+    "num_gpu_blocks": "4096",
+    "prefix_caching_hash_algo": "sha256",
+}
+_SAMPLE_LINE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)")
+_LABEL_PAIR = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"(?:,|$)')
 
 
 class BadDirective(ValueError):
@@ -308,6 +355,75 @@ def _format_seconds(seconds: float) -> str:
     return str(int(seconds)) if seconds == int(seconds) else repr(seconds)
 
 
+def _share(total: int, engines: int, engine: int) -> int:
+    """Engine ``engine``'s part of ``total`` split as evenly as possible: the parts sum to it."""
+    return total // engines + (engine < total % engines)
+
+
+def _number(value: float) -> str:
+    """A sample value or ``le`` bound as prometheus_client writes it: Python's repr (``12.0``),
+    but Go's exponent form from 7 integer digits on (``1.7961276689e+09``), ``+Inf``."""
+    if value == math.inf:
+        return "+Inf"
+    text = repr(float(value))
+    whole, dot, fraction = text.partition(".")
+    if value > 0 and dot and len(whole) > 6:
+        digits = (whole + fraction).rstrip("0")
+        mantissa = digits[0] + ("." + digits[1:] if len(digits) > 1 else "")
+        return f"{mantissa}e+{len(whole) - 1:02d}"
+    return text
+
+
+def _labels(labels: Mapping[str, str]) -> str:
+    """``{a="1",b="2"}`` (nothing without labels): names sorted and values escaped, as
+    prometheus_client writes them."""
+    if not labels:
+        return ""
+    pairs = (f'{name}="{_escape(value)}"' for name, value in sorted(labels.items()))
+    return "{" + ",".join(pairs) + "}"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+def _unescape(value: str) -> str:
+    return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), value)
+
+
+class Sample(NamedTuple):
+    """One line of a Prometheus text exposition: ``name{labels} value``."""
+
+    name: str
+    labels: dict[str, str]
+    value: float
+
+
+def parse_metrics(text: str) -> list[Sample]:
+    """The samples of a Prometheus text exposition; a line that is neither a sample nor a
+    ``#`` comment raises ValueError."""
+    samples = []
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        match = _SAMPLE_LINE.fullmatch(line)
+        if match is None:
+            raise ValueError(f"not a Prometheus sample line: {line!r}")
+        name, label_text, value = match.groups()
+        labels: dict[str, str] = {}
+        if label_text:
+            end = 0
+            for pair in _LABEL_PAIR.finditer(label_text):
+                if pair.start() != end:
+                    break
+                labels[pair.group(1)] = _unescape(pair.group(2))
+                end = pair.end()
+            if end != len(label_text):
+                raise ValueError(f"bad labels in Prometheus sample line: {line!r}")
+        samples.append(Sample(name, labels, float(value)))
+    return samples
+
+
 class SlotGate:
     """FIFO admission to ``capacity`` slots (0 = unlimited), like vLLM's scheduler with
     ``max_num_seqs``, but the capacity may change while requests hold slots: raising it admits
@@ -379,9 +495,21 @@ class FakeVLLM:
         self.record_log = not args.no_log
         self.in_flight = 0
         self.gate = SlotGate(args.slots, self._queue_changed)
+        self.engines: int = args.engines
         self.max_queued: int = args.max_queued
+        self.report_load = not args.no_metrics
+        self.metrics_lag: float = args.metrics_lag
+        # (time, running, waiting, slots) on every change, back to the newest older than the lag
+        self.history: deque[tuple[float, int, int, int]] | None = deque() if self.metrics_lag > 0 else None
         self.slots_schedule: list[tuple[float, int]] | None = args.slots_schedule
         self._schedule_task: asyncio.Task[None] | None = None  # referenced, so never collected
+        # The Prometheus counters never reset, as a real server's do not.
+        self.started = time.time()
+        self.succeeded = 0
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.latency_counts = [0] * (len(_LATENCY_BUCKETS) + 1)  # per bucket, the last is +Inf
+        self.latency_sum = 0.0
         self._id_prefix = f"{os.getpid():x}"  # response ids: unique per server
         self.redirect_to: str | None = args.redirect_to
         self.failing_until = 0.0  # POST /_fail: every generation request fails until then
@@ -398,11 +526,14 @@ class FakeVLLM:
             ("POST", "/_reset"): self._reset,
             ("POST", "/_fail"): self._fail,
             ("POST", "/_slots"): self._set_slots,
+            ("GET", "/metrics"): self._metrics,
         }
 
     def reset(self) -> None:
         self.requests = 0
         self.models_requests = 0  # GET /v1/models, kept out of the generation log
+        self.metrics_requests = 0  # GET /metrics
+        self.load_header_requests = 0  # generation requests asking for endpoint-load-metrics
         self.rejected = 0  # --max-queued
         self.max_in_flight = self.in_flight
         self.max_running = self.gate.running
@@ -421,7 +552,11 @@ class FakeVLLM:
         handler = self.routes.get((request.method, request.path))
         if handler is None:
             return _error(404, f"Not Found: {request.method} {request.path}", "NotFoundError")
-        if request.path == "/v1/models":
+        if request.path == "/metrics":
+            self.metrics_requests += 1
+            if not self.report_load:
+                return _error(404, "Not Found: GET /metrics", "NotFoundError")
+        elif request.path == "/v1/models":
             self.models_requests += 1
             if self.auth_header is not None and request.headers.get("Authorization") != self.auth_header:
                 # vLLM guards every /v1 path; generation requests check after logging.
@@ -447,6 +582,16 @@ class FakeVLLM:
             self.qt_time.append(now)
             self.qt_running.append(running)
             self.qt_waiting.append(waiting)
+        if self.history is not None:
+            self.history.append((now, running, waiting, self.gate.capacity))
+            self._forget(now - self.metrics_lag)
+
+    def _forget(self, cutoff: float) -> None:
+        """Drop the history older than the newest sample taken at or before ``cutoff``."""
+        history = self.history
+        assert history is not None
+        while len(history) > 1 and history[1][0] <= cutoff:
+            history.popleft()
 
     def _follow_schedule(self, start: float) -> None:
         """Start ``--slots-schedule``: its times count from ``start``, the first generation request."""
@@ -473,6 +618,9 @@ class FakeVLLM:
         self._track(1, now)
         if self.slots_schedule is not None:
             self._follow_schedule(now)
+        load_format = request.headers.get(_LOAD_FORMAT_HEADER)
+        if load_format:
+            self.load_header_requests += 1
         try:
             raw = await request.read()
             has_auth = "Authorization" in request.headers
@@ -574,6 +722,13 @@ class FakeVLLM:
                 )  # fmt: skip
             finally:
                 self.gate.release(time.monotonic())
+            if response.status == 200:
+                self._observe(time.monotonic() - now)
+                # vLLM adds the header to its 200 answers only, built once the generation is done.
+                if load_format and self.report_load:
+                    header = self._load_header(load_format)
+                    if header is not None:
+                        response.headers[_LOAD_HEADER] = header
             return response
         finally:
             self._track(-1, time.monotonic())
@@ -730,6 +885,8 @@ class FakeVLLM:
                         }
                     )
         self._seq += 1
+        self.prompt_tokens += prompt_tokens
+        self.generation_tokens += completion_tokens
         return {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{self._id_prefix}{self._seq:08x}",
             "object": "chat.completion" if chat else "text_completion",
@@ -747,6 +904,115 @@ class FakeVLLM:
             "prompt_logprobs": None,
             "kv_transfer_params": None,
         }
+
+    # -- load reporting (vLLM's /metrics gauges and endpoint-load-metrics header) -----
+
+    def _observe(self, seconds: float) -> None:
+        """A 200 answer: vllm:request_success_total and vllm:e2e_request_latency_seconds."""
+        self.succeeded += 1
+        self.latency_counts[bisect.bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+        self.latency_sum += seconds
+
+    def _engine_load(self) -> list[tuple[int, int, float]]:
+        """Per engine, (running, waiting, kv_cache_usage_perc) as its gauges read: the state
+        now, or ``--metrics-lag`` seconds ago (zeros before the first change that old)."""
+        running, waiting, slots = self.gate.running, self.gate.waiting, self.gate.capacity
+        if self.history is not None:
+            cutoff = time.monotonic() - self.metrics_lag
+            self._forget(cutoff)
+            if self.history and self.history[0][0] <= cutoff:
+                _, running, waiting, slots = self.history[0]
+            else:
+                running = waiting = 0
+        k = self.engines
+        load = []
+        for engine in range(k):
+            share = _share(running, k, engine)
+            # the share of the KV cache in use; never above 1 while a lowered capacity drains
+            usage = min(1.0, share / _share(slots, k, engine)) if slots else 0.0
+            load.append((share, _share(waiting, k, engine), usage))
+        return load
+
+    def _load_header(self, load_format: str) -> str | None:
+        """vLLM's ``endpoint-load-metrics`` value: its metrics in registry order, one pair per
+        engine in ``text``; in ``json`` a dict, which keeps only the last engine's values."""
+        kind = load_format.lower()
+        if kind not in ("json", "text"):
+            return None  # vLLM logs a warning and sends no header
+        load = self._engine_load()
+        if kind == "json":
+            _, waiting, usage = load[-1]
+            return "JSON " + json.dumps({"named_metrics": {"num_requests_waiting": float(waiting), "kv_cache_usage_perc": usage}})
+        pairs = [f"named_metrics.num_requests_waiting={float(w)}" for _, w, _ in load]
+        pairs += [f"named_metrics.kv_cache_usage_perc={u}" for _, _, u in load]
+        return "TEXT " + ", ".join(pairs)
+
+    async def _metrics(self, request: web.BaseRequest) -> web.StreamResponse:
+        text = self._exposition()
+        return web.Response(body=text.encode(), headers={"Content-Type": _METRICS_CONTENT_TYPE})
+
+    def _exposition(self) -> str:
+        """/metrics as vLLM 0.32 writes it (prometheus_client's text format), abridged to the
+        load gauges and a few counters and a histogram around them."""
+        out: list[str] = []
+        model = self.models[0]
+        engines = [{"engine": str(e), "model_name": model} for e in range(self.engines)]
+
+        def family(name: str, kind: str, help_text: str, samples: list[tuple[str, dict[str, str], float]]) -> None:
+            out.append(f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n")
+            out.extend(f"{name}{suffix}{_labels(labels)} {_number(value)}\n" for suffix, labels, value in samples)
+
+        def counter(name: str, help_text: str, samples: list[tuple[dict[str, str], float]]) -> None:
+            family(name + "_total", "counter", help_text, [("", labels, value) for labels, value in samples])
+            family(name + "_created", "gauge", help_text, [("", labels, self.started) for labels, _ in samples])
+
+        def split(total: int) -> list[float]:
+            return [float(_share(total, self.engines, e)) for e in range(self.engines)]
+
+        major, minor, micro = (str(n) for n in sys.version_info[:3])
+        python = {"implementation": platform.python_implementation(), "major": major, "minor": minor, "patchlevel": micro}
+        family("python_info", "gauge", "Python platform information", [("", {**python, "version": f"{major}.{minor}.{micro}"}, 1.0)])
+        family("process_start_time_seconds", "gauge", "Start time of the process since unix epoch in seconds.", [("", {}, self.started)])
+        load = self._engine_load()
+        running = [("", labels, float(r)) for labels, (r, _, _) in zip(engines, load)]
+        family("vllm:num_requests_running", "gauge", "Number of requests in model execution batches.", running)
+        waiting = [("", labels, float(w)) for labels, (_, w, _) in zip(engines, load)]
+        family("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed.", waiting)
+        by_reason = [("", {**labels, "reason": "capacity"}, value) for _, labels, value in waiting]
+        by_reason += [("", {**labels, "reason": "deferred"}, 0.0) for labels in engines]
+        reasons = "Number of waiting requests by reason: 'capacity' (no free slot) or 'deferred' (LoRA budget, KV transfer)."
+        family("vllm:num_requests_waiting_by_reason", "gauge", reasons, by_reason)
+        usage = [("", labels, u) for labels, (_, _, u) in zip(engines, load)]
+        family("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.", usage)
+        counter("vllm:prompt_tokens", "Number of prefill tokens processed.", list(zip(engines, split(self.prompt_tokens))))
+        counter("vllm:generation_tokens", "Number of generation tokens processed.", list(zip(engines, split(self.generation_tokens))))
+        counter(
+            "vllm:request_success",
+            "Count of successfully processed requests.",
+            [
+                ({**labels, "finished_reason": reason}, share if reason == "stop" else 0.0)
+                for reason in _FINISHED_REASONS
+                for labels, share in zip(engines, split(self.succeeded))
+            ],
+        )
+        # cumulative bucket counts, each split over the engines like the totals
+        cumulative, running_count = [], 0
+        for count in self.latency_counts:
+            running_count += count
+            cumulative.append(running_count)
+        histogram: list[tuple[str, dict[str, str], float]] = []
+        for e, labels in enumerate(engines):
+            for bound, total in zip((*_LATENCY_BUCKETS, math.inf), cumulative):
+                histogram.append(("_bucket", {**labels, "le": _number(bound)}, float(_share(total, self.engines, e))))
+            count = _share(self.succeeded, self.engines, e)
+            histogram.append(("_count", labels, float(count)))
+            histogram.append(("_sum", labels, self.latency_sum * count / self.succeeded if self.succeeded else 0.0))
+        e2e = "Histogram of e2e request latency in seconds."
+        family("vllm:e2e_request_latency_seconds", "histogram", e2e, histogram)
+        family("vllm:e2e_request_latency_seconds_created", "gauge", e2e, [("", labels, self.started) for labels in engines])
+        info = [("", {**_CACHE_CONFIG, "engine": labels["engine"]}, 1.0) for labels in engines]
+        family("vllm:cache_config_info", "gauge", "Information of the LLMEngine CacheConfig", info)
+        return "".join(out)
 
     # -- other endpoints ------------------------------------------------------------
 
@@ -790,6 +1056,8 @@ class FakeVLLM:
                 "max_waiting": self.max_waiting,
                 "slots": self.gate.capacity,
                 "rejected": self.rejected,
+                "metrics_requests": self.metrics_requests,
+                "load_header_requests": self.load_header_requests,
                 "timeline": [[t, n] for t, n in zip(self.tl_time, self.tl_count, strict=True)],
                 "queue_timeline": [list(c) for c in zip(self.qt_time, self.qt_running, self.qt_waiting, strict=True)],
             }
@@ -804,8 +1072,8 @@ class FakeVLLM:
             slots = json.loads(await request.read())["slots"]
         except (ValueError, KeyError, TypeError):
             slots = None
-        if type(slots) is not int or slots < 1:
-            return _error(400, '/_slots takes {"slots": N}, N an integer >= 1', "BadRequestError")
+        if type(slots) is not int or slots < self.engines:
+            return _error(400, f'/_slots takes {{"slots": N}}, N an integer >= {self.engines} (one per engine)', "BadRequestError")
         self.gate.set_capacity(slots, time.monotonic())
         return _json({"ok": True})
 
@@ -834,14 +1102,17 @@ def _slots_schedule(text: str) -> list[tuple[float, int]]:
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Fake vLLM OpenAI-compatible server.")
     parser.add_argument("--port", type=int, default=0, help="0 = let the OS pick")
-    parser.add_argument("--slots", type=int, default=0, help="concurrent generations (0 = unlimited)")
+    parser.add_argument("--slots", type=int, default=0, help="concurrent generations, all engines together (0 = unlimited)")
     parser.add_argument(
         "--slots-schedule",
         type=_slots_schedule,
         default=None,
         help='"T1:N1,T2:N2": set the slots to N1 T1 seconds after the first generation request, ...',
     )
+    parser.add_argument("--engines", type=int, default=1, help="data-parallel engines the metrics report separately")
     parser.add_argument("--max-queued", type=int, default=0, help="vLLM's --max-num-queued-reqs: 503 past it (0 = no limit)")
+    parser.add_argument("--metrics-lag", type=float, default=0.0, help="seconds the load gauges and header trail the state by")
+    parser.add_argument("--no-metrics", action="store_true", help="no /metrics (404) and no endpoint-load-metrics header")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds (median for lognormal)")
     parser.add_argument("--latency-model", choices=("fixed", "lognormal"), default="fixed")
     parser.add_argument("--model", action="append", help="served model name (repeatable)")
@@ -862,10 +1133,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="seconds between binding and listening (connections are refused)",
     )
     args = parser.parse_args(argv)
-    if args.slots < 0:
-        parser.error("--slots must be >= 0 (0: unlimited)")
-    if args.max_queued < 0:
-        parser.error("--max-queued must be >= 0")
+    if args.engines < 1:
+        parser.error("--engines must be >= 1")
+    smallest = min([args.slots or args.engines] + [n for _, n in args.slots_schedule or []])
+    if args.slots < 0 or smallest < args.engines:
+        parser.error("--slots and --slots-schedule give each engine at least one slot (or --slots 0: unlimited)")
+    if args.max_queued < 0 or args.metrics_lag < 0:
+        parser.error("--max-queued and --metrics-lag must be >= 0")
     return args
 
 
@@ -949,7 +1223,8 @@ class FakeServer:
     """``fake_server.py`` as a subprocess: ``with FakeServer("--slots", "8") as s:``.
 
     ``s.url`` is ``http://127.0.0.1:<port>``; ``log()``, ``stats()``, ``reset()``,
-    ``fail()``, ``set_slots()`` call the test-control endpoints; ``kill()`` SIGKILLs the server; ``restart()`` kills it
+    ``fail()``, ``set_slots()`` call the test-control endpoints; ``metrics()`` parses
+    ``/metrics``; ``kill()`` SIGKILLs the server; ``restart()`` kills it
     and starts another on the same port.
     """
 
@@ -1082,6 +1357,11 @@ class FakeServer:
     def set_slots(self, slots: int) -> None:
         """Change the slot count now (see ``POST /_slots``)."""
         self._call("POST", "/_slots", {"slots": slots})
+
+    def metrics(self) -> list[Sample]:
+        """The samples of ``GET /metrics``."""
+        with OPENER.open(self.url + "/metrics", timeout=30) as resp:
+            return parse_metrics(resp.read().decode())
 
 
 class BlackHole:
