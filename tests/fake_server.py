@@ -2,8 +2,9 @@
 
 Run as a subprocess::
 
-    python tests/fake_server.py --port 0 [--slots N] [--latency S]
+    python tests/fake_server.py --port 0 [--slots N] [--slots-schedule T:N,...] [--latency S]
         [--latency-model fixed|lognormal] [--model NAME ...] [--api-key KEY]
+        [--engines K] [--max-queued N] [--metrics-lag S] [--no-metrics]
         [--no-timeline] [--no-log] [--bind-retry S] [--listen-delay S]
 
 It prints exactly one line, ``LISTENING <port>``, once bound to 127.0.0.1, and exits
@@ -69,11 +70,46 @@ Latency: ``--latency-model fixed`` sleeps ``--latency`` seconds per request;
 always gets the same latency): median ``--latency``, sigma = ln(25) / z(0.99) ≈ 1.3837,
 so about 1 % of rows take more than 25x the median (mean ≈ 2.6x the median).
 The sleep happens while holding one of ``--slots`` (0 = unlimited) slots; requests
-beyond that queue, like vLLM's scheduler.
+beyond that wait in line (FIFO), like vLLM's scheduler with ``--max-num-seqs``. The slot
+count can change while the server runs: ``POST /_slots`` with ``{"slots": N}``, or
+``--slots-schedule "5:128,10:256"`` (128 slots 5 s after the first generation request,
+256 at 10 s). Raising it admits waiters at once, in arrival order; lowering it lets the
+running requests finish and admits no one until fewer than N run.
+``--max-queued N`` is vLLM's ``--max-num-queued-reqs``: a request that would make
+running + waiting exceed N is answered at once (no slot, no latency) 503 with vLLM's
+QueueOverflowError message and ``type`` "Service Unavailable".
+
+Load reporting, as vLLM 0.32 does it (DESIGN.md §7):
+``GET /metrics`` is Prometheus text as vLLM's prometheus_client writes it: the gauges
+``vllm:num_requests_running``, ``vllm:num_requests_waiting``,
+``vllm:num_requests_waiting_by_reason`` (``reason="capacity"``, and ``"deferred"`` always 0),
+``vllm:kv_cache_usage_perc`` (running / slots, 0 with unlimited slots), among other
+metrics (``vllm:cache_config_info``, token and success counters, an e2e latency histogram),
+labelled ``{engine="0",model_name="<first --model>"}``. With ``--engines K`` the engines
+report separately, ``engine="0"`` to ``"K-1"``: each total (running, waiting, slots, the
+counters) is split evenly, engine e getting ``total // K`` plus one if ``e < total % K``,
+so a client must sum them; each engine's KV usage is its running / its slots.
+A generation request with header ``endpoint-load-metrics-format: json`` (or ``text``)
+gets, on a 200 answer only (vLLM sends none with errors; nor does ``[[truncate]]``),
+``endpoint-load-metrics: JSON {"named_metrics": {"num_requests_waiting": 3.0,
+"kv_cache_usage_perc": 0.25}}`` or ``TEXT named_metrics.num_requests_waiting=3.0,
+named_metrics.kv_cache_usage_perc=0.25``, in vLLM's registry order, taken once the
+generation is done and its slot freed. With several engines TEXT lists every engine's
+value (all waiting, then all usage) and JSON only the last engine's, as vLLM's dict does.
+``--metrics-lag S`` makes both report the state of S seconds ago (zeros until the first
+change that old), like vLLM's trailing gauges; counters are not delayed.
+``--no-metrics`` makes another OpenAI-compatible server: ``/metrics`` answers 404 and no
+response carries the header.
 
 Test-control endpoints: ``GET /_log`` (the generation requests, in order of arrival),
 ``GET /_stats`` (counters, including ``models_requests``: the ``GET /v1/models`` calls,
-which ``/_log`` leaves out), ``POST /_reset``, and ``POST /_fail`` with
+which ``/_log`` leaves out; ``metrics_requests``: the ``GET /metrics`` calls;
+``load_header_requests``: the generation requests asking for the header; ``rejected``: the
+``--max-queued`` 503s; ``running`` and ``waiting`` (holding a slot / waiting for one) and
+their maxima; ``slots``: the current capacity, 0 = unlimited; ``timeline``:
+``[t, in_flight]`` and ``queue_timeline``: ``[t, running, waiting]`` on every change,
+unless ``--no-timeline``), ``POST /_reset`` (counters to 0, maxima to the current values;
+the Prometheus counters never reset), ``POST /_slots``, and ``POST /_fail`` with
 ``{"status": 500, "seconds": S}``: every generation request is answered that status
 for S seconds (a vLLM engine failing while its server shuts down).
 
@@ -85,12 +121,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import contextlib
 import gc
 import hashlib
 import json
 import math
 import os
+import platform
 import re
 import selectors
 import signal
@@ -100,9 +138,10 @@ import sys
 import time
 import urllib.request
 from array import array
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from statistics import NormalDist
-from typing import Any, NoReturn, Self
+from typing import Any, NamedTuple, NoReturn, Self
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
@@ -122,8 +161,31 @@ _REASONING_SHAPES = frozenset({"field", "legacy", "inline", "close_only", "unclo
 _CONTEXT_LENGTH_MESSAGE = "This model's maximum context length is 512 tokens. However, you requested 900 tokens."
 _MALFORMED_BODY = b'{"id": "x", "choi'
 _JSON = "application/json"
-_NO_SLOTS = contextlib.nullcontext()
 _Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+# vLLM's QueueOverflowError (--max-num-queued-reqs), answered 503 with type "Service Unavailable"
+_QUEUE_OVERFLOW_MESSAGE = "The engine is currently busy and cannot accept new requests. Please try again later or on a different instance."
+_LOAD_FORMAT_HEADER = "endpoint-load-metrics-format"
+_LOAD_HEADER = "endpoint-load-metrics"
+# What vLLM 0.32's prometheus_client serves /metrics as (its CONTENT_TYPE_LATEST).
+_METRICS_CONTENT_TYPE = "text/plain; version=1.0.0; charset=utf-8"
+# vLLM's default "request_latency" buckets (v1/metrics/buckets.py), in seconds.
+_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
+_FINISHED_REASONS = ("stop", "length", "abort", "error", "repetition")
+# vllm:cache_config_info labels: static, like a real engine's after its start-up profiling.
+# kv_cache_max_concurrency bounds full-length (512-token) requests and says nothing about --slots.
+_CACHE_CONFIG = {
+    "block_size": "16",
+    "cache_dtype": "auto",
+    "enable_prefix_caching": "True",
+    "gpu_memory_utilization": "0.9",
+    "kv_cache_max_concurrency": "128.0",
+    "kv_cache_size_tokens": "65536",
+    "num_gpu_blocks": "4096",
+    "prefix_caching_hash_algo": "sha256",
+}
+_SAMPLE_LINE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)")
+_LABEL_PAIR = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"(?:,|$)')
 
 
 class BadDirective(ValueError):
@@ -293,6 +355,133 @@ def _format_seconds(seconds: float) -> str:
     return str(int(seconds)) if seconds == int(seconds) else repr(seconds)
 
 
+def _share(total: int, engines: int, engine: int) -> int:
+    """Engine ``engine``'s part of ``total`` split as evenly as possible: the parts sum to it."""
+    return total // engines + (engine < total % engines)
+
+
+def _number(value: float) -> str:
+    """A sample value or ``le`` bound as prometheus_client writes it: Python's repr (``12.0``),
+    but Go's exponent form from 7 integer digits on (``1.7961276689e+09``), ``+Inf``."""
+    if value == math.inf:
+        return "+Inf"
+    text = repr(float(value))
+    whole, dot, fraction = text.partition(".")
+    if value > 0 and dot and len(whole) > 6:
+        digits = (whole + fraction).rstrip("0")
+        mantissa = digits[0] + ("." + digits[1:] if len(digits) > 1 else "")
+        return f"{mantissa}e+{len(whole) - 1:02d}"
+    return text
+
+
+def _labels(labels: Mapping[str, str]) -> str:
+    """``{a="1",b="2"}`` (nothing without labels): names sorted and values escaped, as
+    prometheus_client writes them."""
+    if not labels:
+        return ""
+    pairs = (f'{name}="{_escape(value)}"' for name, value in sorted(labels.items()))
+    return "{" + ",".join(pairs) + "}"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+def _unescape(value: str) -> str:
+    return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), value)
+
+
+class Sample(NamedTuple):
+    """One line of a Prometheus text exposition: ``name{labels} value``."""
+
+    name: str
+    labels: dict[str, str]
+    value: float
+
+
+def parse_metrics(text: str) -> list[Sample]:
+    """The samples of a Prometheus text exposition; a line that is neither a sample nor a
+    ``#`` comment raises ValueError."""
+    samples = []
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        match = _SAMPLE_LINE.fullmatch(line)
+        if match is None:
+            raise ValueError(f"not a Prometheus sample line: {line!r}")
+        name, label_text, value = match.groups()
+        labels: dict[str, str] = {}
+        if label_text:
+            end = 0
+            for pair in _LABEL_PAIR.finditer(label_text):
+                if pair.start() != end:
+                    break
+                labels[pair.group(1)] = _unescape(pair.group(2))
+                end = pair.end()
+            if end != len(label_text):
+                raise ValueError(f"bad labels in Prometheus sample line: {line!r}")
+        samples.append(Sample(name, labels, float(value)))
+    return samples
+
+
+class SlotGate:
+    """FIFO admission to ``capacity`` slots (0 = unlimited), like vLLM's scheduler with
+    ``max_num_seqs``, but the capacity may change while requests hold slots: raising it admits
+    waiters at once, in arrival order; lowering it lets running requests finish and admits no
+    one until fewer than ``capacity`` run. ``on_change(now)`` is called after every change of
+    ``running`` or ``waiting``."""
+
+    __slots__ = ("_on_change", "_waiters", "capacity", "running")
+
+    def __init__(self, capacity: int, on_change: Callable[[float], None]) -> None:
+        self.capacity = capacity
+        self.running = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._on_change = on_change
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    async def acquire(self, now: float) -> None:
+        """Take a slot, waiting in line for one if none is free (or others already wait)."""
+        if not self._waiters and (self.capacity == 0 or self.running < self.capacity):
+            self.running += 1
+            self._on_change(now)
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self._on_change(now)
+        try:
+            await waiter  # release() or set_capacity() hands the slot over, running counted
+        except asyncio.CancelledError:  # the client left, or the server shuts down
+            if waiter.cancelled():
+                with contextlib.suppress(ValueError):  # _admit may have dropped it already
+                    self._waiters.remove(waiter)
+                self._on_change(time.monotonic())
+            else:  # handed a slot just before the cancellation arrived
+                self.release(time.monotonic())
+            raise
+
+    def release(self, now: float) -> None:
+        self.running -= 1
+        if self._waiters:
+            self._admit()
+        self._on_change(now)
+
+    def set_capacity(self, capacity: int, now: float) -> None:
+        self.capacity = capacity
+        self._admit()
+        self._on_change(now)
+
+    def _admit(self) -> None:
+        while self._waiters and (self.capacity == 0 or self.running < self.capacity):
+            waiter = self._waiters.popleft()
+            if not waiter.done():  # a cancelled waiter leaves the line itself
+                waiter.set_result(None)
+                self.running += 1
+
+
 class FakeVLLM:
     """Server state and the request handler (aiohttp's low-level server: no router)."""
 
@@ -302,11 +491,25 @@ class FakeVLLM:
         self.latency: float = args.latency
         self.lognormal = args.latency_model == "lognormal"
         self.auth_header = f"Bearer {args.api_key}" if args.api_key else None
-        self.slots: asyncio.Semaphore | None = asyncio.Semaphore(args.slots) if args.slots > 0 else None
         self.record_timeline = not args.no_timeline
         self.record_log = not args.no_log
         self.in_flight = 0
-        self.running = 0  # requests holding a slot
+        self.gate = SlotGate(args.slots, self._queue_changed)
+        self.engines: int = args.engines
+        self.max_queued: int = args.max_queued
+        self.report_load = not args.no_metrics
+        self.metrics_lag: float = args.metrics_lag
+        # (time, running, waiting, slots) on every change, back to the newest older than the lag
+        self.history: deque[tuple[float, int, int, int]] | None = deque() if self.metrics_lag > 0 else None
+        self.slots_schedule: list[tuple[float, int]] | None = args.slots_schedule
+        self._schedule_task: asyncio.Task[None] | None = None  # referenced, so never collected
+        # The Prometheus counters never reset, as a real server's do not.
+        self.started = time.time()
+        self.succeeded = 0
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.latency_counts = [0] * (len(_LATENCY_BUCKETS) + 1)  # per bucket, the last is +Inf
+        self.latency_sum = 0.0
         self._id_prefix = f"{os.getpid():x}"  # response ids: unique per server
         self.redirect_to: str | None = args.redirect_to
         self.failing_until = 0.0  # POST /_fail: every generation request fails until then
@@ -322,25 +525,38 @@ class FakeVLLM:
             ("GET", "/_stats"): self._get_stats,
             ("POST", "/_reset"): self._reset,
             ("POST", "/_fail"): self._fail,
+            ("POST", "/_slots"): self._set_slots,
+            ("GET", "/metrics"): self._metrics,
         }
 
     def reset(self) -> None:
         self.requests = 0
         self.models_requests = 0  # GET /v1/models, kept out of the generation log
+        self.metrics_requests = 0  # GET /metrics
+        self.load_header_requests = 0  # generation requests asking for endpoint-load-metrics
+        self.rejected = 0  # --max-queued
         self.max_in_flight = self.in_flight
-        self.max_running = self.running
+        self.max_running = self.gate.running
+        self.max_waiting = self.gate.waiting
         # Tuples, turned into dicts only when /_log is read: keeps the hot path cheap.
         self.log: list[tuple[str, Any, bool, float]] = []
         self.attempts: dict[str, int] = {}  # per prompt text carrying counted faults
         # Two flat arrays (12 bytes per change) instead of 100k small lists.
         self.tl_time = array("d")
         self.tl_count = array("l")
+        self.qt_time = array("d")
+        self.qt_running = array("l")
+        self.qt_waiting = array("l")
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         handler = self.routes.get((request.method, request.path))
         if handler is None:
             return _error(404, f"Not Found: {request.method} {request.path}", "NotFoundError")
-        if request.path == "/v1/models":
+        if request.path == "/metrics":
+            self.metrics_requests += 1
+            if not self.report_load:
+                return _error(404, "Not Found: GET /metrics", "NotFoundError")
+        elif request.path == "/v1/models":
             self.models_requests += 1
             if self.auth_header is not None and request.headers.get("Authorization") != self.auth_header:
                 # vLLM guards every /v1 path; generation requests check after logging.
@@ -356,6 +572,38 @@ class FakeVLLM:
             self.tl_time.append(now)
             self.tl_count.append(n)
 
+    def _queue_changed(self, now: float) -> None:
+        running, waiting = self.gate.running, self.gate.waiting
+        if running > self.max_running:
+            self.max_running = running
+        if waiting > self.max_waiting:
+            self.max_waiting = waiting
+        if self.record_timeline:
+            self.qt_time.append(now)
+            self.qt_running.append(running)
+            self.qt_waiting.append(waiting)
+        if self.history is not None:
+            self.history.append((now, running, waiting, self.gate.capacity))
+            self._forget(now - self.metrics_lag)
+
+    def _forget(self, cutoff: float) -> None:
+        """Drop the history older than the newest sample taken at or before ``cutoff``."""
+        history = self.history
+        assert history is not None
+        while len(history) > 1 and history[1][0] <= cutoff:
+            history.popleft()
+
+    def _follow_schedule(self, start: float) -> None:
+        """Start ``--slots-schedule``: its times count from ``start``, the first generation request."""
+        steps, self.slots_schedule = self.slots_schedule or [], None
+
+        async def follow() -> None:
+            for at, slots in steps:
+                await asyncio.sleep(start + at - time.monotonic())
+                self.gate.set_capacity(slots, time.monotonic())
+
+        self._schedule_task = asyncio.get_running_loop().create_task(follow())
+
     # -- generation -----------------------------------------------------------------
 
     async def _chat(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -368,6 +616,11 @@ class FakeVLLM:
         now = time.monotonic()
         self.requests += 1
         self._track(1, now)
+        if self.slots_schedule is not None:
+            self._follow_schedule(now)
+        load_format = request.headers.get(_LOAD_FORMAT_HEADER)
+        if load_format:
+            self.load_header_requests += 1
         try:
             raw = await request.read()
             has_auth = "Authorization" in request.headers
@@ -456,12 +709,27 @@ class FakeVLLM:
             else:
                 latency = self.latency
 
-            # Queue for a slot like vLLM's scheduler; unlimited slots: no semaphore.
-            async with self.slots or _NO_SLOTS:
-                return await self._run(
+            # vLLM's --max-num-queued-reqs: running + waiting + this one may not pass the limit
+            if self.max_queued and self.gate.running + self.gate.waiting >= self.max_queued:
+                self.rejected += 1
+                return _error(503, _QUEUE_OVERFLOW_MESSAGE, "Service Unavailable")
+            # Queue for a slot like vLLM's scheduler.
+            await self.gate.acquire(time.monotonic())
+            try:
+                response = await self._run(
                     request, body, chat, model, prompts, prompt_tokens,
                     directives, fault, latency,
                 )  # fmt: skip
+            finally:
+                self.gate.release(time.monotonic())
+            if response.status == 200:
+                self._observe(time.monotonic() - now)
+                # vLLM adds the header to its 200 answers only, built once the generation is done.
+                if load_format and self.report_load:
+                    header = self._load_header(load_format)
+                    if header is not None:
+                        response.headers[_LOAD_HEADER] = header
+            return response
         finally:
             self._track(-1, time.monotonic())
 
@@ -490,40 +758,35 @@ class FakeVLLM:
         fault: str | None,
         latency: float,
     ) -> web.StreamResponse:
-        """The "generation": holds a slot (if slots are limited) for the latency."""
-        self.running += 1
-        self.max_running = max(self.max_running, self.running)
-        try:
-            if fault == "hang":
-                # Cancelled when the client disconnects or the server shuts down.
-                await asyncio.sleep(HANG_SECONDS)
-            elif latency > 0:
-                await asyncio.sleep(latency)
-            if fault == "500":
-                return _error(
-                    500,
-                    "Internal server error (fake_server [[500]]).",
-                    "InternalServerError",
-                )
-            if fault == "drop":
-                # Close the socket without a response; raising CancelledError makes
-                # aiohttp end the handler quietly, not write to a closed transport.
-                assert request.protocol is not None
-                request.protocol.force_close()
-                raise asyncio.CancelledError
-            if fault == "malformed":
-                return web.Response(body=_MALFORMED_BODY, content_type=_JSON)
-            completion = self._completion(body, chat, model, prompts, prompt_tokens, directives)
-            if fault in ("no_message", "null_message", "null_content"):
-                for choice in completion["choices"]:
-                    _break_choice(choice, fault, chat)
-            if directives is not None and directives.text_usage:
-                completion["usage"] = {k: str(v) if isinstance(v, int) else v for k, v in completion["usage"].items()}
-            if fault == "truncate":
-                await self._send_truncated(request, json.dumps(completion).encode())
-            return _json(completion)
-        finally:
-            self.running -= 1
+        """The "generation": runs for the latency while its caller holds a slot."""
+        if fault == "hang":
+            # Cancelled when the client disconnects or the server shuts down.
+            await asyncio.sleep(HANG_SECONDS)
+        elif latency > 0:
+            await asyncio.sleep(latency)
+        if fault == "500":
+            return _error(
+                500,
+                "Internal server error (fake_server [[500]]).",
+                "InternalServerError",
+            )
+        if fault == "drop":
+            # Close the socket without a response; raising CancelledError makes
+            # aiohttp end the handler quietly, not write to a closed transport.
+            assert request.protocol is not None
+            request.protocol.force_close()
+            raise asyncio.CancelledError
+        if fault == "malformed":
+            return web.Response(body=_MALFORMED_BODY, content_type=_JSON)
+        completion = self._completion(body, chat, model, prompts, prompt_tokens, directives)
+        if fault in ("no_message", "null_message", "null_content"):
+            for choice in completion["choices"]:
+                _break_choice(choice, fault, chat)
+        if directives is not None and directives.text_usage:
+            completion["usage"] = {k: str(v) if isinstance(v, int) else v for k, v in completion["usage"].items()}
+        if fault == "truncate":
+            await self._send_truncated(request, json.dumps(completion).encode())
+        return _json(completion)
 
     @staticmethod
     async def _send_truncated(request: web.BaseRequest, body: bytes) -> NoReturn:
@@ -622,6 +885,8 @@ class FakeVLLM:
                         }
                     )
         self._seq += 1
+        self.prompt_tokens += prompt_tokens
+        self.generation_tokens += completion_tokens
         return {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{self._id_prefix}{self._seq:08x}",
             "object": "chat.completion" if chat else "text_completion",
@@ -639,6 +904,115 @@ class FakeVLLM:
             "prompt_logprobs": None,
             "kv_transfer_params": None,
         }
+
+    # -- load reporting (vLLM's /metrics gauges and endpoint-load-metrics header) -----
+
+    def _observe(self, seconds: float) -> None:
+        """A 200 answer: vllm:request_success_total and vllm:e2e_request_latency_seconds."""
+        self.succeeded += 1
+        self.latency_counts[bisect.bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+        self.latency_sum += seconds
+
+    def _engine_load(self) -> list[tuple[int, int, float]]:
+        """Per engine, (running, waiting, kv_cache_usage_perc) as its gauges read: the state
+        now, or ``--metrics-lag`` seconds ago (zeros before the first change that old)."""
+        running, waiting, slots = self.gate.running, self.gate.waiting, self.gate.capacity
+        if self.history is not None:
+            cutoff = time.monotonic() - self.metrics_lag
+            self._forget(cutoff)
+            if self.history and self.history[0][0] <= cutoff:
+                _, running, waiting, slots = self.history[0]
+            else:
+                running = waiting = 0
+        k = self.engines
+        load = []
+        for engine in range(k):
+            share = _share(running, k, engine)
+            # the share of the KV cache in use; never above 1 while a lowered capacity drains
+            usage = min(1.0, share / _share(slots, k, engine)) if slots else 0.0
+            load.append((share, _share(waiting, k, engine), usage))
+        return load
+
+    def _load_header(self, load_format: str) -> str | None:
+        """vLLM's ``endpoint-load-metrics`` value: its metrics in registry order, one pair per
+        engine in ``text``; in ``json`` a dict, which keeps only the last engine's values."""
+        kind = load_format.lower()
+        if kind not in ("json", "text"):
+            return None  # vLLM logs a warning and sends no header
+        load = self._engine_load()
+        if kind == "json":
+            _, waiting, usage = load[-1]
+            return "JSON " + json.dumps({"named_metrics": {"num_requests_waiting": float(waiting), "kv_cache_usage_perc": usage}})
+        pairs = [f"named_metrics.num_requests_waiting={float(w)}" for _, w, _ in load]
+        pairs += [f"named_metrics.kv_cache_usage_perc={u}" for _, _, u in load]
+        return "TEXT " + ", ".join(pairs)
+
+    async def _metrics(self, request: web.BaseRequest) -> web.StreamResponse:
+        text = self._exposition()
+        return web.Response(body=text.encode(), headers={"Content-Type": _METRICS_CONTENT_TYPE})
+
+    def _exposition(self) -> str:
+        """/metrics as vLLM 0.32 writes it (prometheus_client's text format), abridged to the
+        load gauges and a few counters and a histogram around them."""
+        out: list[str] = []
+        model = self.models[0]
+        engines = [{"engine": str(e), "model_name": model} for e in range(self.engines)]
+
+        def family(name: str, kind: str, help_text: str, samples: list[tuple[str, dict[str, str], float]]) -> None:
+            out.append(f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n")
+            out.extend(f"{name}{suffix}{_labels(labels)} {_number(value)}\n" for suffix, labels, value in samples)
+
+        def counter(name: str, help_text: str, samples: list[tuple[dict[str, str], float]]) -> None:
+            family(name + "_total", "counter", help_text, [("", labels, value) for labels, value in samples])
+            family(name + "_created", "gauge", help_text, [("", labels, self.started) for labels, _ in samples])
+
+        def split(total: int) -> list[float]:
+            return [float(_share(total, self.engines, e)) for e in range(self.engines)]
+
+        major, minor, micro = (str(n) for n in sys.version_info[:3])
+        python = {"implementation": platform.python_implementation(), "major": major, "minor": minor, "patchlevel": micro}
+        family("python_info", "gauge", "Python platform information", [("", {**python, "version": f"{major}.{minor}.{micro}"}, 1.0)])
+        family("process_start_time_seconds", "gauge", "Start time of the process since unix epoch in seconds.", [("", {}, self.started)])
+        load = self._engine_load()
+        running = [("", labels, float(r)) for labels, (r, _, _) in zip(engines, load)]
+        family("vllm:num_requests_running", "gauge", "Number of requests in model execution batches.", running)
+        waiting = [("", labels, float(w)) for labels, (_, w, _) in zip(engines, load)]
+        family("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed.", waiting)
+        by_reason = [("", {**labels, "reason": "capacity"}, value) for _, labels, value in waiting]
+        by_reason += [("", {**labels, "reason": "deferred"}, 0.0) for labels in engines]
+        reasons = "Number of waiting requests by reason: 'capacity' (no free slot) or 'deferred' (LoRA budget, KV transfer)."
+        family("vllm:num_requests_waiting_by_reason", "gauge", reasons, by_reason)
+        usage = [("", labels, u) for labels, (_, _, u) in zip(engines, load)]
+        family("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.", usage)
+        counter("vllm:prompt_tokens", "Number of prefill tokens processed.", list(zip(engines, split(self.prompt_tokens))))
+        counter("vllm:generation_tokens", "Number of generation tokens processed.", list(zip(engines, split(self.generation_tokens))))
+        counter(
+            "vllm:request_success",
+            "Count of successfully processed requests.",
+            [
+                ({**labels, "finished_reason": reason}, share if reason == "stop" else 0.0)
+                for reason in _FINISHED_REASONS
+                for labels, share in zip(engines, split(self.succeeded))
+            ],
+        )
+        # cumulative bucket counts, each split over the engines like the totals
+        cumulative, running_count = [], 0
+        for count in self.latency_counts:
+            running_count += count
+            cumulative.append(running_count)
+        histogram: list[tuple[str, dict[str, str], float]] = []
+        for e, labels in enumerate(engines):
+            for bound, total in zip((*_LATENCY_BUCKETS, math.inf), cumulative):
+                histogram.append(("_bucket", {**labels, "le": _number(bound)}, float(_share(total, self.engines, e))))
+            count = _share(self.succeeded, self.engines, e)
+            histogram.append(("_count", labels, float(count)))
+            histogram.append(("_sum", labels, self.latency_sum * count / self.succeeded if self.succeeded else 0.0))
+        e2e = "Histogram of e2e request latency in seconds."
+        family("vllm:e2e_request_latency_seconds", "histogram", e2e, histogram)
+        family("vllm:e2e_request_latency_seconds_created", "gauge", e2e, [("", labels, self.started) for labels in engines])
+        info = [("", {**_CACHE_CONFIG, "engine": labels["engine"]}, 1.0) for labels in engines]
+        family("vllm:cache_config_info", "gauge", "Information of the LLMEngine CacheConfig", info)
+        return "".join(out)
 
     # -- other endpoints ------------------------------------------------------------
 
@@ -676,14 +1050,31 @@ class FakeVLLM:
                 "models_requests": self.models_requests,
                 "in_flight": self.in_flight,
                 "max_in_flight": self.max_in_flight,
-                "running": self.running,
+                "running": self.gate.running,
                 "max_running": self.max_running,
+                "waiting": self.gate.waiting,
+                "max_waiting": self.max_waiting,
+                "slots": self.gate.capacity,
+                "rejected": self.rejected,
+                "metrics_requests": self.metrics_requests,
+                "load_header_requests": self.load_header_requests,
                 "timeline": [[t, n] for t, n in zip(self.tl_time, self.tl_count, strict=True)],
+                "queue_timeline": [list(c) for c in zip(self.qt_time, self.qt_running, self.qt_waiting, strict=True)],
             }
         )
 
     async def _reset(self, request: web.BaseRequest) -> web.StreamResponse:
         self.reset()
+        return _json({"ok": True})
+
+    async def _set_slots(self, request: web.BaseRequest) -> web.StreamResponse:
+        try:
+            slots = json.loads(await request.read())["slots"]
+        except (ValueError, KeyError, TypeError):
+            slots = None
+        if type(slots) is not int or slots < self.engines:
+            return _error(400, f'/_slots takes {{"slots": N}}, N an integer >= {self.engines} (one per engine)', "BadRequestError")
+        self.gate.set_capacity(slots, time.monotonic())
         return _json({"ok": True})
 
     async def _fail(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -693,10 +1084,35 @@ class FakeVLLM:
         return _json({"ok": True})
 
 
+def _slots_schedule(text: str) -> list[tuple[float, int]]:
+    """``--slots-schedule "5:128,10:256"``: (seconds, slots) steps, in time order."""
+    steps = []
+    for step in text.split(","):
+        at, _, slots = step.partition(":")
+        try:
+            seconds, count = float(at), int(slots)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad step {step!r}: want SECONDS:SLOTS, e.g. 5:128") from None
+        if seconds < 0 or count < 1:
+            raise argparse.ArgumentTypeError(f"bad step {step!r}: seconds must be >= 0 and slots >= 1")
+        steps.append((seconds, count))
+    return sorted(steps)
+
+
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Fake vLLM OpenAI-compatible server.")
     parser.add_argument("--port", type=int, default=0, help="0 = let the OS pick")
-    parser.add_argument("--slots", type=int, default=0, help="concurrent generations (0 = unlimited)")
+    parser.add_argument("--slots", type=int, default=0, help="concurrent generations, all engines together (0 = unlimited)")
+    parser.add_argument(
+        "--slots-schedule",
+        type=_slots_schedule,
+        default=None,
+        help='"T1:N1,T2:N2": set the slots to N1 T1 seconds after the first generation request, ...',
+    )
+    parser.add_argument("--engines", type=int, default=1, help="data-parallel engines the metrics report separately")
+    parser.add_argument("--max-queued", type=int, default=0, help="vLLM's --max-num-queued-reqs: 503 past it (0 = no limit)")
+    parser.add_argument("--metrics-lag", type=float, default=0.0, help="seconds the load gauges and header trail the state by")
+    parser.add_argument("--no-metrics", action="store_true", help="no /metrics (404) and no endpoint-load-metrics header")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds (median for lognormal)")
     parser.add_argument("--latency-model", choices=("fixed", "lognormal"), default="fixed")
     parser.add_argument("--model", action="append", help="served model name (repeatable)")
@@ -716,7 +1132,15 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0.0,
         help="seconds between binding and listening (connections are refused)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.engines < 1:
+        parser.error("--engines must be >= 1")
+    smallest = min([args.slots or args.engines] + [n for _, n in args.slots_schedule or []])
+    if args.slots < 0 or smallest < args.engines:
+        parser.error("--slots and --slots-schedule give each engine at least one slot (or --slots 0: unlimited)")
+    if args.max_queued < 0 or args.metrics_lag < 0:
+        parser.error("--max-queued and --metrics-lag must be >= 0")
+    return args
 
 
 def _bind(port: int, retry_seconds: float) -> socket.socket:
@@ -798,8 +1222,9 @@ OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 class FakeServer:
     """``fake_server.py`` as a subprocess: ``with FakeServer("--slots", "8") as s:``.
 
-    ``s.url`` is ``http://127.0.0.1:<port>``; ``log()``, ``stats()``, ``reset()`` call
-    the test-control endpoints; ``kill()`` SIGKILLs the server; ``restart()`` kills it
+    ``s.url`` is ``http://127.0.0.1:<port>``; ``log()``, ``stats()``, ``reset()``,
+    ``fail()``, ``set_slots()`` call the test-control endpoints; ``metrics()`` parses
+    ``/metrics``; ``kill()`` SIGKILLs the server; ``restart()`` kills it
     and starts another on the same port.
     """
 
@@ -908,8 +1333,9 @@ class FakeServer:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
-    def _call(self, method: str, path: str) -> Any:
-        req = urllib.request.Request(self.url + path, method=method, data=b"" if method == "POST" else None)
+    def _call(self, method: str, path: str, body: Any = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else b"" if method == "POST" else None
+        req = urllib.request.Request(self.url + path, method=method, data=data)
         with OPENER.open(req, timeout=30) as resp:
             return json.loads(resp.read())
 
@@ -926,9 +1352,16 @@ class FakeServer:
 
     def fail(self, seconds: float, status: int = 500) -> None:
         """Answer every generation request ``status`` for ``seconds`` (see ``POST /_fail``)."""
-        req = urllib.request.Request(self.url + "/_fail", method="POST", data=json.dumps({"status": status, "seconds": seconds}).encode())
-        with OPENER.open(req, timeout=30) as resp:
-            resp.read()
+        self._call("POST", "/_fail", {"status": status, "seconds": seconds})
+
+    def set_slots(self, slots: int) -> None:
+        """Change the slot count now (see ``POST /_slots``)."""
+        self._call("POST", "/_slots", {"slots": slots})
+
+    def metrics(self) -> list[Sample]:
+        """The samples of ``GET /metrics``."""
+        with OPENER.open(self.url + "/metrics", timeout=30) as resp:
+            return parse_metrics(resp.read().decode())
 
 
 class BlackHole:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import re
 import socket
 import threading
 import time
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 from conformance import check_response
 from conftest import CHAT, COMPLETIONS
-from fake_server import LOGNORMAL_SIGMA, OPENER, BlackHole, FakeServer, FakeVLLM, _parse_args
+from fake_server import LOGNORMAL_SIGMA, OPENER, BlackHole, FakeServer, FakeVLLM, Sample, _parse_args, parse_metrics
 
 # Never route 127.0.0.1 through a proxy from the environment.
 
@@ -451,3 +452,373 @@ def test_every_response_shape_is_an_openai_response(srv: FakeServer, path: str, 
     assert status == 200
     parsed = check_response(path, json.loads(data))
     assert len(parsed.choices) == body.get("n", 1)  # type: ignore[attr-defined]
+
+
+# -- load: slots that change, the queue, vLLM's /metrics and endpoint-load-metrics header --
+
+LOAD_HEADER = "endpoint-load-metrics"
+JSON_LOAD = {"endpoint-load-metrics-format": "json"}
+TEXT_LOAD = {"endpoint-load-metrics-format": "text"}
+
+
+class Load:
+    """Chat requests sent from daemon threads; ``results`` holds their (status, headers, body)
+    in order of completion. Requests still running when the server stops fail quietly."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.results: list[tuple[int, Any, Any]] = []
+        self.threads: list[threading.Thread] = []
+
+    def send(self, content: str, count: int = 1, headers: dict[str, str] | None = None) -> None:
+        def run() -> None:
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                status, got, data = request(
+                    self.url, CHAT, {"messages": [{"role": "user", "content": content}]}, headers=headers, timeout=60
+                )
+                self.results.append((status, got, json.loads(data)))
+
+        for _ in range(count):
+            thread = threading.Thread(target=run, daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def join(self) -> list[tuple[int, Any, Any]]:
+        for thread in self.threads:
+            thread.join(timeout=30)
+        return self.results
+
+
+def wait_for(srv: FakeServer, **expected: Any) -> dict[str, Any]:
+    """``/_stats`` once the given keys hold the given values (at most 10 s)."""
+    deadline = time.monotonic() + 10
+    while True:
+        stats = srv.stats()
+        if all(stats[key] == value for key, value in expected.items()):
+            return stats
+        assert time.monotonic() < deadline, (expected, {key: stats[key] for key in expected})
+        time.sleep(0.01)
+
+
+def gauges(samples: list[Sample], name: str, **labels: str) -> dict[str, float]:
+    """``{engine: value}`` of the samples called ``name`` that carry ``labels``."""
+    return {s.labels["engine"]: s.value for s in samples if s.name == name and labels.items() <= s.labels.items()}
+
+
+def test_metrics_show_running_and_waiting() -> None:
+    with FakeServer("--slots", "2", "--model", "first", "--model", "second") as srv:
+        load = Load(srv.url)
+        load.send("[[sleep:0.5]]", 5)
+        wait_for(srv, running=2, waiting=3)
+        status, headers, data = request(srv.url, "/metrics")
+        text = data.decode()
+        assert status == 200 and headers["Content-Type"] == "text/plain; version=1.0.0; charset=utf-8"
+        lines = text.splitlines()
+        # vLLM's exact lines: labels sorted, the first served model, floats written as 2.0
+        for line in (
+            'vllm:num_requests_running{engine="0",model_name="first"} 2.0',
+            'vllm:num_requests_waiting{engine="0",model_name="first"} 3.0',
+            'vllm:num_requests_waiting_by_reason{engine="0",model_name="first",reason="capacity"} 3.0',
+            'vllm:num_requests_waiting_by_reason{engine="0",model_name="first",reason="deferred"} 0.0',
+            'vllm:kv_cache_usage_perc{engine="0",model_name="first"} 1.0',
+        ):
+            assert line in lines
+        running = lines.index('vllm:num_requests_running{engine="0",model_name="first"} 2.0')
+        assert lines[running - 2 : running] == [
+            "# HELP vllm:num_requests_running Number of requests in model execution batches.",
+            "# TYPE vllm:num_requests_running gauge",
+        ]
+        samples = parse_metrics(text)  # every line is a sample or a comment
+        typed = {line.split()[2] for line in lines if line.startswith("# TYPE ")}
+        assert {re.sub(r"_(bucket|count|sum)$", "", s.name) for s in samples} <= typed
+        assert len(gauges(samples, "vllm:cache_config_info")) == 1
+
+        assert [r[0] for r in load.join()] == [200] * 5
+        text = request(srv.url, "/metrics")[2].decode()
+        assert 'vllm:request_success_total{engine="0",finished_reason="stop",model_name="first"} 5.0' in text.splitlines()
+        assert 'vllm:e2e_request_latency_seconds_bucket{engine="0",le="+Inf",model_name="first"} 5.0' in text.splitlines()
+        after = parse_metrics(text)
+        assert gauges(after, "vllm:num_requests_running") == gauges(after, "vllm:num_requests_waiting") == {"0": 0.0}
+        assert gauges(after, "vllm:kv_cache_usage_perc") == {"0": 0.0}
+        assert gauges(after, "vllm:request_success_total", finished_reason="stop") == {"0": 5.0}
+        # e2e latency (queueing included): ~0.5 s for 2 requests, ~1 s for 2, ~1.5 s for 1
+        buckets = [s for s in after if s.name == "vllm:e2e_request_latency_seconds_bucket"]
+        assert [s.labels["le"] for s in buckets][:4] == ["0.3", "0.5", "0.8", "1.0"] and buckets[-1].labels["le"] == "+Inf"
+        counts = [s.value for s in buckets]
+        assert counts == sorted(counts) and counts[0] == 0.0 and counts[-1] == 5.0
+        assert gauges(after, "vllm:e2e_request_latency_seconds_count") == {"0": 5.0}
+        assert 4.4 < gauges(after, "vllm:e2e_request_latency_seconds_sum")["0"] < 8
+        assert gauges(after, "vllm:generation_tokens_total") == {"0": 10.0}  # "echo: [[sleep:0.5]]": 2 words each
+
+        assert srv.stats()["metrics_requests"] == 2
+        srv.reset()
+        assert srv.stats()["metrics_requests"] == 0
+        # the Prometheus counters never reset
+        assert gauges(srv.metrics(), "vllm:request_success_total", finished_reason="stop") == {"0": 5.0}
+
+
+def test_metrics_engines_report_separately() -> None:
+    with FakeServer("--slots", "4", "--engines", "2") as srv:
+        load = Load(srv.url)
+        load.send("[[sleep:0.5]]", 7)
+        wait_for(srv, running=4, waiting=3)
+        samples = srv.metrics()
+        running = gauges(samples, "vllm:num_requests_running")
+        waiting = gauges(samples, "vllm:num_requests_waiting")
+        assert running == {"0": 2.0, "1": 2.0} and waiting == {"0": 2.0, "1": 1.0}
+        assert sum(running.values()) == 4 and sum(waiting.values()) == 3
+        assert gauges(samples, "vllm:num_requests_waiting_by_reason", reason="capacity") == waiting
+        assert gauges(samples, "vllm:kv_cache_usage_perc") == {"0": 1.0, "1": 1.0}
+        assert gauges(samples, "vllm:cache_config_info") == {"0": 1.0, "1": 1.0}
+        assert [r[0] for r in load.join()] == [200] * 7
+        samples = srv.metrics()
+        assert gauges(samples, "vllm:request_success_total", finished_reason="stop") == {"0": 4.0, "1": 3.0}
+        assert gauges(samples, "vllm:e2e_request_latency_seconds_count") == {"0": 4.0, "1": 3.0}
+        assert gauges(samples, "vllm:e2e_request_latency_seconds_bucket", le="+Inf") == {"0": 4.0, "1": 3.0}
+
+
+def test_metrics_with_unlimited_slots_report_no_kv_usage(srv: FakeServer) -> None:
+    load = Load(srv.url)
+    load.send("[[sleep:0.5]]", 3)
+    wait_for(srv, running=3)
+    samples = srv.metrics()
+    assert gauges(samples, "vllm:num_requests_running") == {"0": 3.0}
+    assert gauges(samples, "vllm:kv_cache_usage_perc") == {"0": 0.0}
+    assert srv.stats()["slots"] == 0
+    load.join()
+
+
+def test_load_header_formats() -> None:
+    with FakeServer("--slots", "1") as srv:
+        load = Load(srv.url)
+        load.send("asks [[sleep:0.5]]", headers=JSON_LOAD)
+        wait_for(srv, running=1)
+        load.send("[[sleep:30]]", 3)
+        wait_for(srv, waiting=3)
+        # taken once the generation is done: its slot went to the next, two still wait
+        while not load.results:
+            time.sleep(0.01)
+        status, headers, out = load.results[0]
+        assert (status, out["choices"][0]["message"]["content"]) == (200, "echo: asks [[sleep:0.5]]")
+        assert headers[LOAD_HEADER] == 'JSON {"named_metrics": {"num_requests_waiting": 2.0, "kv_cache_usage_perc": 1.0}}'
+        srv.set_slots(4)  # the three [[sleep:30]] run; one slot is free
+        status, headers, _ = request(srv.url, CHAT, {"messages": [{"role": "user", "content": "x"}]}, headers=TEXT_LOAD)
+        assert status == 200
+        assert headers[LOAD_HEADER] == "TEXT named_metrics.num_requests_waiting=0.0, named_metrics.kv_cache_usage_perc=0.75"
+        assert srv.stats()["load_header_requests"] == 2
+
+
+def test_load_header_with_two_engines() -> None:
+    with FakeServer("--slots", "2", "--engines", "2") as srv:
+        load = Load(srv.url)
+        load.send("asks [[sleep:0.5]]", headers=TEXT_LOAD)
+        wait_for(srv, running=1)
+        load.send("[[sleep:30]]", 7)
+        wait_for(srv, running=2, waiting=6)
+        while not load.results:
+            time.sleep(0.01)
+        # running 2 = 1 + 1 of 1 + 1 slots, waiting 5 = 3 + 2: TEXT lists every engine
+        assert load.results[0][1][LOAD_HEADER] == (
+            "TEXT named_metrics.num_requests_waiting=3.0, named_metrics.num_requests_waiting=2.0, "
+            "named_metrics.kv_cache_usage_perc=1.0, named_metrics.kv_cache_usage_perc=1.0"
+        )
+        srv.set_slots(8)  # 7 run: 4 + 3 of 4 + 4 slots
+        _, headers, _ = request(srv.url, CHAT, {"messages": [{"role": "user", "content": "x"}]}, headers=JSON_LOAD)
+        # vLLM's JSON is a dict keyed by metric name: the last engine's values win
+        assert headers[LOAD_HEADER] == 'JSON {"named_metrics": {"num_requests_waiting": 0.0, "kv_cache_usage_perc": 0.75}}'
+
+
+def test_load_header_only_when_asked_and_only_on_200(srv: FakeServer) -> None:
+    def ask(content: str, headers: dict[str, str] | None) -> tuple[int, Any]:
+        status, got, _ = request(srv.url, CHAT, {"messages": [{"role": "user", "content": content}]}, headers=headers)
+        return status, got.get(LOAD_HEADER)
+
+    assert ask("plain", None) == (200, None)
+    assert ask("plain", JSON_LOAD) == (200, 'JSON {"named_metrics": {"num_requests_waiting": 0.0, "kv_cache_usage_perc": 0.0}}')
+    assert ask("plain", {"endpoint-load-metrics-format": "TEXT"}) == (
+        200,
+        "TEXT named_metrics.num_requests_waiting=0.0, named_metrics.kv_cache_usage_perc=0.0",
+    )
+    assert ask("plain", {"endpoint-load-metrics-format": "xml"}) == (200, None)  # vLLM: a warning, no header
+    # vLLM returns its ErrorResponses without the header, whatever the status
+    assert ask("too long [[400]]", JSON_LOAD) == (400, None)
+    assert ask("fails [[500]]", JSON_LOAD) == (500, None)
+    assert srv.stats()["load_header_requests"] == 5
+
+
+def test_no_metrics() -> None:
+    with FakeServer("--no-metrics") as srv:
+        status, _, data = request(srv.url, "/metrics")
+        assert status == 404 and json.loads(data)["error"]["code"] == 404
+        status, headers, _ = request(srv.url, CHAT, {"messages": [{"role": "user", "content": "x"}]}, headers=JSON_LOAD)
+        assert status == 200 and LOAD_HEADER not in headers
+        stats = srv.stats()
+        assert (stats["metrics_requests"], stats["load_header_requests"]) == (1, 1)
+
+
+def test_queue_timeline_and_max_waiting() -> None:
+    with FakeServer("--slots", "2") as srv:
+        load = Load(srv.url)
+        load.send("[[sleep:0.3]]", 5)
+        assert wait_for(srv, running=2, waiting=3)["slots"] == 2
+        load.join()
+        stats = srv.stats()
+        assert (stats["running"], stats["waiting"], stats["max_running"], stats["max_waiting"]) == (0, 0, 2, 3)
+        queue = stats["queue_timeline"]
+        # (running, waiting) on every change: 5 arrivals, then two ending together every 0.3 s
+        assert [(r, w) for _, r, w in queue] == [(1, 0), (2, 0), (2, 1), (2, 2), (2, 3), (2, 2), (2, 1), (2, 0), (1, 0), (0, 0)]
+        assert [t for t, _, _ in queue] == sorted(t for t, _, _ in queue)
+        load.send("[[sleep:0.3]]", 3)
+        wait_for(srv, running=2, waiting=1)
+        srv.reset()  # the maxima start again from the present state
+        stats = srv.stats()
+        assert (stats["queue_timeline"], stats["max_running"], stats["max_waiting"]) == ([], 2, 1)
+        load.join()
+        assert [(r, w) for _, r, w in srv.stats()["queue_timeline"]] == [(2, 0), (1, 0), (0, 0)]
+
+
+def test_raising_slots_admits_waiters_at_once_in_arrival_order() -> None:
+    with FakeServer("--slots", "1") as srv:
+        load = Load(srv.url)
+        load.send("first [[sleep:1.5]]")
+        wait_for(srv, running=1)
+        for i in range(4):  # one by one: their order of arrival is known
+            load.send(f"waiter {i} [[sleep:0.2]]")
+            wait_for(srv, waiting=i + 1)
+        srv.set_slots(2)
+        stats = srv.stats()  # at once, not when the first finishes
+        assert (stats["slots"], stats["running"], stats["waiting"]) == (2, 2, 3)
+        load.join()
+        # the new slot served the waiters one after another, in their order of arrival
+        assert [r[2]["choices"][0]["message"]["content"] for r in load.results] == [
+            "echo: waiter 0 [[sleep:0.2]]",
+            "echo: waiter 1 [[sleep:0.2]]",
+            "echo: waiter 2 [[sleep:0.2]]",
+            "echo: waiter 3 [[sleep:0.2]]",
+            "echo: first [[sleep:1.5]]",
+        ]
+        srv.set_slots(1)
+        load.send("[[sleep:0.5]]", 4)
+        wait_for(srv, running=1, waiting=3)
+        srv.set_slots(4)
+        stats = srv.stats()
+        assert (stats["running"], stats["waiting"]) == (4, 0)  # several admitted at once
+        load.join()
+
+
+def test_lowering_slots_drains_the_running_first() -> None:
+    with FakeServer("--slots", "4") as srv:
+        load = Load(srv.url)
+        for i in range(1, 5):  # they end 0.3 s apart
+            load.send(f"[[sleep:{0.3 * i:.1f}]]")
+        wait_for(srv, running=4)
+        srv.set_slots(2)
+        lowered = time.monotonic()
+        load.send("late", 2)
+        wait_for(srv, waiting=2)
+        assert [r[0] for r in load.join()] == [200] * 6
+        queue = [(running, waiting) for t, running, waiting in srv.stats()["queue_timeline"] if t > lowered]
+    # (running, waiting): the two late ones wait while 4, 3 and 2 run, then take turns
+    assert queue == [(4, 1), (4, 2), (3, 2), (2, 2), (2, 1), (2, 0), (1, 0), (0, 0)]
+
+
+def test_slots_schedule() -> None:
+    with FakeServer("--slots", "1", "--slots-schedule", "0.5:3,1.0:2") as srv:
+        load = Load(srv.url)
+        load.send("[[sleep:30]]")  # the schedule counts from this first generation request
+        wait_for(srv, running=1)
+        load.send("[[sleep:30]]", 3)
+        stats = wait_for(srv, waiting=3)
+        assert stats["slots"] == 1
+        stats = wait_for(srv, slots=3, running=3, waiting=1)
+        start = srv.log()[0]["t"]
+        admitted = next(t for t, running, _ in stats["queue_timeline"] if running == 3)
+        assert 0.5 <= admitted - start < 0.9
+        # lowered to 2 at 1.0 s: the three run on, no one is admitted
+        stats = wait_for(srv, slots=2)
+        assert (stats["running"], stats["waiting"]) == (3, 1)
+
+
+def test_max_queued_rejects_with_vllms_503() -> None:
+    with FakeServer("--slots", "1", "--max-queued", "3") as srv:
+        load = Load(srv.url)
+        load.send("[[sleep:0.5]]", 3)
+        wait_for(srv, running=1, waiting=2)
+        started = time.monotonic()
+        status, _, out = chat(srv.url, "one too many")
+        assert time.monotonic() - started < 0.3  # at once: no slot, no latency
+        assert (status, out) == (
+            503,
+            {
+                "error": {
+                    "message": "The engine is currently busy and cannot accept new requests. Please try again later or on a different instance.",
+                    "type": "Service Unavailable",
+                    "param": None,
+                    "code": 503,
+                }
+            },
+        )
+        assert [r[0] for r in load.join()] == [200] * 3
+        assert chat(srv.url, "room again")[0] == 200
+        stats = srv.stats()
+        assert (stats["rejected"], stats["requests"]) == (1, 5)
+        srv.reset()
+        assert srv.stats()["rejected"] == 0
+
+
+def test_metrics_lag() -> None:
+    with FakeServer("--slots", "2", "--metrics-lag", "1") as srv:
+        started = time.monotonic()
+        load = Load(srv.url)
+        load.send("asks [[sleep:0.3]]", headers=JSON_LOAD)
+        wait_for(srv, running=1)
+        load.send("[[sleep:30]]", 3)
+        wait_for(srv, running=2, waiting=2)
+        reads: list[tuple[float, float, float]] = []  # (seconds since the start, running, waiting)
+        while not reads or reads[-1][1:] != (2.0, 1.0):
+            samples = srv.metrics()
+            running = gauges(samples, "vllm:num_requests_running")["0"]
+            reads.append((time.monotonic() - started, running, gauges(samples, "vllm:num_requests_waiting")["0"]))
+            assert reads[-1][0] < 5, reads
+            time.sleep(0.02)
+        # the header of the request that ended at ~0.3 s read the gauges of 1 s before: none yet
+        assert load.results[0][1][LOAD_HEADER] == 'JSON {"named_metrics": {"num_requests_waiting": 0.0, "kv_cache_usage_perc": 0.0}}'
+    first_nonzero = next(t for t, running, waiting in reads if running or waiting)
+    assert all(running == waiting == 0 for t, running, waiting in reads if t < 1.0)
+    assert 1.0 <= first_nonzero < 2.0 and reads[-1][0] < 2.5, reads
+
+
+def test_slots_endpoint_rejects_bad_values() -> None:
+    with FakeServer("--engines", "2") as srv:
+        for body in ({"slots": 1}, {"slots": 0}, {"slots": "4"}, {"slots": True}, {}, [4]):
+            status, _, data = request(srv.url, "/_slots", body)
+            assert status == 400 and "/_slots takes" in json.loads(data)["error"]["message"], body
+        assert srv.stats()["slots"] == 0
+        srv.set_slots(2)
+        assert srv.stats()["slots"] == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--slots-schedule", "5"], "bad step '5'"),
+        (["--slots-schedule", "5:0"], "slots >= 1"),
+        (["--slots-schedule=-1:4"], "seconds must be >= 0"),
+        (["--engines", "0"], "--engines must be >= 1"),
+        (["--slots", "1", "--engines", "2"], "each engine at least one slot"),
+        (["--slots", "4", "--engines", "2", "--slots-schedule", "1:1"], "each engine at least one slot"),
+        (["--max-queued", "-1"], "must be >= 0"),
+    ],
+)
+def test_bad_load_arguments(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        _parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_parse_metrics_is_strict() -> None:
+    samples = parse_metrics('# HELP x y\na_total{b="q\\"uote",c="back\\\\slash"} 1.5e+09\nplain 2.0\n')
+    assert samples == [Sample("a_total", {"b": 'q"uote', "c": "back\\slash"}, 1.5e9), Sample("plain", {}, 2.0)]
+    for line in ("a{b=1} 2", 'a{b="1"', "a 2 3 4", 'a{b="1",,c="2"} 1'):
+        with pytest.raises(ValueError):
+            parse_metrics(line)
