@@ -340,3 +340,17 @@ def test_a_server_killed_and_restarted_ramps_again(start_fake_server: Callable[.
     # the new server saw a ramp from the start target, not the old target at once
     first = [n for _t, n in server.stats()["timeline"][:200]]
     assert max(first[:50]) <= START_TARGET
+
+
+@pytest.mark.parametrize("args", [("--metrics-lag", "1"), ("--engines", "2")], ids=["lagging-gauges", "two-engines"])
+def test_lagging_or_per_engine_reports_still_settle_on_the_slots(
+    start_fake_server: Callable[..., FakeServer], make_client: MakeClient, args: tuple[str, str]
+) -> None:
+    server = start_fake_server("--slots", "64", "--latency", "0.05", *args)
+    client = make_client(server.url)
+    send_all(client, [f"q {i}" for i in range(12000)])
+
+    assert 64 <= client.servers[0].control.target <= 80
+    assert server.stats()["max_running"] == 64
+    # a ramp paced by 1 s-old reports takes a few seconds; then the queue is as short as ever
+    assert queue_quantile(server, 0.95, after=6.0) <= 64 * 0.25
