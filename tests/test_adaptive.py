@@ -10,13 +10,18 @@ from __future__ import annotations
 import collections
 import functools
 import itertools
+import json
 import logging
 import math
+import re
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
-from conftest import CHAT, MakeClient
+from conftest import CHAT, MakeClient, cli, write_recipe
 from fake_server import FakeServer
 
 from vllm_generator.adaptive import (
@@ -354,3 +359,18 @@ def test_lagging_or_per_engine_reports_still_settle_on_the_slots(
     assert server.stats()["max_running"] == 64
     # a ramp paced by 1 s-old reports takes a few seconds; then the queue is as short as ever
     assert queue_quantile(server, 0.95, after=6.0) <= 64 * 0.25
+
+
+def test_the_command_shows_and_records_each_server_s_target_and_queue(tmp_path: Path, start_fake_server: Callable[..., FakeServer]) -> None:
+    server = start_fake_server("--slots", "16", "--latency", "0.05")
+    pq.write_table(pa.table({"question": [f"question {i}" for i in range(1500)]}), tmp_path / "in.parquet")
+    write_recipe(tmp_path, server.url, processing={"chunk_size": 1500, "batch_size": 500})
+    result = cli("run", "recipe.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+
+    # the bar's last line, and the log's line when the target settled
+    assert re.search(r"in flight \(target (1[6-9]|20), queue \d+\)", result.stderr), result.stderr[-2000:]
+    assert re.search(r"target settled at (1[6-9]|20) in flight \(the server queues: it runs 16, \d+ wait\)", result.stderr)
+    (summary,) = json.loads((tmp_path / "out" / "answers.metrics.json").read_text())["servers"]
+    assert summary["url"] == server.url and summary["state"] == "hold" and 16 <= summary["target"] <= 20
+    assert summary["settled_target"] is not None and summary["peak_queue"] >= 0 and summary["reports"] > 0
