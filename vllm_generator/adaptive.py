@@ -31,7 +31,8 @@ START_TARGET = 32  # low enough that a small server's queue is short before its 
 MAX_TARGET = 16_384  # above any vLLM default (2,048 with --performance-mode throughput)
 # A server that reports no load (another OpenAI-compatible server): the fixed default of old.
 UNREPORTED_TARGET = 256
-FAST_POLL = 0.2  # seconds between reports while the target moves
+RAMP_POLL = 0.05  # seconds between reports while the target ramps (a second or so)
+FAST_POLL = 0.2  # ... while it moves after that
 SLOW_POLL = 1.0  # ... once it holds (a change of capacity is still seen within seconds)
 _REFUSAL_MEMORY = 30.0  # seconds a refusal caps the target before it may probe above it again
 _REFUSAL_BURST = 1.0  # refusals less than this far apart are one burst (one halving at most)
@@ -130,8 +131,11 @@ class Controller:
 
     def poll_interval(self, now: float) -> float:
         """Seconds to the next report: often while the target moves, then once a second."""
-        moving = self.state == "ramp" or now - self._changed_at < 3.0
-        return FAST_POLL if moving and self.adaptive else SLOW_POLL
+        if not self.adaptive:
+            return SLOW_POLL
+        if self.state == "ramp":
+            return RAMP_POLL
+        return FAST_POLL if now - self._changed_at < 3.0 else SLOW_POLL
 
     def summary(self) -> dict[str, Any]:
         """What the metrics file shows of this server."""
@@ -175,8 +179,10 @@ class Controller:
             if self.state == "ramp":
                 self._settle(load, "the server queues")
             return False
-        # nothing waits: more would run too, if we filled the target and the report shows us
-        if not sees_us or ours < _SEES_US * self.target:
+        # nothing waits: more would run too, if we filled the target and the report is live (while
+        # ramping: shows all of ours; once settled, many of ours may be on their way in or out)
+        live = sees_us if self.state == "ramp" else sees_us or load.running > 0
+        if not live or ours < _SEES_US * self.target:
             return self._wait_for_reports(now)
         return self._raise(allowance, now)
 
@@ -254,12 +260,14 @@ class Controller:
             self._ceiling = MAX_TARGET
 
     def _cut(self, load: Load, ours: int, demand: float, allowance: int, now: float) -> bool:
-        """Too long a queue: our share of what the server should hold (what it runs, plus the
-        allowance), by the share of its requests that were ours when the report was taken (so
-        that a lagging report, read again, gives the same target, not a lower one)."""
-        base = min(ours, demand)
-        share = math.ceil(base * (load.running + allowance) / max(demand, 1.0))
-        target = max(1, share, self.target // 2)  # at most halved per cut, in case the report is stale
+        """Too long a queue: take off our share of the excess over the allowance. ``ours`` is
+        what we had in flight when the report was taken (so that a lagging report, read again,
+        gives the same target, not a lower one), including requests on their way in or out,
+        which the server does not count yet: they are kept."""
+        share = min(1.0, ours / max(demand, 1.0))  # others' requests wait there too
+        excess = math.ceil((load.waiting - allowance) * share)
+        # never below our share of what it runs, and at most halved per cut: the report may be stale
+        target = max(1, ours - excess, math.ceil(load.running * share), self.target // 2)
         if target >= self.target:
             return False
         if self.state == "ramp":
