@@ -759,7 +759,7 @@ def bench_vllm(runner: Runner, args: argparse.Namespace) -> None:
 
             return one
 
-        runs = _repeated(args.repeat or 1, [client(None), *(client(c) for c in caps)])
+        runs = _repeated(args.repeat or 3, [client(None), *(client(c) for c in caps)])
     adaptive, fixed = runs[0], runs[1:]
     best = max(fixed, key=lambda run: run.m.rate)
     print(table(runs, best, "best"))
@@ -799,7 +799,12 @@ def _interrupt(signum: int, frame: object) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=",".join(SCENARIOS), help=f"comma-separated scenarios (default: all): {','.join(SCENARIOS)}")
-    parser.add_argument("--repeat", type=int, default=None, help="runs of each client, interleaved; medians (default 1; fixed256: 3)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        help="runs of each client, interleaved; medians (default 1; fixed256 and vllm: 3, they are noisy)",
+    )
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every scenario's rows (0.05 for a smoke run)")
     parser.add_argument("--drop-at", type=float, default=6.0, help="drop: seconds after the first request when the slots drop")
     parser.add_argument("--metrics-lag", type=float, default=0.0, help="fake servers' gauges trail by this many seconds (vLLM's do)")

@@ -117,7 +117,8 @@ class Controller:
         self._ceiling = MAX_TARGET  # lowered by a refusal, for _REFUSAL_MEMORY seconds
         self._ceiling_until = 0.0
         self._refused_at = -1e9
-        self._empty = 0  # reports in a row with nothing waiting
+        self._empty = 0  # reports in a row with room (see observe)
+        self._peak_running = 0.0  # the most the server ran (since the last cut)
         self._filled_at: float | None = None  # when ours first reached the current target
         self._confirmed = False  # a report showed our requests at the current target
         self._lag = 0.0  # seconds the reports trail our in-flight count (estimated)
@@ -172,10 +173,15 @@ class Controller:
             # the lag at its longest lately: a short estimate would cut again on stale reports
             sample = now - self._filled_at
             self._lag = max(sample, (1 - _LAG_WEIGHT) * self._lag + _LAG_WEIGHT * sample)
-        self._empty = 0 if load.waiting > 0 else self._empty + 1
+        # room: nothing waits, or (settled) fewer run than it has run, with a short queue; a
+        # small server's queue is seldom empty (each arrival waits for the next step), and its
+        # slots idle while many of ours are on their way in (vLLM's front end on a CPU)
+        short = load.waiting == 0 or (self.state == "hold" and load.waiting <= allowance and load.running < _SEES_US * self._peak_running)
+        self._peak_running = max(self._peak_running, load.running)
+        self._empty = self._empty + 1 if short else 0
         if load.waiting > 2 * allowance:
             return self._cut(load, self._ours_then(now), demand, allowance, now)
-        if load.waiting > 0:
+        if load.waiting > 0 and not short:
             if self.state == "ramp":
                 self._settle(load, "the server queues")
             return False
@@ -275,6 +281,7 @@ class Controller:
         elif target < 0.9 * self.target:
             logger.info("%s: target %d -> %d (it runs %.0f, %.0f wait)", self.name, self.target, target, load.running, load.waiting)
         self._set(target, now)
+        self._peak_running = load.running  # what it runs now is its capacity
         return True
 
     def _raise(self, allowance: int, now: float) -> bool:
