@@ -87,8 +87,9 @@ def parse_metrics(text: bytes) -> Load | None:
 
 def queue_allowance(running: float) -> int:
     """Requests to keep waiting on a server that runs ``running``: a slot that frees is refilled
-    from the server's own queue, not after a round trip to us (8 %, at least 2)."""
-    return max(2, math.ceil(running * 0.08))
+    from the server's own queue, not after a round trip to us (8 %, at least 4: a small server's
+    steps are short next to its front end's tokenizing)."""
+    return max(4, math.ceil(running * 0.08))
 
 
 class Controller:
