@@ -27,6 +27,8 @@ from fake_server import FakeServer
 from vllm_generator.adaptive import (
     FAST_POLL,
     MAX_TARGET,
+    RAMP_POLL,
+    SLOW_POLL,
     START_TARGET,
     UNREPORTED_TARGET,
     Controller,
@@ -315,8 +317,9 @@ def test_the_queue_settles_after_the_server_loses_slots_mid_run(
 
 
 def test_two_unequal_servers_each_get_their_own_batch(start_fake_server: Callable[..., FakeServer], make_client: MakeClient) -> None:
-    big = start_fake_server("--slots", "96", "--latency", "0.05")
-    small = start_fake_server("--slots", "16", "--latency", "0.05")
+    # 100 ms: the big one's 960 rows/s leave this machine's CPU room (a busy CI machine too)
+    big = start_fake_server("--slots", "96", "--latency", "0.1")
+    small = start_fake_server("--slots", "16", "--latency", "0.1")
     client = make_client([big.url, small.url])
     send_all(client, [f"q {i}" for i in range(6000)])
 
@@ -324,8 +327,8 @@ def test_two_unequal_servers_each_get_their_own_batch(start_fake_server: Callabl
     assert 96 <= big_control.target <= 120 and 16 <= small_control.target <= 24
     assert big.stats()["max_running"] == 96 and small.stats()["max_running"] == 16
     assert queue_quantile(big, 0.95, after=1.0) <= 96 * 0.25 and queue_quantile(small, 0.95, after=1.0) <= 2 * queue_allowance(16)
-    # rows went where the room was: about 6 to 1
-    assert big.stats()["requests"] > 4 * small.stats()["requests"]
+    # rows went where the room was: about 6 to 1 (less while both ramp)
+    assert big.stats()["requests"] > 3 * small.stats()["requests"]
 
 
 def test_a_server_killed_and_restarted_ramps_again(start_fake_server: Callable[..., FakeServer], make_client: MakeClient) -> None:
@@ -374,3 +377,14 @@ def test_the_command_shows_and_records_each_server_s_target_and_queue(tmp_path: 
     (summary,) = json.loads((tmp_path / "out" / "answers.metrics.json").read_text())["servers"]
     assert summary["url"] == server.url and summary["state"] == "hold" and 16 <= summary["target"] <= 24
     assert summary["settled_target"] is not None and summary["peak_queue"] >= 0 and summary["reports"] > 0
+
+
+def test_targets_stay_below_the_open_file_limit_and_a_stalled_ramp_polls_slowly() -> None:
+    control = Controller("s", max_target=300)
+    run([control], SimServer(10_000), 10.0)
+    assert control.target == 300
+
+    stalled = Controller("s")
+    run([stalled], SimServer(1024), 5.0, rows=20)  # our rows cannot fill even the start target
+    assert stalled.state == "ramp" and stalled.poll_interval(now=5.0) == SLOW_POLL
+    assert Controller("s").poll_interval(now=0.0) == RAMP_POLL

@@ -100,9 +100,10 @@ class Controller:
     (the client then admits more requests, or fewer).
     """
 
-    def __init__(self, name: str, fixed: int | None = None) -> None:
+    def __init__(self, name: str, fixed: int | None = None, max_target: int = MAX_TARGET) -> None:
         self.name = name
         self.fixed = fixed
+        self.max_target_allowed = max(1, min(max_target, MAX_TARGET))  # the process's open-file limit may be lower
         self.state: State = "fixed" if fixed is not None else "ramp"
         self.target = fixed if fixed is not None else START_TARGET
         self.reported = True  # False once the server proved to give no load reports
@@ -135,9 +136,10 @@ class Controller:
         """Seconds to the next report: often while the target moves, then once a second."""
         if not self.adaptive:
             return SLOW_POLL
-        if self.state == "ramp":
+        recent = now - self._changed_at < 3.0
+        if self.state == "ramp" and recent:
             return RAMP_POLL
-        return FAST_POLL if now - self._changed_at < 3.0 else SLOW_POLL
+        return FAST_POLL if recent else SLOW_POLL  # a ramp that stalled: our rows cannot fill it
 
     def summary(self) -> dict[str, Any]:
         """What the metrics file shows of this server."""
@@ -241,6 +243,8 @@ class Controller:
             self.state = "ramp"
             self._set(START_TARGET, 0.0)
             self._ceiling, self._ceiling_until = MAX_TARGET, 0.0
+            self._peak_running, self._lag = 0.0, 0.0
+            self._ours.clear()
             self._ever_confirmed = False  # a restarted vLLM's gauges are cold again
 
     # -- the rules
@@ -263,8 +267,6 @@ class Controller:
                 break
             then = ours
         return then
-        if now >= self._ceiling_until:
-            self._ceiling = MAX_TARGET
 
     def _cut(self, load: Load, ours: int, demand: float, allowance: int, now: float) -> bool:
         """Too long a queue: take off our share of the excess over the allowance. ``ours`` is
@@ -297,7 +299,7 @@ class Controller:
             grown = self.target + allowance
         else:
             return False
-        target = min(grown, self._ceiling, MAX_TARGET)
+        target = min(grown, self._ceiling, self.max_target_allowed)
         if target <= self.target:
             return False
         if self.state == "hold":
@@ -329,3 +331,4 @@ class Controller:
         self.max_target = max(self.max_target, target)
         self._filled_at = None
         self._changed_at = now
+        self._empty = 0  # reports before this change say nothing of the new target

@@ -15,6 +15,7 @@ import asyncio
 import atexit
 import collections
 import concurrent.futures
+import contextlib
 import logging
 import math
 import os
@@ -28,7 +29,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from .adaptive import Controller, parse_metrics
+from .adaptive import MAX_TARGET, Controller, parse_metrics
 from .errors import AuthenticationError, ModelSelectionError, RowFailedError, ServerUnavailableError
 from .recipe import RetryConfig
 from .wire import FinalError, Result, RetryableError, check_auth, decode, encode, redact_text, redact_url, server_message, status_error
@@ -207,9 +208,16 @@ class _Router:
     """
 
     def __init__(
-        self, urls: Sequence[str], max_outage: float, on_down: Callable[[_Route], None] = lambda server: None, fixed: int | None = None
+        self,
+        urls: Sequence[str],
+        max_outage: float,
+        on_down: Callable[[_Route], None] = lambda server: None,
+        fixed: int | None = None,
+        on_up: Callable[[], None] = lambda: None,
     ) -> None:
-        self.servers = [_Route(u, redact_url(u), Controller(redact_url(u), fixed)) for u in urls]
+        most = _open_files_allowed() // max(1, len(urls))  # sockets: one per request in flight
+        self.servers = [_Route(u, redact_url(u), Controller(redact_url(u), fixed, max_target=most)) for u in urls]
+        self._on_up = on_up  # the client resizes its pool: the target ramps again
         self.max_outage = max_outage
         self._on_down = on_down  # the client starts probing the server
         self._changed: asyncio.Event | None = None  # set when a server comes back or may take a trial
@@ -295,6 +303,7 @@ class _Router:
         server.control.restart()  # it may have restarted with another capacity
         self._all_down_since = None
         self._notify()
+        self._on_up()
 
     def _take_down(self, server: _Route, err: RetryableError) -> None:
         server.down_since = time.monotonic()
@@ -464,7 +473,7 @@ class Client:
         self.retry = retry or RetryConfig()
         # None: adaptive, each server's controller sets its target; a number: a fixed target
         self.max_concurrency = max_concurrency
-        self.router = _Router(base_urls, self.retry.max_outage, on_down=self._on_down, fixed=max_concurrency)
+        self.router = _Router(base_urls, self.retry.max_outage, on_down=self._on_down, fixed=max_concurrency, on_up=self._room_changed)
         self.model = model
         self.stats = Stats(servers=[s.control for s in self.servers])
         self._headers = {"Content-Type": "application/json"}
@@ -694,6 +703,8 @@ class Client:
                         if server.control.refused(server.in_flight, now):
                             self._room_changed()
                         refusals += 1
+                        if refusals == 1:
+                            self._leave_pool()  # another worker takes this one's place while it pauses
                         if err.retry_after is not None:  # the server said when
                             pause = min(err.retry_after, self.retry.max_wait)
                         else:  # jittered, so that a burst of refused rows does not come back at once
@@ -810,6 +821,8 @@ class Client:
         """The server with the most room below its target; waits while every one is at its target."""
         while True:
             server = self.router.pick()
+            if server.in_flight >= server.control.target:  # the pick is full: any other with room
+                server = next((s for s in self.servers if s.down_since is None and s.in_flight < s.control.target), server)
             if server.in_flight < server.control.target:
                 if (server.reports is None or server.reports.done()) and server.control.reported and self._model_checked:
                     server.reports = asyncio.get_running_loop().create_task(_poll_load(weakref.ref(self), server))
@@ -924,16 +937,17 @@ async def _poll_load(client_ref: weakref.ref[Client], server: _Route) -> None:
         if client is None or client._session is None or client._session.closed:
             return
         now = time.monotonic()
-        if server.in_flight == 0:
+        if server.in_flight == 0 or server.down_since is not None:
+            # down: its probe and requests tell when it is back (and the target ramps again)
+            del client  # no strong reference across the sleep: a dropped client is collected
             idle_since = idle_since or now
             if now - idle_since > _REPORTS_IDLE:
                 return  # _admit starts another with the next request
             continue
         idle_since = None
-        if server.down_since is not None:
-            continue  # its probe and requests tell when it is back (and the target ramps again)
         timeout = aiohttp.ClientTimeout(total=min(_PROBE_TIMEOUT, client._watchdog.timeout), sock_connect=client._connect_seconds)
         session = client._session
+        assert session is not None
         del client  # not across the await: a dropped client is collected meanwhile
         try:
             async with session.get(server.url + "/metrics", timeout=timeout, allow_redirects=False) as resp:
@@ -941,6 +955,8 @@ async def _poll_load(client_ref: weakref.ref[Client], server: _Route) -> None:
                 body = await resp.read()
         except (TimeoutError, aiohttp.ClientError):
             continue  # the requests tell the router whether the server is down
+        finally:
+            del session  # nor the session across the next sleep
         client = client_ref()
         if client is None:
             return
@@ -952,11 +968,29 @@ async def _poll_load(client_ref: weakref.ref[Client], server: _Route) -> None:
                 if control.unreported(why):
                     client._room_changed()
                 return
+            del client
             continue
         misses = 0
         if control.observe(load, server.in_flight, time.monotonic()):
             client._room_changed()
         del client
+
+
+def _open_files_allowed() -> int:
+    """Sockets this process may open for requests: the soft open-file limit, raised to the hard
+    one (a common soft limit, 1,024, is an H100's batch), less a margin for everything else."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+            wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
+            with contextlib.suppress(ValueError, OSError):
+                resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+                soft = wanted
+    except ImportError:  # not on this platform
+        return MAX_TARGET
+    return MAX_TARGET if soft == resource.RLIM_INFINITY else max(16, soft - 256)
 
 
 def choose_model(url: str, ids: list[str], model: str | None, hint: str = "choose one with model=...") -> str:
