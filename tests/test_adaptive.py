@@ -239,9 +239,10 @@ def send_all(client: Client, prompts: list[str]) -> list[Result]:
     return results
 
 
-def queue_quantile(server: FakeServer, q: float, after: float = 0.0, before: float = math.inf) -> float:
-    """The ``q`` quantile of the server's queue over time (each value weighted by how long it held)."""
-    timeline = [(t, waiting) for t, _running, waiting in server.stats()["queue_timeline"]]
+def queue_quantile(server: FakeServer, q: float, after: float = 0.0, before: float = math.inf, running: bool = False) -> float:
+    """The ``q`` quantile of the server's queue (or running count) over time, each value weighted by
+    how long it held, from ``after`` to ``before`` seconds after the first request."""
+    timeline = [(t, busy if running else waiting) for t, busy, waiting in server.stats()["queue_timeline"]]
     start = timeline[0][0] + after
     spans: list[tuple[float, float]] = []  # (waiting, seconds)
     for (t0, waiting), (t1, _) in itertools.pairwise(timeline):
@@ -324,9 +325,9 @@ def test_two_unequal_servers_each_get_their_own_batch(start_fake_server: Callabl
     send_all(client, [f"q {i}" for i in range(6000)])
 
     big_control, small_control = (s.control for s in client.servers)
-    assert 96 <= big_control.target <= 120 and 16 <= small_control.target <= 24
+    assert 96 <= big_control.target <= 96 * 1.5 and 16 <= small_control.target <= 24
     assert big.stats()["max_running"] == 96 and small.stats()["max_running"] == 16
-    assert queue_quantile(big, 0.95, after=1.0) <= 96 * 0.25 and queue_quantile(small, 0.95, after=1.0) <= 2 * queue_allowance(16)
+    assert queue_quantile(big, 0.95, after=1.0) <= 96 * 0.25 and queue_quantile(small, 0.95, after=1.0) <= 16
     # rows went where the room was: about 6 to 1 (less while both ramp)
     assert big.stats()["requests"] > 3 * small.stats()["requests"]
 
@@ -350,18 +351,26 @@ def test_a_server_killed_and_restarted_ramps_again(start_fake_server: Callable[.
     assert max(first[:50]) <= START_TARGET
 
 
-@pytest.mark.parametrize("args", [("--metrics-lag", "1"), ("--engines", "2")], ids=["lagging-gauges", "two-engines"])
-def test_lagging_or_per_engine_reports_still_settle_on_the_slots(
-    start_fake_server: Callable[..., FakeServer], make_client: MakeClient, args: tuple[str, str]
+@pytest.mark.parametrize(
+    ("args", "full", "queue"),
+    [(("--engines", "2"), 0.2, 0.25), (("--metrics-lag", "1"), 0.5, 0.375)],
+    ids=["two-engines", "lagging-gauges"],
+)
+def test_per_engine_or_lagging_reports_still_fill_the_slots(
+    start_fake_server: Callable[..., FakeServer], make_client: MakeClient, args: tuple[str, str], full: float, queue: float
 ) -> None:
     server = start_fake_server("--slots", "64", "--latency", "0.05", *args)
     client = make_client(server.url)
     send_all(client, [f"q {i}" for i in range(12000)])
 
-    assert 64 <= client.servers[0].control.target <= 80
-    assert server.stats()["max_running"] == 64
-    # a ramp paced by 1 s-old reports takes a few seconds; then the queue is as short as ever
-    assert queue_quantile(server, 0.95, after=6.0) <= 64 * 0.25
+    stats = server.stats()
+    assert stats["max_running"] == 64 and 64 <= client.servers[0].control.target <= 96
+    # once ramped (paced by the reports' lag: a few seconds with 1 s-old gauges), the batch is
+    # nearly full at least ``1 - full`` of the time, and the queue short (the run's end aside);
+    # 1 s-old gauges make the target swing: full at the median, with a longer queue at times
+    end = stats["queue_timeline"][-1][0] - stats["queue_timeline"][0][0]
+    assert queue_quantile(server, full, after=6.0, before=end - 1.0, running=True) >= 64 * 0.85
+    assert queue_quantile(server, 0.95, after=6.0) <= 64 * queue
 
 
 def test_the_command_shows_and_records_each_server_s_target_and_queue(tmp_path: Path, start_fake_server: Callable[..., FakeServer]) -> None:
