@@ -136,7 +136,7 @@ class Controller:
         """Seconds to the next report: often while the target moves, then once a second."""
         if not self.adaptive:
             return SLOW_POLL
-        recent = now - self._changed_at < 3.0
+        recent = self._changed_at == 0.0 or now - self._changed_at < 3.0
         if self.state == "ramp" and recent:
             return RAMP_POLL
         return FAST_POLL if recent else SLOW_POLL  # a ramp that stalled: our rows cannot fill it
@@ -167,6 +167,8 @@ class Controller:
         self.peak_waiting = max(self.peak_waiting, load.waiting)
         if not self.adaptive or ours == 0:
             return False
+        if self._changed_at == 0.0:  # the first report: the ramp's fast reports count from here
+            self._changed_at = now
         self._note_fill(ours, now)
         demand = load.running + load.waiting  # every client's requests at the server
         allowance = queue_allowance(load.running)
