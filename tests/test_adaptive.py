@@ -26,6 +26,7 @@ from fake_server import FakeServer
 
 from vllm_generator.adaptive import (
     FAST_POLL,
+    QUICK_POLL,
     MAX_TARGET,
     RAMP_POLL,
     SLOW_POLL,
@@ -389,7 +390,7 @@ def test_the_command_shows_and_records_each_server_s_target_and_queue(tmp_path: 
     assert summary["settled_target"] is not None and summary["peak_queue"] >= 0 and summary["reports"] > 0
 
 
-def test_targets_stay_below_the_open_file_limit_and_a_stalled_ramp_polls_slowly() -> None:
+def test_targets_stay_below_the_open_file_limit_and_reports_come_as_often_as_the_ramp_needs() -> None:
     control = Controller("s", max_target=300)
     run([control], SimServer(10_000), 10.0)
     assert control.target == 300
@@ -397,4 +398,8 @@ def test_targets_stay_below_the_open_file_limit_and_a_stalled_ramp_polls_slowly(
     stalled = Controller("s")
     run([stalled], SimServer(1024), 5.0, rows=20)  # our rows cannot fill even the start target
     assert stalled.state == "ramp" and stalled.poll_interval(now=5.0) == SLOW_POLL
-    assert Controller("s").poll_interval(now=0.0) == RAMP_POLL
+    fresh = Controller("s")
+    assert fresh.poll_interval(now=0.0) == RAMP_POLL  # no report yet
+    assert fresh.observe(Load(running=32, waiting=0), ours=32, now=1.0) and fresh.target == 64
+    # a ramp step is seen as soon as its requests reach the server: quick reports for a moment
+    assert fresh.poll_interval(now=1.05) == QUICK_POLL and fresh.poll_interval(now=1.2) == RAMP_POLL

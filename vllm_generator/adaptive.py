@@ -32,6 +32,10 @@ MAX_TARGET = 16_384  # above any vLLM default (2,048 with --performance-mode thr
 # A server that reports no load (another OpenAI-compatible server): the fixed default of old.
 UNREPORTED_TARGET = 256
 RAMP_POLL = 0.05  # seconds between reports while the target ramps (a second or so)
+# ... for a moment after each of its steps: the next report that can show a step comes as soon
+# as the new requests reach the server, which on fast requests is much sooner than RAMP_POLL
+# (ten reports a step at most: 43 ms of a real server's time at its 4.3 ms a report)
+QUICK_POLL, _QUICK_WINDOW = 0.01, 0.1
 FAST_POLL = 0.2  # ... while it moves after that
 SLOW_POLL = 1.0  # ... once it holds (a change of capacity is still seen within seconds)
 _REFUSAL_MEMORY = 30.0  # seconds a refusal caps the target before it may probe above it again
@@ -136,9 +140,10 @@ class Controller:
         """Seconds to the next report: often while the target moves, then once a second."""
         if not self.adaptive:
             return SLOW_POLL
-        recent = self._changed_at == 0.0 or now - self._changed_at < 3.0
+        since = now - self._changed_at
+        recent = self._changed_at == 0.0 or since < 3.0
         if self.state == "ramp" and recent:
-            return RAMP_POLL
+            return QUICK_POLL if self._changed_at and since < _QUICK_WINDOW else RAMP_POLL
         return FAST_POLL if recent else SLOW_POLL  # a ramp that stalled: our rows cannot fill it
 
     def summary(self) -> dict[str, Any]:
