@@ -546,7 +546,9 @@ def bench_fixed256(runner: Runner, args: argparse.Namespace) -> None:
     print(f"  vs bare: fixed {fixed.m.rate / bare.m.rate:.3f}x rows/s, adaptive {adaptive.m.rate / bare.m.rate:.3f}x")
     rates = [a.m.rate / f.m.rate for _, f, a in rounds]
     cpus = [a.m.cpu_us / f.m.cpu_us for _, f, a in rounds]
-    print(f"  adaptive / fixed in each round: rows/s {' '.join(f'{x:.3f}' for x in rates)}; CPU/request {' '.join(f'{x:.3f}' for x in cpus)}")
+    print(
+        f"  adaptive / fixed in each round: rows/s {' '.join(f'{x:.3f}' for x in rates)}; CPU/request {' '.join(f'{x:.3f}' for x in cpus)}"
+    )
     rate, cpu = statistics.median(rates), statistics.median(cpus)
     runner.check("fixed256", f"adaptive rows/s >= 0.97x max_concurrency {slots}", f"{rate:.3f}x", rate >= 0.97)
     runner.check("fixed256", f"adaptive client CPU/request <= 1.03x max_concurrency {slots}", f"{cpu:.3f}x", cpu <= 1.03)

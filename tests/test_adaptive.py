@@ -26,8 +26,8 @@ from fake_server import FakeServer
 
 from vllm_generator.adaptive import (
     FAST_POLL,
-    QUICK_POLL,
     MAX_TARGET,
+    QUICK_POLL,
     RAMP_POLL,
     SLOW_POLL,
     START_TARGET,
