@@ -199,7 +199,7 @@ class Controller:
         # ramping: shows all of ours; once settled, many of ours may be on their way in or out)
         live = sees_us if self.state == "ramp" else sees_us or load.running > 0
         if not live or ours < _SEES_US * self.target:
-            return self._wait_for_reports(now)
+            return self._wait_for_reports(demand, now)
         return self._raise(allowance, now)
 
     def refused(self, ours: int, now: float) -> bool:
@@ -314,10 +314,12 @@ class Controller:
         self._set(target, now)
         return True
 
-    def _wait_for_reports(self, now: float) -> bool:
-        """Nothing waits, but the reports do not show our requests (a cold start's zeros, or
-        gauges that lag): after a grace period, do not stay below the safe default for them."""
-        if self._ever_confirmed or self.state != "ramp" or self.target >= UNREPORTED_TARGET:
+    def _wait_for_reports(self, demand: float, now: float) -> bool:
+        """Nothing waits, but the reports do not show our requests. A cold start's gauges read 0:
+        after a grace period, do not stay below the safe default for them. Gauges that show
+        requests are live, and ours they do not show are on their way in (a CPU-starved front
+        end holds them before the engine counts them): wait for them."""
+        if demand > 0 or self._ever_confirmed or self.state != "ramp" or self.target >= UNREPORTED_TARGET:
             return False
         if self._filled_at is None or now - self._filled_at < _UNCONFIRMED_GRACE:
             return False
