@@ -21,7 +21,8 @@ generations at once, the rest wait in line, ``/metrics`` gauges as vLLM's):
               interleaved rounds' ratios
     vllm      the real vLLM CPU server, ``--max-num-seqs 16``: adaptive >= 0.95x the best of the
               fixed caps 8, 16, 24, 32 and 64, each run next to an adaptive run (the median of 3
-              such pairs' ratios); vLLM's ``num_requests_waiting`` peak <= 16 in every adaptive run
+              such pairs' ratios; vLLM on a core of its own); vLLM's ``num_requests_waiting`` peak
+              <= 16 in every adaptive run
 
 "bare" is bench_throughput's bare aiohttp loop holding exactly the server's slots in flight: the
 limit of any client. rows/s, "CPU us/req" (the client process's CPU over its work, per request)
@@ -585,9 +586,10 @@ class VllmServer:
     STARTUP_TIMEOUT = 300.0
     STOP_GRACE = 20.0
 
-    def __init__(self, work: Path, max_num_seqs: int) -> None:
+    def __init__(self, work: Path, max_num_seqs: int, cpus: set[int] | None = None) -> None:
         self.work = work
         self.max_num_seqs = max_num_seqs
+        self.cpus = cpus  # the cores it runs on (all, by default)
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
         self.log_path = work / "vllm.log"
@@ -599,6 +601,9 @@ class VllmServer:
             *("--served-model-name", VLLM_NAME, "--dtype", "bfloat16", "--enforce-eager", "--max-model-len", "512"),
             *("--max-num-seqs", str(self.max_num_seqs), "--host", "127.0.0.1", "--port", str(port)),
         ]
+        if self.cpus:
+            cores = ",".join(map(str, sorted(self.cpus)))
+            command = ["taskset", "-c", cores, *command]
         cache = self.work / "vllm-cache"
         cache.mkdir(exist_ok=True)
         env = {
@@ -607,6 +612,7 @@ class VllmServer:
             "HF_HUB_OFFLINE": "1",
             "VLLM_NO_USAGE_STATS": "1",
             "VLLM_CACHE_ROOT": str(cache),
+            **({"VLLM_CPU_OMP_THREADS_BIND": cores} if self.cpus else {}),
         }
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.work, start_new_session=True)
@@ -738,6 +744,17 @@ def _check_generated(output: str, rows_path: str) -> tuple[int, int]:
     return ok, sum(e is not None for e in table["error"])
 
 
+@contextlib.contextmanager
+def _affinity(cores: set[int]) -> Iterator[None]:
+    """This process (and the clients it starts) on ``cores`` only, meanwhile."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cores)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 def bench_vllm(runner: Runner, args: argparse.Namespace) -> None:
     seqs, rows, max_tokens = 16, _rows(args, args.vllm_rows), 16
     caps = [int(c) for c in args.vllm_caps.split(",")]
@@ -746,7 +763,13 @@ def bench_vllm(runner: Runner, args: argparse.Namespace) -> None:
     if missing:
         runner.check("vllm", "the real vLLM server", f"needs {' and '.join(missing)} (bash scripts/setup.sh)", None)
         return
-    with VllmServer(runner.work, seqs) as server:
+    # vLLM on all cores, the client with it: its OpenMP threads stall whenever the client takes
+    # their core, and the same run gave 41 to 209 rows/s. A server of its own (one core; the
+    # client on the others, as on a GPU host) gives 78 to 114.
+    cores = sorted(os.sched_getaffinity(0))
+    server_cores, client_cores = ({cores[-1]}, set(cores[:-1])) if len(cores) > 1 else (None, set(cores))
+    with VllmServer(runner.work, seqs, server_cores) as server, _affinity(client_cores):
+        print(f"  vLLM on core {server_cores or cores}, the clients on {sorted(client_cores)}", flush=True)
         warm_up(server, max_tokens)
 
         def client(cap: int | None) -> Client:
@@ -795,8 +818,12 @@ def bench_vllm(runner: Runner, args: argparse.Namespace) -> None:
         "  mean running: "
         + ", ".join(f"{r.m.name.removeprefix('pipeline, ')} {_num(r.servers[0]['running_mean'], '.1f')}" for r in [adaptive, *fixed])
     )
-    for cap, p, ratio in zip(caps, pairs, ratios):
-        print(f"  adaptive / max_concurrency {cap}, run next to each other: {' '.join(f'{x:.3f}' for x in p)} (median {ratio:.3f})")
+    for cap, p, ratio, f in zip(caps, pairs, ratios, fixed):
+        busy = adaptive.servers[0]["running_mean"] / f.servers[0]["running_mean"]
+        print(
+            f"  adaptive / max_concurrency {cap}, run next to each other: rows/s {' '.join(f'{x:.3f}' for x in p)} "
+            f"(median {ratio:.3f}); mean running {busy:.3f}x"
+        )
     ratio = ratios[best]
     runner.check("vllm", f"adaptive rows/s >= 0.95x the best fixed cap (max_concurrency {caps[best]})", f"{ratio:.3f}x", ratio >= 0.95)
     peak = max((r.servers[0]["queue_peak"] for r in adaptive_runs if r.servers[0]["queue_peak"] is not None), default=None)
