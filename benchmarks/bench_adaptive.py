@@ -177,30 +177,10 @@ class Runner:
         return run
 
     def _finish(self, job: Job, check: Callable[[str, str], tuple[int, int]]) -> Measurement:
-        # wait4: the child's own rusage (the servers, also our children, are not in it)
-        _, status, usage = os.wait4(job.proc.pid, 0)
-        job.proc.returncode = os.waitstatus_to_exitcode(status)
-        if job.proc.returncode != 0:
-            tail = (job.run_dir / "stderr").read_text(errors="replace")[-3000:]
-            raise BenchError(f"{job.name}: the client failed (exit {job.proc.returncode}); its stderr ends:\n{tail}")
-        result = json.loads((job.run_dir / "result.json").read_text())
-        if job.spec["kind"] == "pipeline":
-            result["ok"], result["errors"] = check(job.spec["output"], job.spec["rows_path"])
-        m = Measurement(
-            name=job.name,
-            rows=result["rows"],
-            wall=result["wall"],
-            cpu=result["cpu"],
-            proc_cpu=usage.ru_utime + usage.ru_stime,
-            maxrss_mb=usage.ru_maxrss / 1024,
-            ok=result["ok"],
-            errors=result["errors"],
-            requests=result["requests"],
-            anon_mb=result.pop("anon_mb", 0.0),
-        )
-        if m.ok != m.rows:
-            print(f"  WARNING {m.name}: only {m.ok} of {m.rows} rows got their answer ({m.errors} errors)", file=sys.stderr)
-        return m
+        try:
+            return self.bench.finish(job, check)
+        except SystemExit as failed:  # a client that failed: this scenario's verdict, not the run's end
+            raise BenchError(str(failed)) from None
 
     def check(self, scenario: str, what: str, figure: str, ok: bool | None) -> None:
         """A target: printed now, and again in the verdicts at the end."""
