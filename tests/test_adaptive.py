@@ -159,13 +159,16 @@ def test_lagging_reports_do_not_drive_the_target_below_the_slots() -> None:
     assert all(100 <= t <= 125 for t in targets[-10:]), targets
 
 
-def test_requests_held_in_a_slow_front_end_do_not_pass_for_cold_gauges() -> None:
+def test_requests_held_in_a_slow_front_end_do_not_pass_for_cold_gauges(caplog: pytest.LogCaptureFixture) -> None:
     # a CPU-starved vLLM: its engine runs 16, the rest of ours wait in its front end, which the
     # gauges do not count; they are live (not a cold start's zeros), so no jump to the safe default
     control = Controller("s")
     for step in range(100):
         control.observe(Load(running=16.0, waiting=0.0), ours=control.target, now=step * 0.1)
     assert control.target == START_TARGET and control.max_target == START_TARGET
+    # said once, with what to do
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "show 16 requests, fewer than our 32 in flight, for 3 s: holding 32" in warning and "set max_concurrency" in warning
 
 
 def test_two_clients_on_one_server_share_it_without_a_long_queue() -> None:

@@ -130,6 +130,7 @@ class Controller:
         self._lag = 0.0  # seconds the reports trail our in-flight count (estimated)
         self._ours: collections.deque[tuple[float, int]] = collections.deque()  # (when, in flight) at each report
         self._ever_confirmed = False
+        self._said_unseen = False  # the warning that the reports never show all of ours
         self._changed_at = 0.0
 
     @property
@@ -318,10 +319,20 @@ class Controller:
         """Nothing waits, but the reports do not show our requests. A cold start's gauges read 0:
         after a grace period, do not stay below the safe default for them. Gauges that show
         requests are live, and ours they do not show are on their way in (a CPU-starved front
-        end holds them before the engine counts them): wait for them."""
-        if demand > 0 or self._ever_confirmed or self.state != "ramp" or self.target >= UNREPORTED_TARGET:
+        end holds them before the engine counts them): wait for them, and say so once (a proxy
+        whose ``/metrics`` shows one of the servers behind it looks the same)."""
+        if self._ever_confirmed or self.state != "ramp" or self.target >= UNREPORTED_TARGET:
             return False
         if self._filled_at is None or now - self._filled_at < _UNCONFIRMED_GRACE:
+            return False
+        if demand > 0:
+            if not self._said_unseen:
+                self._said_unseen = True
+                logger.warning(
+                    "%s's load reports show %.0f requests, fewer than our %d in flight, for %.0f s: holding %d "
+                    "(behind a proxy whose /metrics shows one server of several? set max_concurrency)",
+                    self.name, demand, self.target, _UNCONFIRMED_GRACE, self.target,
+                )  # fmt: skip
             return False
         logger.warning("%s's load reports do not show our requests yet: %d in flight until they do", self.name, UNREPORTED_TARGET)
         self._set(UNREPORTED_TARGET, now)
