@@ -331,8 +331,12 @@ class Controller:
                 logger.warning(
                     "%s's load reports show %.0f requests, fewer than our %d in flight, for %.0f s: holding %d "
                     "(behind a proxy whose /metrics shows one server of several? set max_concurrency)",
-                    self.name, demand, self.target, _UNCONFIRMED_GRACE, self.target,
-                )  # fmt: skip
+                    self.name,
+                    demand,
+                    self.target,
+                    _UNCONFIRMED_GRACE,
+                    self.target,
+                )
             return False
         logger.warning("%s's load reports do not show our requests yet: %d in flight until they do", self.name, UNREPORTED_TARGET)
         self._set(UNREPORTED_TARGET, now)
