@@ -171,6 +171,20 @@ def test_requests_held_in_a_slow_front_end_do_not_pass_for_cold_gauges(caplog: p
     assert "show 16 requests, fewer than our 32 in flight, for 3 s: holding 32" in warning and "set max_concurrency" in warning
 
 
+def test_answers_a_busy_client_has_not_read_yet_are_no_room_on_the_server() -> None:
+    # settled at 70 on 64 slots; the client's loop is late to read 12 answers, so the server runs
+    # 64 with an empty queue while 76 are "in flight" here: no raise (they would all queue)
+    control = Controller("s")
+    control.state, control.target, control.settled = "hold", 76, 70
+    for step in range(20):
+        control.observe(Load(running=64.0, waiting=0.0), ours=76, now=step * 0.2)
+    assert control.target == 76
+    # the same server runs all 76 with nothing waiting: it has grown, and the target follows
+    for step in range(20, 24):
+        control.observe(Load(running=76.0, waiting=0.0), ours=control.target, now=step * 0.2)
+    assert control.target > 76
+
+
 def test_two_clients_on_one_server_share_it_without_a_long_queue() -> None:
     a, b = Controller("s"), Controller("s")
     server = SimServer(256)

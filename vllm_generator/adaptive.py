@@ -184,10 +184,15 @@ class Controller:
             # the lag at its longest lately: a short estimate would cut again on stale reports
             sample = now - self._filled_at
             self._lag = max(sample, (1 - _LAG_WEIGHT) * self._lag + _LAG_WEIGHT * sample)
-        # room: nothing waits, or (settled) fewer run than it has run, with a short queue; a
-        # small server's queue is seldom empty (each arrival waits for the next step), and its
+        # room: nothing waits (once settled, with all of ours in the report: a client too busy
+        # to read its answers at once has many "in flight" that the server finished, and its
+        # empty queue is no room), or (settled) fewer run than it has run, with a short queue;
+        # a small server's queue is seldom empty (each arrival waits for the next step), and its
         # slots idle while many of ours are on their way in (vLLM's front end on a CPU)
-        short = load.waiting == 0 or (self.state == "hold" and load.waiting <= allowance and load.running < _SEES_US * self._peak_running)
+        hold = self.state == "hold"
+        short = (load.waiting == 0 and (sees_us or not hold)) or (
+            hold and load.waiting <= allowance and load.running < _SEES_US * self._peak_running
+        )
         self._peak_running = max(self._peak_running, load.running)
         self._empty = self._empty + 1 if short else 0
         if load.waiting > 2 * allowance:
