@@ -382,10 +382,14 @@ def _rounds(repeat: int, clients: Sequence[Client]) -> list[list[Run]]:
     return [[client(r) for client in clients] for r in range(repeat)]
 
 
+def _medians(rounds: Sequence[Sequence[Run]]) -> list[Run]:
+    """Each client's median run over the rounds."""
+    return [median_run([runs[i] for runs in rounds]) for i in range(len(rounds[0]))]
+
+
 def _repeated(repeat: int, clients: Sequence[Client]) -> list[Run]:
     """Each client's median run over ``repeat`` interleaved rounds."""
-    rounds = _rounds(repeat, clients)
-    return [median_run([runs[i] for runs in rounds]) for i in range(len(clients))]
+    return _medians(_rounds(repeat, clients))
 
 
 def _client_name(slots: int, cap: int | str | None) -> str:
@@ -523,7 +527,7 @@ def bench_fixed256(runner: Runner, args: argparse.Namespace) -> None:
     print(f"\n## fixed256: {slots} slots, {latency * 1000:.0f} ms a request, {rows:,} rows, {repeat} interleaved rounds", flush=True)
     clients = [one_server(runner, args, slots, latency, rows, cap) for cap in ("bare", slots, None)]
     rounds = _rounds(repeat, clients)
-    bare, fixed, adaptive = (median_run([runs[i] for runs in rounds]) for i in range(len(clients)))
+    bare, fixed, adaptive = _medians(rounds)
     print(table([bare, fixed, adaptive], fixed, "fixed"))
     print(f"  vs bare: fixed {fixed.m.rate / bare.m.rate:.3f}x rows/s, adaptive {adaptive.m.rate / bare.m.rate:.3f}x")
     rates = [a.m.rate / f.m.rate for _, f, a in rounds]
