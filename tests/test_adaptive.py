@@ -164,11 +164,11 @@ def test_requests_held_in_a_slow_front_end_do_not_pass_for_cold_gauges(caplog: p
     # gauges do not count; they are live (not a cold start's zeros), so no jump to the safe default
     control = Controller("s")
     for step in range(100):
-        control.observe(Load(running=16.0, waiting=0.0), ours=control.target, now=step * 0.1)
+        control.observe(Load(running=16.0, waiting=0.0), ours=30, now=step * 0.1)  # the target 32, nearly filled
     assert control.target == START_TARGET and control.max_target == START_TARGET
     # said once, with what to do
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert "show 16 requests, fewer than our 32 in flight, for 3 s: holding 32" in warning and "set max_concurrency" in warning
+    assert "show 16 requests, fewer than our 30 in flight, for 3 s: holding 32" in warning and "set max_concurrency" in warning
 
 
 def test_answers_a_busy_client_has_not_read_yet_are_no_room_on_the_server() -> None:
