@@ -384,7 +384,7 @@ def test_a_server_killed_and_restarted_ramps_again(start_fake_server: Callable[.
 
 @pytest.mark.parametrize(
     ("args", "full", "queue"),
-    [(("--engines", "2"), 0.2, 0.25), (("--metrics-lag", "1"), 0.5, 0.375)],
+    [(("--engines", "2"), 0.2, 0.25), (("--metrics-lag", "1"), 0.5, 0.25)],
     ids=["two-engines", "lagging-gauges"],
 )
 def test_per_engine_or_lagging_reports_still_fill_the_slots(
@@ -398,7 +398,8 @@ def test_per_engine_or_lagging_reports_still_fill_the_slots(
     assert stats["max_running"] == 64 and 64 <= client.servers[0].control.target <= 96
     # once ramped (paced by the reports' lag: a few seconds with 1 s-old gauges), the batch is
     # nearly full at least ``1 - full`` of the time, and the queue short (the run's end aside);
-    # 1 s-old gauges make the target swing: full at the median, with a longer queue at times
+    # 1 s-old gauges make the target swing: full at the median (queue p95 6 to 12 of 64 here,
+    # under two busy loops too)
     end = stats["queue_timeline"][-1][0] - stats["queue_timeline"][0][0]
     assert queue_quantile(server, full, after=6.0, before=end - 1.0, running=True) >= 64 * 0.85
     assert queue_quantile(server, 0.95, after=6.0) <= 64 * queue
