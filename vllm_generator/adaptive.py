@@ -145,7 +145,9 @@ class Controller:
         recent = self._changed_at == 0.0 or since < 3.0
         if self.state == "ramp" and recent:
             return QUICK_POLL if self._changed_at and since < _QUICK_WINDOW else RAMP_POLL
-        return FAST_POLL if recent else SLOW_POLL  # a ramp that stalled: our rows cannot fill it
+        # a ramp that stalled (our rows cannot fill it) or a target that holds: slowly, but a
+        # report with room is looked at again soon (two in a row raise the target)
+        return FAST_POLL if recent or self._empty == 1 else SLOW_POLL
 
     def summary(self) -> dict[str, Any]:
         """What the metrics file shows of this server."""
@@ -206,7 +208,7 @@ class Controller:
         live = sees_us if self.state == "ramp" else sees_us or load.running > 0
         if not live or ours < _SEES_US * self.target:
             return self._wait_for_reports(demand, ours, now)
-        return self._raise(allowance, now)
+        return self._raise(load, min(1.0, ours / max(demand, 1.0)), allowance, now)
 
     def refused(self, ours: int, now: float) -> bool:
         """The server refused a request (429 or 503) with ``ours`` still in flight there.
@@ -300,14 +302,17 @@ class Controller:
         self._peak_running = load.running  # what it runs now is its capacity
         return True
 
-    def _raise(self, allowance: int, now: float) -> bool:
+    def _raise(self, load: Load, share: float, allowance: int, now: float) -> bool:
         """Double while ramping. Once settled, a report with an empty queue may be a moment's
-        (answers on their way back, their slots not refilled yet): raise by the allowance after
-        two such reports in a row (the server has grown: about 8 % per 0.4 s)."""
+        (answers on their way back, their slots not refilled yet): raise after two such reports
+        in a row, by our share (as in ``_cut``: the server's other clients take theirs) of the
+        room: what it ran before and does not now (another client left it), else the allowance
+        (it may have grown: about 8 % per 0.4 s)."""
         if self.state == "ramp":
             grown = self.target * 2
         elif self._empty >= 2:
-            grown = self.target + allowance
+            room = self._peak_running - load.running if load.waiting == 0 else 0.0
+            grown = self.target + math.ceil(max(allowance, room) * share)
         else:
             return False
         target = min(grown, self._ceiling, self.max_target_allowed)
