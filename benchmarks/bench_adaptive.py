@@ -785,7 +785,7 @@ def bench_vllm(runner: Runner, args: argparse.Namespace) -> None:
         adaptive_runs: list[Run] = []
         pairs: list[list[float]] = [[] for _ in caps]
         fixed_runs: list[list[Run]] = [[] for _ in caps]
-        for r in range(args.repeat or 3):
+        for r in range(args.repeat or 5):
             for i, fixed_client in enumerate(fixed_clients):
                 if (r + i) % 2 == 0:
                     a, f = adaptive_client(r), fixed_client(r)
@@ -843,7 +843,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--repeat",
         type=int,
         default=None,
-        help="runs of each client, interleaved; medians (default 1; fixed256: 15, vllm: 3, they are noisy)",
+        help="runs of each client, interleaved; medians (default 1; fixed256: 15, vllm: 5, they are noisy)",
     )
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every scenario's rows (0.05 for a smoke run)")
     parser.add_argument("--drop-at", type=float, default=6.0, help="drop: seconds after the first request when the slots drop")

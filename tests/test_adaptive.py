@@ -185,6 +185,20 @@ def test_answers_a_busy_client_has_not_read_yet_are_no_room_on_the_server() -> N
     assert control.target > 76
 
 
+def test_idle_slots_a_busy_client_has_not_refilled_are_not_room_another_client_left() -> None:
+    # settled at 277 on 256 slots, with the server's slots all run before; a CPU-bound client
+    # late to read its answers and send more: the server runs 114 of ours, none wait, while 277
+    # are "in flight" here. The slots are not free for long: the target grows by the allowance
+    # at most, not by the 142 idle slots (277 -> 419 did, and they all queued)
+    control = Controller("s")
+    run([control], SimServer(256), 10.0)
+    assert control.state == "hold" and control.target <= 256 + 2 * queue_allowance(256)
+    before = control.target
+    for step in range(4):
+        control.observe(Load(running=114.0, waiting=0.0), ours=before, now=10.0 + step * 0.2)
+    assert control.target <= before + queue_allowance(256)
+
+
 def test_two_clients_on_one_server_share_it_without_a_long_queue() -> None:
     a, b = Controller("s"), Controller("s")
     server = SimServer(256)

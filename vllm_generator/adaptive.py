@@ -124,6 +124,7 @@ class Controller:
         self._ceiling_until = 0.0
         self._refused_at = -1e9
         self._empty = 0  # reports in a row with room (see observe)
+        self._vacated = False  # the last report showed slots the server ran idle
         self._peak_running = 0.0  # the most the server ran (since the last cut)
         self._filled_at: float | None = None  # when ours first reached the current target
         self._confirmed = False  # a report showed our requests at the current target
@@ -145,9 +146,9 @@ class Controller:
         recent = self._changed_at == 0.0 or since < 3.0
         if self.state == "ramp" and recent:
             return QUICK_POLL if self._changed_at and since < _QUICK_WINDOW else RAMP_POLL
-        # a ramp that stalled (our rows cannot fill it) or a target that holds: slowly, but a
-        # report with room is looked at again soon (two in a row raise the target)
-        return FAST_POLL if recent or self._empty == 1 else SLOW_POLL
+        # a ramp that stalled (our rows cannot fill it) or a target that holds: slowly, but
+        # slots another client left are looked at again soon (two such reports raise the target)
+        return FAST_POLL if recent or (self._empty == 1 and self._vacated) else SLOW_POLL
 
     def summary(self) -> dict[str, Any]:
         """What the metrics file shows of this server."""
@@ -195,6 +196,9 @@ class Controller:
         short = (load.waiting == 0 and (sees_us or not hold)) or (
             hold and load.waiting <= allowance and load.running < _SEES_US * self._peak_running
         )
+        # slots the server ran lie idle with all of ours there: another client left (a second
+        # look soon, not in a second); a moment's empty queue at a full batch is no such sign
+        self._vacated = hold and load.waiting == 0 and sees_us and load.running < _SEES_US * self._peak_running
         self._peak_running = max(self._peak_running, load.running)
         self._empty = self._empty + 1 if short else 0
         if load.waiting > 2 * allowance:
@@ -311,7 +315,9 @@ class Controller:
         if self.state == "ramp":
             grown = self.target * 2
         elif self._empty >= 2:
-            room = self._peak_running - load.running if load.waiting == 0 else 0.0
+            # idle slots only with all of ours in the report: else they may be ours on their way
+            # in, or answers we have not read yet (a busy client: 277 -> 419 at 256 slots)
+            room = self._peak_running - load.running if self._vacated else 0.0
             grown = self.target + math.ceil(max(allowance, room) * share)
         else:
             return False
