@@ -199,6 +199,19 @@ def test_idle_slots_a_busy_client_has_not_refilled_are_not_room_another_client_l
     assert control.target <= before + queue_allowance(256)
 
 
+def test_a_queue_while_the_server_runs_nothing_is_no_sign_of_its_slots() -> None:
+    # vLLM compiling a structured output's grammar: the first requests all wait and none run
+    # (the quickstart's structured recipe: "it runs 0, 12 wait" cut 32 -> 16 -> 8 -> 4)
+    control = Controller("s")
+    for step in range(10):
+        control.observe(Load(running=0.0, waiting=32.0), ours=32, now=step * 0.05)
+    assert control.state == "ramp" and control.target == START_TARGET
+    # then it runs them: the ramp goes on from where it was
+    for step in range(10, 13):
+        control.observe(Load(running=float(control.target), waiting=0.0), ours=control.target, now=step * 0.05)
+    assert control.target > START_TARGET
+
+
 def test_two_clients_on_one_server_share_it_without_a_long_queue() -> None:
     a, b = Controller("s"), Controller("s")
     server = SimServer(256)

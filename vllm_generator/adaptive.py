@@ -201,6 +201,10 @@ class Controller:
         self._vacated = hold and load.waiting == 0 and sees_us and load.running < _SEES_US * self._peak_running
         self._peak_running = max(self._peak_running, load.running)
         self._empty = self._empty + 1 if short else 0
+        if load.running == 0 and load.waiting > 0:
+            # it runs nothing, so its queue says nothing of its slots: it is busy before it can
+            # run them (compiling a structured output's grammar, a cold start); wait for it
+            return False
         if load.waiting > 2 * allowance:
             return self._cut(load, self._ours_then(now), demand, allowance, now)
         if load.waiting > 0 and not short:
