@@ -89,6 +89,11 @@ def parse_metrics(text: bytes) -> Load | None:
     return Load(running, waiting, kv) if seen else None
 
 
+def _share(ours: int, demand: float) -> float:
+    """Our part of what the server holds (1 when it shows fewer than ours: some are in transit)."""
+    return min(1.0, ours / max(demand, 1.0))
+
+
 def queue_allowance(running: float) -> int:
     """Requests to keep waiting on a server that runs ``running``: a slot that frees is refilled
     from the server's own queue, not after a round trip to us (8 %, at least 4: a small server's
@@ -193,12 +198,11 @@ class Controller:
         # a small server's queue is seldom empty (each arrival waits for the next step), and its
         # slots idle while many of ours are on their way in (vLLM's front end on a CPU)
         hold = self.state == "hold"
-        short = (load.waiting == 0 and (sees_us or not hold)) or (
-            hold and load.waiting <= allowance and load.running < _SEES_US * self._peak_running
-        )
+        idle_slots = load.running < _SEES_US * self._peak_running
+        short = (load.waiting == 0 and (sees_us or not hold)) or (hold and load.waiting <= allowance and idle_slots)
         # slots the server ran lie idle with all of ours there: another client left (a second
         # look soon, not in a second); a moment's empty queue at a full batch is no such sign
-        self._vacated = hold and load.waiting == 0 and sees_us and load.running < _SEES_US * self._peak_running
+        self._vacated = hold and load.waiting == 0 and sees_us and idle_slots
         self._peak_running = max(self._peak_running, load.running)
         self._empty = self._empty + 1 if short else 0
         if load.running == 0 and load.waiting > 0:
@@ -216,7 +220,7 @@ class Controller:
         live = sees_us if self.state == "ramp" else sees_us or load.running > 0
         if not live or ours < _SEES_US * self.target:
             return self._wait_for_reports(demand, ours, now)
-        return self._raise(load, min(1.0, ours / max(demand, 1.0)), allowance, now)
+        return self._raise(load, _share(ours, demand), allowance, now)
 
     def refused(self, ours: int, now: float) -> bool:
         """The server refused a request (429 or 503) with ``ours`` still in flight there.
@@ -296,7 +300,7 @@ class Controller:
         what we had in flight when the report was taken (so that a lagging report, read again,
         gives the same target, not a lower one), including requests on their way in or out,
         which the server does not count yet: they are kept."""
-        share = min(1.0, ours / max(demand, 1.0))  # others' requests wait there too
+        share = _share(ours, demand)  # others' requests wait there too
         excess = math.ceil((load.waiting - allowance) * share)
         # never below our share of what it runs, and at most halved per cut: the report may be stale
         target = max(1, ours - excess, math.ceil(load.running * share), self.target // 2)
