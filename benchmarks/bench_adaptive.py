@@ -1,7 +1,7 @@
 """The adaptive in-flight targets (``max_concurrency: adaptive``, the default) against the issue's
 goals, in one run: every figure is a ratio to a baseline measured in the same run.
 
-    python benchmarks/bench_adaptive.py                          # every scenario, ~10 min
+    python benchmarks/bench_adaptive.py                          # every scenario, ~25 min
     python benchmarks/bench_adaptive.py --only small,drop        # some of them
     python benchmarks/bench_adaptive.py --only h100 --repeat 3   # medians of 3 interleaved runs
     python benchmarks/bench_adaptive.py --only small --scale 0.05 --keep   # a smoke run
@@ -22,7 +22,10 @@ generations at once, the rest wait in line, ``/metrics`` gauges as vLLM's):
     vllm      the real vLLM CPU server, ``--max-num-seqs 16`` (on a core of its own): the best of
               the fixed caps 8, 16, 24, 32 and 64 (the highest median rows/s over 3 rounds), then
               adaptive >= 0.95x that cap, the median of 20 fresh pairs' ratios (each pair run
-              next to each other); vLLM's ``num_requests_waiting`` peak <= 16 in every adaptive run
+              next to each other); vLLM's ``num_requests_waiting`` peak <= 16 in every adaptive run.
+              It also prints vLLM's engine steps for the rows: rows/s = rows a step (how full the
+              client keeps each step's batch) x steps/s (the server's speed, which moves 10 to 20 %
+              from run to run on this machine, less the load reports the client asks for)
 
 "bare" is bench_throughput's bare aiohttp loop holding exactly the server's slots in flight: the
 limit of any client. rows/s, "CPU us/req" (the client process's CPU over its work, per request)
@@ -53,6 +56,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -676,6 +680,20 @@ class VllmServer:
             return None
         return (load.running, load.waiting) if load is not None else None
 
+    def steps(self) -> float | None:
+        """Engine steps so far: the count of vLLM's ``iteration_tokens_total`` histogram (one
+        sample a step), summed over its engines."""
+        try:
+            with OPENER.open(self.url + "/metrics", timeout=2) as resp:
+                text = resp.read()
+        except OSError:
+            return None
+        found = _STEPS.findall(text)
+        return sum(float(v) for v in found) if found else None
+
+
+_STEPS = re.compile(rb"^vllm:iteration_tokens_total_count(?:\{[^}\n]*\})?[ \t]+(\S+)", re.M)
+
 
 @contextlib.contextmanager
 def polled(server: VllmServer, every: float = 0.2) -> Iterator[list[tuple[float, float, float]]]:
@@ -772,8 +790,10 @@ def bench_vllm(runner: Runner, args: argparse.Namespace) -> None:
                     server.url, rows, f"vllm-{cap or 'adaptive'}-{r}", max_concurrency=cap, model=VLLM_NAME, max_tokens=max_tokens
                 )
                 name = _client_name(seqs, cap)
+                steps = server.steps()
                 with polled(server) as samples:
                     run = runner.run(name, "pipeline", spec, server.cpu, _check_generated)
+                after = server.steps()
                 # the gauges while requests were in flight (the child's imports left out)
                 busy = [s for s in samples if s[1] + s[2] > 0] or samples
                 waiting = sorted(w for _, _, w in busy)
@@ -782,6 +802,7 @@ def bench_vllm(runner: Runner, args: argparse.Namespace) -> None:
                     queue_p50=waiting[len(waiting) // 2] if waiting else None,
                     queue_p95=waiting[min(len(waiting) - 1, int(0.95 * len(waiting)))] if waiting else None,
                     running_mean=statistics.fmean(r for _, r, _ in busy) if busy else None,
+                    engine_steps=after - steps if steps is not None and after is not None else None,
                 )
                 return run
 
@@ -829,6 +850,19 @@ def bench_vllm(runner: Runner, args: argparse.Namespace) -> None:
         f"  adaptive / max_concurrency {caps[best]}, run next to each other: rows/s {' '.join(f'{x:.3f}' for x in pairs)} "
         f"(median {ratio:.3f}); mean running {statistics.median(busy):.3f}x"
     )
+    # rows/s = rows a step x steps/s: the client sets the first (how full each step's batch is);
+    # the second is the server's speed, the machine's noise, less the reports the client asks for
+    steps = [(a.servers[0]["engine_steps"], f.servers[0]["engine_steps"]) for a, f in zip(adaptive_runs, best_runs)]
+    if all(a and f for a, f in steps):
+        rate_per_step = [(f / a) for a, f in steps]  # the same rows: fewer steps, fuller batches
+        speed = [(p / q) for p, q in zip(pairs, rate_per_step)]
+        print(
+            f"  vLLM engine steps for the {rows} rows: adaptive {statistics.median(a for a, _ in steps):.0f}, "
+            f"max_concurrency {caps[best]} {statistics.median(f for _, f in steps):.0f}: rows a step {statistics.median(rate_per_step):.3f}x; "
+            f"steps/s {statistics.median(speed):.3f}x (the server's speed in those runs); "
+            f"load reports a run: adaptive {statistics.median(r.servers[0]['reports'] for r in adaptive_runs):.0f}, "
+            f"max_concurrency {caps[best]} {statistics.median(r.servers[0]['reports'] for r in best_runs):.0f}"
+        )
     runner.check("vllm", f"adaptive rows/s >= 0.95x the best fixed cap (max_concurrency {caps[best]})", f"{ratio:.3f}x", ratio >= 0.95)
     peak = max((r.servers[0]["queue_peak"] for r in adaptive_runs if r.servers[0]["queue_peak"] is not None), default=None)
     runner.check(
