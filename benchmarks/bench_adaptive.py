@@ -1,7 +1,7 @@
 """The adaptive in-flight targets (``max_concurrency: adaptive``, the default) against the issue's
 goals, in one run: every figure is a ratio to a baseline measured in the same run.
 
-    python benchmarks/bench_adaptive.py                          # every scenario, ~25 min
+    python benchmarks/bench_adaptive.py                          # every scenario, ~18 min
     python benchmarks/bench_adaptive.py --only small,drop        # some of them
     python benchmarks/bench_adaptive.py --only h100 --repeat 3   # medians of 3 interleaved runs
     python benchmarks/bench_adaptive.py --only small --scale 0.05 --keep   # a smoke run
@@ -669,26 +669,25 @@ class VllmServer:
         proc.wait()
         self.proc = None
 
+    def _metrics(self) -> bytes | None:
+        try:
+            with OPENER.open(self.url + "/metrics", timeout=2) as resp:
+                return resp.read()
+        except OSError:
+            return None
+
     def load(self) -> tuple[float, float] | None:
         """(running, waiting) from its ``/metrics`` gauges."""
         from vllm_generator.adaptive import parse_metrics
 
-        try:
-            with OPENER.open(self.url + "/metrics", timeout=2) as resp:
-                load = parse_metrics(resp.read())
-        except OSError:
-            return None
+        text = self._metrics()
+        load = parse_metrics(text) if text is not None else None
         return (load.running, load.waiting) if load is not None else None
 
     def steps(self) -> float | None:
         """Engine steps so far: the count of vLLM's ``iteration_tokens_total`` histogram (one
         sample a step), summed over its engines."""
-        try:
-            with OPENER.open(self.url + "/metrics", timeout=2) as resp:
-                text = resp.read()
-        except OSError:
-            return None
-        found = _STEPS.findall(text)
+        found = _STEPS.findall(self._metrics() or b"")
         return sum(float(v) for v in found) if found else None
 
 
@@ -813,7 +812,7 @@ def bench_vllm(runner: Runner, args: argparse.Namespace) -> None:
         # interleaved rounds; then adaptive against that cap in fresh pairs, their order
         # alternating, judged by the median of the pairs' ratios. Judging adaptive by the cap that
         # did best against it in the same runs picks the luckiest of five noisy medians: caps as
-        # fast as adaptive (24 to 64, the same mean running) gave it 0.84x to 1.16x that way.
+        # fast as adaptive (24 to 64, the same mean running) gave it 0.87x to 1.16x that way.
         adaptive_client, fixed_clients = client(None), [client(c) for c in caps]
         screen = max(1, args.vllm_screen)
         fixed_runs: list[list[Run]] = [[] for _ in caps]
@@ -854,8 +853,8 @@ def bench_vllm(runner: Runner, args: argparse.Namespace) -> None:
     # the second is the server's speed, the machine's noise, less the reports the client asks for
     steps = [(a.servers[0]["engine_steps"], f.servers[0]["engine_steps"]) for a, f in zip(adaptive_runs, best_runs)]
     if all(a and f for a, f in steps):
-        rate_per_step = [(f / a) for a, f in steps]  # the same rows: fewer steps, fuller batches
-        speed = [(p / q) for p, q in zip(pairs, rate_per_step)]
+        rate_per_step = [f / a for a, f in steps]  # the same rows: fewer steps, fuller batches
+        speed = [p / q for p, q in zip(pairs, rate_per_step)]
         print(
             f"  vLLM engine steps for the {rows} rows: adaptive {statistics.median(a for a, _ in steps):.0f}, "
             f"max_concurrency {caps[best]} {statistics.median(f for _, f in steps):.0f}: rows a step {statistics.median(rate_per_step):.3f}x; "
