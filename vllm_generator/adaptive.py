@@ -3,11 +3,12 @@ load reports and its refusals, so that the server always has a full batch plus a
 
 vLLM runs up to ``max_num_seqs`` sequences at once (1,024 on an H100, 256 on an A100, 128 on a
 CPU; users change it) and reports nothing of that number, but its ``/metrics`` gauges say how many
-requests run and how many wait. A controller starts low and doubles its server's target while the
-server runs everything it is given; once the server queues, it holds the target at what the
-server runs plus a short queue; it lowers the target when the server refuses requests (429, 503:
-vLLM's ``--max-num-queued-reqs``) or its queue grows. The README's design notes say why these
-signals and not the per-response ``endpoint-load-metrics`` header.
+requests run and how many wait. A controller starts low and doubles its server's target (grows
+it by half from 256 up) while the server runs everything it is given; once the server queues, it
+holds the target at what the server runs plus a short queue; it lowers the target when the
+server refuses requests (429, 503: vLLM's ``--max-num-queued-reqs``) or its queue grows. The
+README's design notes say why these signals and not the per-response ``endpoint-load-metrics``
+header.
 
 The controller is plain logic over readings (no I/O, no clock of its own): ``client.py`` polls
 the server, feeds ``observe`` and ``refused``, and admits requests below ``target``.
@@ -31,6 +32,10 @@ START_TARGET = 32  # low enough that a small server's queue is short before its 
 MAX_TARGET = 16_384  # above any vLLM default (2,048 with --performance-mode throughput)
 # A server that reports no load (another OpenAI-compatible server): the fixed default of old.
 UNREPORTED_TARGET = 256
+# The ramp doubles the target up to this, then grows it by half: a server's first queue shows
+# only after the step above its capacity, and that step's excess is what it then queues and the
+# connections we open for nothing (at 1,024 slots, doubling queued up to 1,024 there; by half, at most 512)
+GENTLE_ABOVE = 256
 RAMP_POLL = 0.05  # seconds between reports while the target ramps (a second or so)
 # ... for a moment after each of its steps: the next report that can show a step comes as soon
 # as the new requests reach the server, which on fast requests is much sooner than RAMP_POLL
@@ -315,13 +320,13 @@ class Controller:
         return True
 
     def _raise(self, load: Load, share: float, allowance: int, now: float) -> bool:
-        """Double while ramping. Once settled, a report with an empty queue may be a moment's
-        (answers on their way back, their slots not refilled yet): raise after two such reports
-        in a row, by our share (as in ``_cut``: the server's other clients take theirs) of the
-        room: what it ran before and does not now (another client left it), else the allowance
-        (it may have grown: about 8 % per 0.4 s)."""
+        """Double while ramping (grow by half from GENTLE_ABOVE). Once settled, a report with an
+        empty queue may be a moment's (answers on their way back, their slots not refilled yet):
+        raise after two such reports in a row, by our share (as in ``_cut``: the server's other
+        clients take theirs) of the room: what it ran before and does not now (another client
+        left it), else the allowance (it may have grown: about 8 % per 0.4 s)."""
         if self.state == "ramp":
-            grown = self.target * 2
+            grown = self.target * 2 if self.target < GENTLE_ABOVE else math.ceil(self.target * 1.5)
         elif self._empty >= 2:
             # idle slots only with all of ours in the report: else they may be ours on their way
             # in, or answers we have not read yet (a busy client: 277 -> 419 at 256 slots)
