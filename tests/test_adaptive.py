@@ -474,6 +474,20 @@ def test_targets_stay_below_the_open_file_limit_and_reports_come_as_often_as_the
     # a ramp step is seen as soon as its requests reach the server: quick reports for a moment
     assert fresh.poll_interval(now=1.05) == QUICK_POLL and fresh.poll_interval(now=1.2) == RAMP_POLL
 
+    # once settled, fast reports for 1 s after each change, then one a second: each costs the
+    # server's front end milliseconds (a CPU server's only core)
+    small = Controller("s")
+    assert small.observe(Load(running=16, waiting=16), ours=32, now=1.0) and small.state == "hold"
+    assert small.poll_interval(now=1.9) == FAST_POLL and small.poll_interval(now=2.1) == SLOW_POLL
+    # ... or for three times the reports' lag, when they trail by more: the change shows later
+    lagging = Controller("s")
+    assert lagging.observe(Load(running=32, waiting=0), ours=32, now=1.0) and lagging.target == 64
+    assert not lagging.observe(Load(running=32, waiting=0), ours=64, now=1.05)  # not in the reports yet
+    assert lagging.observe(Load(running=64, waiting=0), ours=64, now=1.65) and lagging.target == 128  # 0.6 s later
+    assert lagging.observe(Load(running=64, waiting=64), ours=128, now=1.7) and lagging.state == "hold"
+    # (the lag estimate: 0.45 s, the 0.6 s sample's weight less for the next one's 0)
+    assert lagging.poll_interval(now=2.9) == FAST_POLL and lagging.poll_interval(now=3.2) == SLOW_POLL
+
 
 def test_map_workers_of_one_run_share_a_server_without_a_long_queue(tmp_path: Path, start_fake_server: Callable[..., FakeServer]) -> None:
     # processing.num_proc 2: two processes, a controller each, one server; each sees the other's
