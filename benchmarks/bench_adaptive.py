@@ -1,7 +1,7 @@
 """The adaptive in-flight targets (``max_concurrency: adaptive``, the default) against the issue's
 goals, in one run: every figure is a ratio to a baseline measured in the same run.
 
-    python benchmarks/bench_adaptive.py                          # every scenario, ~24 min
+    python benchmarks/bench_adaptive.py                          # every scenario, ~25 min
     python benchmarks/bench_adaptive.py --only small,drop        # some of them
     python benchmarks/bench_adaptive.py --only h100 --repeat 3   # medians of 3 interleaved runs
     python benchmarks/bench_adaptive.py --only small --scale 0.05 --keep   # a smoke run
@@ -22,7 +22,8 @@ generations at once, the rest wait in line, ``/metrics`` gauges as vLLM's):
     vllm      the real vLLM CPU server, ``--max-num-seqs 16`` (on a core of its own): the best of
               the fixed caps 8, 16, 24, 32 and 64 (the highest median rows/s over 3 rounds), then
               adaptive >= 0.95x that cap, the geometric mean of 20 fresh pairs' ratios (each
-              pair run next to each other); vLLM's ``num_requests_waiting`` peak <= 16 in every adaptive run.
+              pair run next to each other); vLLM's ``num_requests_waiting`` peak <= 16 in every
+              adaptive run.
               It also prints vLLM's engine steps for the rows: rows/s = rows a step (how full the
               client keeps each step's batch) x steps/s (the server's speed, which moves 10 to 20 %
               from run to run on this machine, less the load reports the client asks for)
@@ -233,21 +234,25 @@ class Ratios:
     values: tuple[float, ...]
 
     @property
+    def logs(self) -> list[float]:
+        return [math.log(v) for v in self.values]
+
+    @property
     def mean(self) -> float:
-        return math.exp(statistics.fmean(map(math.log, self.values)))
+        return math.exp(statistics.fmean(self.logs))
 
     @property
     def median(self) -> float:
         return statistics.median(self.values)
 
     def interval(self) -> tuple[float, float]:
-        logs = [math.log(v) for v in self.values]
+        logs = self.logs
+        mean = statistics.fmean(logs)
         if len(logs) < 2:
-            return self.mean, self.mean
+            return math.exp(mean), math.exp(mean)
         z, df = 1.96, len(logs) - 1
         t = z + (z**3 + z) / (4 * df)  # Student's t at 97.5 % (within 1 % from 10 degrees of freedom)
         half = t * statistics.stdev(logs) / math.sqrt(len(logs))
-        mean = statistics.fmean(logs)
         return math.exp(mean - half), math.exp(mean + half)
 
     def __str__(self) -> str:
@@ -558,7 +563,7 @@ def bench_drop(runner: Runner, args: argparse.Namespace) -> None:
 
 def bench_fixed256(runner: Runner, args: argparse.Namespace) -> None:
     slots, latency, rows = 256, 0.05, _rows(args, 16_384)
-    # CPU-bound and 4 s a run: one round's ratios range over 0.88 to 1.28 with the machine's
+    # CPU-bound and 4 s a run: one round's ratios range over 0.86 to 1.30 with the machine's
     # neighbours, far more than the margin; the ratios are taken within each round (the same
     # minute), then their geometric mean over 30 rounds (over 15, the median of one build's
     # CPU ratios gave 0.99x, 1.05x and 1.04x; 30 rounds' 95 % interval is about +-3 %)
